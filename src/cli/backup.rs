@@ -1,0 +1,168 @@
+//! `kura backup <source>...`
+
+use std::time::Instant;
+
+use chrono::Utc;
+use clap::Args;
+
+use super::Settings;
+use crate::catalog::{self, BackupId, Manifest, SourcePath, MANIFEST_FORMAT, MANIFEST_VERSION};
+use crate::config::SourceKind;
+use crate::engine::postgres::backup::PostgresBackup;
+use crate::engine::postgres::Connection;
+use crate::engine::{BackupContext, Selection};
+use crate::error::{Error, Result};
+use crate::progress::human_bytes;
+use crate::storage::ObjectStore;
+
+#[derive(Debug, Args)]
+pub struct Options {
+    /// Sources to back up: names from the config file, or `postgres` for --postgres-url.
+    #[arg(required = true)]
+    pub sources: Vec<String>,
+    /// Back up only this database (repeatable). Default: every database but templates.
+    #[arg(long = "database", value_name = "NAME")]
+    pub databases: Vec<String>,
+    /// Skip this database (repeatable).
+    #[arg(long = "exclude-database", value_name = "NAME")]
+    pub exclude_databases: Vec<String>,
+}
+
+pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
+    let store = settings.open_store().await?;
+    let mut first_error = None;
+    // Each source is independent: one unreachable server must not cost the others their backup.
+    for name in &options.sources {
+        if let Err(err) = backup_source(settings, options, store.as_ref(), name).await {
+            if options.sources.len() > 1 {
+                tracing::error!(source = %name, error_kind = err.kind().as_str(), "{}", err.chain());
+            }
+            first_error.get_or_insert(err.context(format!("backup of source {name:?} failed")));
+            if settings.cancel.is_cancelled() {
+                break;
+            }
+        }
+    }
+    match first_error {
+        Some(err) => Err(err),
+        None => Ok(()),
+    }
+}
+
+async fn backup_source(
+    settings: &Settings,
+    options: &Options,
+    store: &dyn ObjectStore,
+    name: &str,
+) -> Result<()> {
+    let source = settings.source(name)?;
+    let path = settings.source_path(name)?;
+    let engine = match source.kind {
+        SourceKind::Postgres => PostgresBackup {
+            connection: Connection::new(source.url.clone())?,
+            selection: Selection {
+                include: options.databases.clone(),
+                exclude: options.exclude_databases.clone(),
+            },
+            bin_dir: settings.pg_bin_dir.clone(),
+        },
+        SourceKind::Couchdb => {
+            return Err(Error::usage(
+                "CouchDB backups are not available in this version of kura yet",
+            ))
+        }
+    };
+    let plan = engine.plan().await?;
+    let started_at = Utc::now();
+    let clock = Instant::now();
+    let id = BackupId::new(started_at);
+    tracing::info!(
+        source = name,
+        backup_id = %id,
+        databases = plan.databases.len(),
+        storage = %store.location(),
+        "backup {id} of {name} started"
+    );
+    let ctx = BackupContext {
+        store,
+        path: path.clone(),
+        pipeline: settings.pipeline.clone(),
+        cancel: settings.cancel.clone(),
+        show_progress: settings.show_progress(),
+    };
+    let outcome = match engine.run(&ctx, &id, plan).await {
+        Ok(outcome) if !settings.cancel.is_cancelled() => outcome,
+        Ok(_) => {
+            discard(store, &path, &id).await;
+            return Err(Error::interrupted());
+        }
+        Err(err) => {
+            discard(store, &path, &id).await;
+            return Err(err);
+        }
+    };
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT.to_string(),
+        format_version: MANIFEST_VERSION,
+        kura_version: env!("CARGO_PKG_VERSION").to_string(),
+        backup_id: id.to_string(),
+        tenant: path.tenant.clone(),
+        source: name.to_string(),
+        kind: source.kind,
+        server_version: outcome.server_version,
+        tool_version: outcome.tool_version,
+        started_at,
+        finished_at: Utc::now(),
+        parts: outcome.parts,
+        labels: [(
+            "host".to_string(),
+            std::env::var("HOSTNAME").unwrap_or_default(),
+        )]
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .collect(),
+    };
+    // The commit point: before this line the backup does not exist for list/restore/prune.
+    if let Err(err) = catalog::write_manifest(store, &path, &manifest).await {
+        discard(store, &path, &id).await;
+        return Err(err.context(format!("committing backup {id}")));
+    }
+    tracing::info!(
+        source = name,
+        backup_id = %id,
+        parts = manifest.parts.len(),
+        raw_bytes = manifest.raw_bytes(),
+        stored_bytes = manifest.stored_bytes(),
+        seconds = clock.elapsed().as_secs_f64(),
+        "backup {id} of {name} complete: {} parts, {} → {} in {:.1}s",
+        manifest.parts.len(),
+        human_bytes(manifest.raw_bytes()),
+        human_bytes(manifest.stored_bytes()),
+        clock.elapsed().as_secs_f64()
+    );
+    if settings.log_format == crate::logging::LogFormat::Text {
+        println!("{id}");
+    }
+    Ok(())
+}
+
+/// Remove what a failed backup uploaded. It has no manifest, so it is invisible to every
+/// command either way; this only saves the space before prune's grace period would.
+async fn discard(store: &dyn ObjectStore, path: &SourcePath, id: &BackupId) {
+    let prefix = path.backup_prefix(id);
+    let keys = match store.list(&prefix).await {
+        Ok(objects) => objects.into_iter().map(|o| o.key).collect::<Vec<_>>(),
+        Err(e) => {
+            tracing::warn!(error = %e.chain(), "could not list the parts of the failed backup; prune will remove them");
+            return;
+        }
+    };
+    if let Err(e) = store.delete(&keys).await {
+        tracing::warn!(error = %e.chain(), "could not delete the parts of the failed backup; prune will remove them");
+    }
+    if let Ok(uploads) = store.list_uploads(&prefix).await {
+        for upload in uploads {
+            let _ = store.abort_upload(&upload).await;
+        }
+    }
+}

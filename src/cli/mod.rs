@@ -1,0 +1,289 @@
+//! Command-line interface: clap definitions (one file per command) and the resolution of raw
+//! flags, environment and config file into validated [`Settings`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::SourcePath;
+use crate::config::{self, FileConfig, Source, SourceKind, SourceUrl};
+use crate::error::{Error, Result};
+use crate::logging::{self, LogFormat};
+use crate::pipeline::PipelineOptions;
+use crate::storage::{self, ObjectStore, S3Options};
+
+pub mod backup;
+pub mod list;
+pub mod restore;
+pub mod show;
+
+/// Where backups go when no storage is configured: a directory in the working directory.
+pub const DEFAULT_STORAGE: &str = "kura-backups";
+pub const DEFAULT_TENANT: &str = "default";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kura",
+    version,
+    about = "Back up PostgreSQL and CouchDB to IBM Cloud Object Storage (S3) or a local directory, and restore them",
+    after_help = "Exit codes: 0 ok, 1 failed, 2 usage or config error, 3 storage error, 4 database unreachable or credentials rejected, 5 backup corrupt, 6 not found, 7 restore target not empty, 8 locked, 130 interrupted."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Config file (TOML); flags and environment variables override it.
+    #[arg(long, env = "KURA_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Where backups live: s3://bucket/prefix or file:///dir [default: ./kura-backups]
+    #[arg(long, env = "KURA_STORAGE", global = true)]
+    pub storage: Option<String>,
+    /// Tenant name: the first level of the storage layout [default: default]
+    #[arg(long, env = "KURA_TENANT", global = true)]
+    pub tenant: Option<String>,
+    /// text (for people, on stderr) or json (one object per line on stdout, for Fluent Bit)
+    #[arg(long, env = "KURA_LOG_FORMAT", global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// More log output (-v debug, -vv trace)
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Less log output (-q warnings only, -qq errors only)
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub quiet: u8,
+    /// Declares the source `postgres`: postgres://user:password@host:5432/postgres
+    #[arg(long, env = "KURA_POSTGRES_URL", global = true, hide_env_values = true)]
+    pub postgres_url: Option<String>,
+    /// Declares the source `couchdb`: http://user:password@host:5984
+    #[arg(long, env = "KURA_COUCHDB_URL", global = true, hide_env_values = true)]
+    pub couchdb_url: Option<String>,
+    /// S3 endpoint, e.g. https://s3.eu-de.cloud-object-storage.appdomain.cloud
+    #[arg(long, env = "KURA_S3_ENDPOINT", global = true)]
+    pub s3_endpoint: Option<String>,
+    /// S3 signing region (ICOS accepts any; e.g. eu-de)
+    #[arg(long, env = "KURA_S3_REGION", global = true)]
+    pub s3_region: Option<String>,
+    /// Path-style bucket addressing (endpoint/bucket/key) instead of virtual hosts
+    #[arg(long, env = "KURA_S3_PATH_STYLE", global = true, num_args = 0..=1, default_missing_value = "true")]
+    pub s3_path_style: Option<bool>,
+    /// Directory of pg_dump, pg_restore, psql (default: PATH, then /usr/lib/postgresql/*/bin)
+    #[arg(long, env = "KURA_PG_BIN_DIR", global = true)]
+    pub pg_bin_dir: Option<PathBuf>,
+    /// zstd level, 1-22 [default: 3]
+    #[arg(long, env = "KURA_COMPRESSION_LEVEL", global = true)]
+    pub compression_level: Option<i32>,
+    /// zstd worker threads, 0 = none [default: cores, at most 4]
+    #[arg(long, env = "KURA_COMPRESSION_THREADS", global = true)]
+    pub compression_threads: Option<u32>,
+    /// Size of multipart parts, e.g. 16MiB (memory ≈ (concurrency+1) × part size) [default: 8MiB]
+    #[arg(long, env = "KURA_PART_SIZE", global = true)]
+    pub part_size: Option<String>,
+    /// Parts uploaded concurrently [default: 4]
+    #[arg(long, env = "KURA_UPLOAD_CONCURRENCY", global = true)]
+    pub upload_concurrency: Option<usize>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Dump, compress and upload sources; the manifest is written last.
+    Backup(backup::Options),
+    /// Restore a backup into a database server.
+    Restore(restore::Options),
+    /// List backups, newest first.
+    List(list::Options),
+    /// Show one backup's manifest.
+    Show(show::Options),
+}
+
+/// Validated settings: flags > environment > config file > defaults.
+#[derive(Debug)]
+pub struct Settings {
+    pub storage: String,
+    pub tenant: String,
+    pub log_format: LogFormat,
+    pub s3: S3Options,
+    pub pipeline: PipelineOptions,
+    pub sources: Vec<Source>,
+    pub pg_bin_dir: Option<PathBuf>,
+    pub cancel: CancellationToken,
+}
+
+impl Settings {
+    pub fn resolve(args: &GlobalArgs) -> Result<Settings> {
+        let file = match &args.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let tenant = args
+            .tenant
+            .clone()
+            .or(file.tenant.clone())
+            .unwrap_or_else(|| DEFAULT_TENANT.to_string());
+        config::validate_tenant(&tenant)?;
+        let log_format = match (args.log_format, &file.log_format) {
+            (Some(format), _) => format,
+            (None, Some(text)) => text.parse()?,
+            (None, None) => LogFormat::Text,
+        };
+        let mut pipeline = PipelineOptions::default();
+        if let Some(level) = args.compression_level.or(file.pipeline.compression_level) {
+            pipeline.compression_level = level;
+        }
+        if let Some(threads) = args
+            .compression_threads
+            .or(file.pipeline.compression_threads)
+        {
+            pipeline.compression_threads = threads;
+        }
+        if let Some(size) = args.part_size.as_ref().or(file.pipeline.part_size.as_ref()) {
+            pipeline.part_size = config::parse_size(size)?;
+        }
+        if let Some(n) = args.upload_concurrency.or(file.pipeline.upload_concurrency) {
+            pipeline.upload_concurrency = n;
+        }
+        pipeline.validate()?;
+
+        let mut sources = file.sources()?;
+        for (name, kind, url) in [
+            ("postgres", SourceKind::Postgres, &args.postgres_url),
+            ("couchdb", SourceKind::Couchdb, &args.couchdb_url),
+        ] {
+            if let Some(raw) = url {
+                let url = SourceUrl::parse(raw).map_err(|e| e.context(format!("--{name}-url")))?;
+                sources.retain(|s| s.name != name);
+                sources.push(Source {
+                    name: name.to_string(),
+                    kind,
+                    url,
+                });
+            }
+        }
+        Ok(Settings {
+            storage: args
+                .storage
+                .clone()
+                .or(file.storage.clone())
+                .unwrap_or_else(|| DEFAULT_STORAGE.to_string()),
+            tenant,
+            log_format,
+            s3: S3Options {
+                endpoint: args.s3_endpoint.clone().or(file.s3.endpoint.clone()),
+                region: args.s3_region.clone().or(file.s3.region.clone()),
+                path_style: args.s3_path_style.or(file.s3.path_style).unwrap_or(false),
+            },
+            pipeline,
+            sources,
+            pg_bin_dir: args.pg_bin_dir.clone(),
+            cancel: CancellationToken::new(),
+        })
+    }
+
+    pub fn source(&self, name: &str) -> Result<&Source> {
+        self.sources.iter().find(|s| s.name == name).ok_or_else(|| {
+            let known: Vec<&str> = self.sources.iter().map(|s| s.name.as_str()).collect();
+            Error::usage(if known.is_empty() {
+                format!(
+                    "unknown source {name:?}: declare it with --postgres-url / KURA_POSTGRES_URL (source \"postgres\"), --couchdb-url, or [sources.{name}] in the config file"
+                )
+            } else {
+                format!("unknown source {name:?}; configured sources: {}", known.join(", "))
+            })
+        })
+    }
+
+    pub fn source_path(&self, source: &str) -> Result<SourcePath> {
+        config::validate_source_name(source)?;
+        Ok(SourcePath {
+            tenant: self.tenant.clone(),
+            source: source.to_string(),
+        })
+    }
+
+    /// Open the store and check it is usable before any work starts.
+    pub async fn open_store(&self) -> Result<Box<dyn ObjectStore>> {
+        let store = storage::open(&self.storage, &self.s3).await?;
+        store.check().await?;
+        Ok(store)
+    }
+
+    /// Progress lines only make sense for people reading text logs.
+    pub fn show_progress(&self) -> bool {
+        self.log_format == LogFormat::Text
+    }
+}
+
+/// Run the CLI; returns the process exit code.
+pub async fn run(cli: Cli) -> i32 {
+    let verbosity = cli.global.verbose as i8 - cli.global.quiet as i8;
+    let settings = match Settings::resolve(&cli.global) {
+        Ok(settings) => settings,
+        Err(err) => {
+            logging::init(cli.global.log_format.unwrap_or(LogFormat::Text), verbosity);
+            return report(&err);
+        }
+    };
+    logging::init(settings.log_format, verbosity);
+    let cancel = settings.cancel.clone();
+    let signals = tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::warn!("signal received: stopping and rolling back unfinished work");
+        cancel.cancel();
+    });
+    let work = async {
+        match &cli.command {
+            Command::Backup(options) => backup::run(&settings, options).await,
+            Command::Restore(options) => restore::run(&settings, options).await,
+            Command::List(options) => list::run(&settings, options).await,
+            Command::Show(options) => show::run(&settings, options).await,
+        }
+    };
+    tokio::pin!(work);
+    let result = tokio::select! {
+        result = &mut work => result,
+        _ = settings.cancel.cancelled() => {
+            // Give the command time to abort uploads and roll back; then stop regardless.
+            match tokio::time::timeout(Duration::from_secs(30), &mut work).await {
+                Ok(Err(e)) if e.kind() == crate::ErrorKind::Interrupted => Err(e),
+                Ok(_) | Err(_) => Err(Error::interrupted()),
+            }
+        }
+    };
+    signals.abort();
+    match result {
+        Ok(()) => 0,
+        Err(err) => report(&err),
+    }
+}
+
+fn report(err: &Error) -> i32 {
+    let code = err.kind().exit_code();
+    tracing::error!(
+        error_kind = err.kind().as_str(),
+        exit_code = code,
+        "{}",
+        err.chain()
+    );
+    code
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+}

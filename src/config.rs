@@ -1,0 +1,366 @@
+//! Configuration: flags > environment (`KURA_*`) > config file.
+//!
+//! clap already resolves flags over environment variables; this module layers the TOML config
+//! file underneath and turns raw strings into validated objects (the "low args → high args"
+//! split of ripgrep). Secrets are wrapped so that `Debug` and `Display` never show them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// A string that must never be printed. `Debug`/`Display` show `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The only way to get the value out; grep for it to audit where secrets go.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// A database URL split into its redacted form and its password.
+///
+/// The password is percent-decoded and kept apart, so the URL itself can be printed freely.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SourceUrl {
+    url: Url,
+    password: Option<Secret>,
+}
+
+impl SourceUrl {
+    pub fn parse(raw: &str) -> Result<Self> {
+        let mut url = Url::parse(raw).map_err(|e| {
+            // The raw string may hold a password: never echo it back.
+            Error::usage(format!(
+                "invalid database URL {}: {e}",
+                redact_unparsed_url(raw)
+            ))
+        })?;
+        let password = url.password().map(|p| {
+            Secret::new(
+                percent_encoding::percent_decode_str(p)
+                    .decode_utf8_lossy()
+                    .into_owned(),
+            )
+        });
+        let _ = url.set_password(None);
+        Ok(SourceUrl { url, password })
+    }
+
+    pub fn scheme(&self) -> &str {
+        self.url.scheme()
+    }
+    pub fn host(&self) -> Option<String> {
+        self.url
+            .host_str()
+            .map(|h| h.trim_matches(['[', ']']).to_string())
+    }
+    pub fn port(&self) -> Option<u16> {
+        self.url.port()
+    }
+    pub fn username(&self) -> Option<String> {
+        let user = self.url.username();
+        (!user.is_empty()).then(|| {
+            percent_encoding::percent_decode_str(user)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+    }
+    pub fn password(&self) -> Option<&Secret> {
+        self.password.as_ref()
+    }
+    pub fn set_password(&mut self, password: Secret) {
+        self.password = Some(password);
+    }
+    /// The first path segment, percent-decoded (the database name for PostgreSQL).
+    pub fn path_database(&self) -> Option<String> {
+        let path = self.url.path().trim_start_matches('/');
+        (!path.is_empty()).then(|| {
+            percent_encoding::percent_decode_str(path)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+    }
+    pub fn query_pairs(&self) -> Vec<(String, String)> {
+        self.url
+            .query_pairs()
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect()
+    }
+    /// The URL with the password removed, safe for logs.
+    pub fn redacted(&self) -> String {
+        let mut shown = self.url.clone();
+        if self.password.is_some() {
+            let _ = shown.set_password(Some("***"));
+        }
+        shown.to_string()
+    }
+}
+
+impl fmt::Debug for SourceUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Display for SourceUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// Best effort for strings that do not even parse: drop everything between `://` and `@`.
+pub fn redact_unparsed_url(raw: &str) -> String {
+    match (raw.find("://"), raw.rfind('@')) {
+        (Some(start), Some(at)) if at > start => {
+            format!("{}://***@{}", &raw[..start], &raw[at + 1..])
+        }
+        _ => raw.to_string(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    Postgres,
+    Couchdb,
+}
+
+impl SourceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceKind::Postgres => "postgres",
+            SourceKind::Couchdb => "couchdb",
+        }
+    }
+}
+
+impl fmt::Display for SourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A named database instance to back up.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub name: String,
+    pub kind: SourceKind,
+    pub url: SourceUrl,
+}
+
+/// The config file, as written by a human. Every field is optional: flags and environment
+/// variables fill in or override.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub storage: Option<String>,
+    pub tenant: Option<String>,
+    pub log_format: Option<String>,
+    #[serde(default)]
+    pub s3: S3File,
+    #[serde(default)]
+    pub pipeline: PipelineFile,
+    #[serde(default)]
+    pub sources: BTreeMap<String, SourceFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3File {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub path_style: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineFile {
+    pub compression_level: Option<i32>,
+    pub compression_threads: Option<u32>,
+    pub part_size: Option<String>,
+    pub upload_concurrency: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceFile {
+    pub kind: SourceKind,
+    /// Connection URL; may omit the password when `password_file` is given.
+    pub url: String,
+    /// A file holding the password (a mounted Kubernetes Secret), so it is not in the config.
+    pub password_file: Option<PathBuf>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::with_source(
+                ErrorKind::Usage,
+                format!("cannot read config file {}", path.display()),
+                e,
+            )
+        })?;
+        toml::from_str(&text).map_err(|e| {
+            Error::usage(format!(
+                "config file {} is invalid: {}",
+                path.display(),
+                e.message()
+            ))
+        })
+    }
+
+    /// Validated sources declared in the file.
+    pub fn sources(&self) -> Result<Vec<Source>> {
+        self.sources
+            .iter()
+            .map(|(name, declared)| {
+                validate_source_name(name)?;
+                let mut url = SourceUrl::parse(&declared.url)
+                    .map_err(|e| e.context(format!("source {name:?} in the config file")))?;
+                if let Some(path) = &declared.password_file {
+                    let password = std::fs::read_to_string(path).map_err(|e| {
+                        Error::with_source(
+                            ErrorKind::Usage,
+                            format!(
+                                "cannot read password_file {} of source {name:?}",
+                                path.display()
+                            ),
+                            e,
+                        )
+                    })?;
+                    url.set_password(Secret::new(password.trim_end_matches(['\n', '\r'])));
+                }
+                Ok(Source {
+                    name: name.clone(),
+                    kind: declared.kind,
+                    url,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Source, tenant and backup names become key segments: keep them to a safe alphabet.
+pub fn validate_source_name(name: &str) -> Result<()> {
+    validate_segment("source name", name)
+}
+
+pub fn validate_tenant(name: &str) -> Result<()> {
+    validate_segment("tenant", name)
+}
+
+fn validate_segment(what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::usage(format!(
+            "{what} {name:?} is invalid: use 1-63 characters from a-z, A-Z, 0-9, '-', '_', '.'"
+        )))
+    }
+}
+
+/// Parses sizes such as `16MiB`, `8 MB`, `5242880`.
+pub fn parse_size(raw: &str) -> Result<u64> {
+    let text = raw.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| Error::usage(format!("invalid size {raw:?}: expected e.g. 16MiB")))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        other => {
+            return Err(Error::usage(format!(
+                "invalid size {raw:?}: unknown unit {other:?}"
+            )))
+        }
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| Error::usage(format!("size {raw:?} is too large")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn password_is_decoded_and_never_shown() {
+        let url = SourceUrl::parse("postgres://kura:p%40ss%3Aw0rd@db:5432/app").unwrap();
+        assert_eq!(url.password().unwrap().expose(), "p@ss:w0rd");
+        assert_eq!(url.redacted(), "postgres://kura:***@db:5432/app");
+        assert!(!format!("{url:?} {url}").contains("w0rd"));
+        assert_eq!(url.username().as_deref(), Some("kura"));
+        assert_eq!(url.path_database().as_deref(), Some("app"));
+    }
+
+    #[test]
+    fn unparsable_url_is_redacted_in_errors() {
+        let err = SourceUrl::parse("postgres://u:secret@[bad").unwrap_err();
+        assert!(!err.to_string().contains("secret"), "{err}");
+        assert_eq!(err.kind(), ErrorKind::Usage);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("16MiB").unwrap(), 16 << 20);
+        assert_eq!(parse_size("5 MB").unwrap(), 5_000_000);
+        assert_eq!(parse_size("42").unwrap(), 42);
+        assert!(parse_size("12 parsecs").is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert!(validate_tenant("acme-prod_1").is_ok());
+        assert!(validate_tenant("../etc").is_err());
+        assert!(validate_tenant("").is_err());
+        assert!(validate_source_name("a/b").is_err());
+    }
+
+    #[test]
+    fn config_file_rejects_unknown_keys() {
+        let err = toml::from_str::<FileConfig>("storge = 's3://x'").unwrap_err();
+        assert!(err.message().contains("storge"));
+        let ok: FileConfig = toml::from_str(
+            "storage = 'file:///tmp/x'\n[sources.main]\nkind = 'postgres'\nurl = 'postgres://u@h/db'\n",
+        )
+        .unwrap();
+        assert_eq!(ok.sources().unwrap()[0].kind, SourceKind::Postgres);
+    }
+}

@@ -1,0 +1,220 @@
+//! `kura backup` for PostgreSQL: globals, then every selected database, each streamed through
+//! the pipeline as its own part object. The caller writes the manifest after this returns.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use super::preflight::{self, DatabaseProps, ServerInfo};
+use super::{Connection, Tools, DATABASE_KIND, GLOBALS_KIND};
+use crate::catalog::{BackupId, Compression, Part};
+use crate::engine::{BackupContext, Selection};
+use crate::error::{Error, ErrorKind, Result};
+use crate::pipeline::{self, Stored};
+use crate::process::ChildProcess;
+use crate::progress::{human_bytes, ProgressLine};
+
+pub struct PostgresBackup {
+    pub connection: Connection,
+    pub selection: Selection,
+    pub bin_dir: Option<PathBuf>,
+}
+
+/// What the parts were taken from, for the manifest.
+pub struct BackupOutcome {
+    pub server_version: String,
+    pub tool_version: String,
+    pub parts: Vec<Part>,
+}
+
+/// Checked before anything is uploaded: the server answers, the tools fit, the selection exists.
+pub struct Plan {
+    pub info: ServerInfo,
+    pub tools: Tools,
+    pub databases: Vec<DatabaseProps>,
+}
+
+impl PostgresBackup {
+    pub async fn plan(&self) -> Result<Plan> {
+        let info = preflight::inspect(&self.connection).await?;
+        let tools = Tools::locate(self.bin_dir.as_deref(), info.major)?;
+        for wanted in &self.selection.include {
+            if !info.databases.iter().any(|d| &d.name == wanted) {
+                return Err(Error::not_found(format!(
+                    "database {wanted:?} does not exist on {} (or is a template / refuses connections)",
+                    self.connection.redacted()
+                )));
+            }
+        }
+        let databases = info
+            .databases
+            .iter()
+            .filter(|d| self.selection.wants(&d.name))
+            .cloned()
+            .collect::<Vec<_>>();
+        if databases.is_empty() {
+            return Err(Error::usage(format!(
+                "nothing to back up on {}: the selection matches no database",
+                self.connection.redacted()
+            )));
+        }
+        Ok(Plan {
+            info,
+            tools,
+            databases,
+        })
+    }
+
+    pub async fn run(
+        &self,
+        ctx: &BackupContext<'_>,
+        id: &BackupId,
+        plan: Plan,
+    ) -> Result<BackupOutcome> {
+        let Plan {
+            info,
+            tools,
+            databases,
+        } = plan;
+        let line = ProgressLine::start("backing up", ctx.show_progress);
+        let compression = Compression {
+            algorithm: "zstd".into(),
+            level: ctx.pipeline.compression_level,
+        };
+        let mut parts = Vec::with_capacity(databases.len() + 1);
+
+        let mut globals = self
+            .connection
+            .command(&tools.pg_dumpall, &self.connection.maintenance_database());
+        globals.args(["--globals-only", "--no-password"]);
+        if !info.is_superuser {
+            // Password hashes live in pg_authid, which only superusers may read.
+            tracing::warn!(
+                user = %info.current_user,
+                "not a superuser: roles are backed up without their passwords"
+            );
+            globals.arg("--no-role-passwords");
+        }
+        line.progress().set_label("globals");
+        let name = "globals.sql.zst";
+        let stored = self
+            .dump(ctx, id, name, globals, "pg_dumpall", &line)
+            .await
+            .map_err(|e| {
+                e.context("backing up roles and tablespaces (pg_dumpall --globals-only)")
+            })?;
+        parts.push(part(
+            name,
+            "globals",
+            GLOBALS_KIND,
+            "pg_dumpall-sql",
+            &stored,
+            &compression,
+            serde_json::Value::Null,
+        ));
+
+        for (index, database) in databases.iter().enumerate() {
+            let started = Instant::now();
+            line.progress().set_label(&database.name);
+            let mut dump = self.connection.command(&tools.pg_dump, &database.name);
+            // Custom format: one snapshot per database, restorable table by table. pg_dump's own
+            // compression is off because zstd does it better and faster downstream.
+            dump.args(["--format=custom", "--compress=0", "--no-password"]);
+            let name = format!("db-{:04}.pgdump.zst", index + 1);
+            let stored = self
+                .dump(ctx, id, &name, dump, "pg_dump", &line)
+                .await
+                .map_err(|e| e.context(format!("backing up database {:?}", database.name)))?;
+            tracing::info!(
+                database = %database.name,
+                raw_bytes = stored.raw_bytes,
+                stored_bytes = stored.stored.bytes,
+                seconds = started.elapsed().as_secs_f64(),
+                "database {:?} backed up: {} → {}",
+                database.name,
+                human_bytes(stored.raw_bytes),
+                human_bytes(stored.stored.bytes),
+            );
+            let properties = serde_json::to_value(database)
+                .map_err(|e| Error::failed(format!("encoding database properties: {e}")))?;
+            parts.push(part(
+                &name,
+                &database.name,
+                DATABASE_KIND,
+                "pg_dump-custom",
+                &stored,
+                &compression,
+                properties,
+            ));
+        }
+        line.finish().await;
+        Ok(BackupOutcome {
+            server_version: info.version,
+            tool_version: tools.version,
+            parts,
+        })
+    }
+
+    async fn dump(
+        &self,
+        ctx: &BackupContext<'_>,
+        id: &BackupId,
+        name: &str,
+        command: std::process::Command,
+        tool: &'static str,
+        line: &ProgressLine,
+    ) -> Result<Stored> {
+        let key = ctx.path.object_key(id, name);
+        let mut child = ChildProcess::spawn(command, tool, false, true)?;
+        let mut stdout = child.take_stdout().expect("stdout is piped");
+        pipeline::store_stream(
+            ctx.store,
+            &key,
+            &ctx.pipeline,
+            &ctx.cancel,
+            Some(line.progress()),
+            move |out: &mut dyn Write| {
+                let copied = std::io::copy(&mut stdout, out);
+                // The exit status decides first: a dump tool that died mid-stream also breaks
+                // the copy, and its stderr names the cause.
+                if let Err(e) = copied {
+                    if e.to_string() == pipeline::UPLOAD_STOPPED {
+                        child.kill();
+                        return Err(Error::new(ErrorKind::Storage, pipeline::UPLOAD_STOPPED));
+                    }
+                    child.wait_success()?;
+                    return Err(Error::with_source(
+                        ErrorKind::Failed,
+                        format!("reading {tool} output"),
+                        e,
+                    ));
+                }
+                child.wait_success().map(|_| ())
+            },
+        )
+        .await
+    }
+}
+
+fn part(
+    key: &str,
+    name: &str,
+    kind: &str,
+    format: &str,
+    stored: &Stored,
+    compression: &Compression,
+    properties: serde_json::Value,
+) -> Part {
+    Part {
+        key: key.to_string(),
+        name: name.to_string(),
+        kind: kind.to_string(),
+        format: format.to_string(),
+        raw_bytes: stored.raw_bytes,
+        stored_bytes: stored.stored.bytes,
+        sha256: stored.stored.sha256.clone(),
+        compression: compression.clone(),
+        encryption: None,
+        properties,
+    }
+}

@@ -1,0 +1,327 @@
+//! PostgreSQL: preflight over tokio-postgres, dumps with pg_dump/pg_dumpall, restores with
+//! pg_restore and psql.
+//!
+//! Formats: roles, tablespaces and memberships come from `pg_dumpall --globals-only` (SQL);
+//! each database is one `pg_dump --format=custom` archive, which pg_dump takes from a single
+//! repeatable-read snapshot and which lets pg_restore pick a single table later.
+//! Database-level properties (encoding, locale, owner, settings, grants, comment) are read
+//! from the catalog and kept in the manifest, because pg_dump only emits them with `--create`,
+//! which would tie the dump to the original database name.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::SourceUrl;
+use crate::error::{Error, ErrorKind, Result};
+
+pub mod backup;
+pub mod preflight;
+pub mod restore;
+
+/// Part object kinds in the manifest.
+pub const GLOBALS_KIND: &str = "postgres.globals";
+pub const DATABASE_KIND: &str = "postgres.database";
+
+/// How to reach one PostgreSQL server, built from its URL.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    url: SourceUrl,
+}
+
+impl Connection {
+    pub fn new(url: SourceUrl) -> Result<Self> {
+        if !matches!(url.scheme(), "postgres" | "postgresql") {
+            return Err(Error::usage(format!(
+                "{} is not a PostgreSQL URL: expected postgres://user:password@host:5432/postgres",
+                url.redacted()
+            )));
+        }
+        Ok(Connection { url })
+    }
+
+    pub fn redacted(&self) -> String {
+        self.url.redacted()
+    }
+
+    /// The database named in the URL, used for server-wide queries; `postgres` by default.
+    pub fn maintenance_database(&self) -> String {
+        self.url
+            .path_database()
+            .unwrap_or_else(|| "postgres".to_string())
+    }
+
+    fn query_param(&self, name: &str) -> Option<String> {
+        self.url
+            .query_pairs()
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+    }
+
+    fn host(&self) -> String {
+        self.query_param("host")
+            .or_else(|| self.url.host())
+            .unwrap_or_else(|| "localhost".to_string())
+    }
+
+    fn user(&self) -> Option<String> {
+        self.url.username().or_else(|| self.query_param("user"))
+    }
+
+    /// libpq environment for a child process connecting to `database`. The password goes in
+    /// PGPASSWORD, never on the command line.
+    pub fn child_env(&self, database: &str) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("PGHOST".to_string(), self.host()),
+            ("PGDATABASE".to_string(), database.to_string()),
+            ("PGAPPNAME".to_string(), "kura".to_string()),
+        ];
+        if let Some(port) = self.url.port() {
+            env.push(("PGPORT".into(), port.to_string()));
+        }
+        if let Some(user) = self.user() {
+            env.push(("PGUSER".into(), user));
+        }
+        if let Some(password) = self.url.password() {
+            env.push(("PGPASSWORD".into(), password.expose().to_string()));
+        }
+        for (param, var) in [
+            ("sslmode", "PGSSLMODE"),
+            ("sslrootcert", "PGSSLROOTCERT"),
+            ("sslcert", "PGSSLCERT"),
+            ("sslkey", "PGSSLKEY"),
+            ("connect_timeout", "PGCONNECT_TIMEOUT"),
+            ("options", "PGOPTIONS"),
+        ] {
+            if let Some(value) = self.query_param(param) {
+                env.push((var.into(), value));
+            }
+        }
+        env
+    }
+
+    /// A command for a PostgreSQL client tool, connected through the environment only.
+    pub fn command(&self, program: &Path, database: &str) -> Command {
+        let mut command = Command::new(program);
+        // Inherited settings must not redirect the child to another server or service.
+        for var in [
+            "PGSERVICE",
+            "PGSERVICEFILE",
+            "PGHOSTADDR",
+            "PGTARGETSESSIONATTRS",
+        ] {
+            command.env_remove(var);
+        }
+        command.envs(self.child_env(database));
+        command
+    }
+
+    pub async fn connect(&self, database: &str) -> Result<Client> {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(self.host())
+            .dbname(database)
+            .application_name("kura")
+            .connect_timeout(std::time::Duration::from_secs(
+                self.query_param("connect_timeout")
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(15),
+            ));
+        if let Some(port) = self.url.port() {
+            config.port(port);
+        }
+        if let Some(user) = self.user() {
+            config.user(user);
+        } else if let Ok(user) = std::env::var("PGUSER").or_else(|_| std::env::var("USER")) {
+            config.user(user);
+        }
+        if let Some(password) = self.url.password() {
+            config.password(password.expose());
+        } else if let Ok(password) = std::env::var("PGPASSWORD") {
+            config.password(password);
+        }
+        if let Some(mode) = self.query_param("sslmode") {
+            if matches!(mode.as_str(), "require" | "verify-ca" | "verify-full") {
+                return Err(Error::usage(format!(
+                    "sslmode={mode} in {}: kura's own connection does not speak TLS yet; use sslmode=disable or prefer inside the cluster network",
+                    self.redacted()
+                )));
+            }
+        }
+        let (client, connection) = config.connect(NoTls).await.map_err(|e| {
+            let advice = describe_connect_error(&e);
+            Error::with_source(
+                ErrorKind::Database,
+                format!(
+                    "cannot connect to PostgreSQL database {database:?} at {}: {advice}",
+                    self.redacted()
+                ),
+                e,
+            )
+        })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "PostgreSQL connection closed");
+            }
+        });
+        Ok(client)
+    }
+}
+
+fn describe_connect_error(err: &tokio_postgres::Error) -> &'static str {
+    use tokio_postgres::error::SqlState;
+    match err.code() {
+        Some(code) if *code == SqlState::INVALID_PASSWORD => {
+            "password authentication failed: check the password in the URL or Secret"
+        }
+        Some(code) if *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
+            "the server rejected the user: check the user name and pg_hba.conf"
+        }
+        Some(code) if *code == SqlState::INVALID_CATALOG_NAME => "the database does not exist",
+        Some(_) => "the server refused the connection",
+        None => "is the server running and reachable on that host and port?",
+    }
+}
+
+/// The client programs kura runs, of a major version no older than the server's.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    pub pg_dump: PathBuf,
+    pub pg_dumpall: PathBuf,
+    pub pg_restore: PathBuf,
+    pub psql: PathBuf,
+    pub version: String,
+    pub major: u32,
+}
+
+impl Tools {
+    /// Find client tools for a server of major version `server_major`: in `bin_dir` if given,
+    /// else on PATH, else in Debian's versioned directories (`/usr/lib/postgresql/N/bin`).
+    pub fn locate(bin_dir: Option<&Path>, server_major: u32) -> Result<Tools> {
+        let mut candidates: Vec<Option<PathBuf>> = Vec::new();
+        if let Some(dir) = bin_dir {
+            candidates.push(Some(dir.to_path_buf()));
+        } else {
+            candidates.push(None);
+            if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
+                let mut dirs: Vec<PathBuf> =
+                    entries.flatten().map(|e| e.path().join("bin")).collect();
+                dirs.sort();
+                dirs.reverse();
+                candidates.extend(dirs.into_iter().map(Some));
+            }
+        }
+        let mut found = Vec::new();
+        for dir in candidates {
+            let tools = Tools::in_dir(dir.as_deref());
+            match tools.probe() {
+                Ok(tools) if tools.major >= server_major => return Ok(tools),
+                Ok(tools) => found.push(tools.version),
+                Err(_) if bin_dir.is_none() => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::usage(if found.is_empty() {
+            "pg_dump not found: install the PostgreSQL client (e.g. apt-get install postgresql-client) or set --pg-bin-dir".to_string()
+        } else {
+            format!(
+                "the server is PostgreSQL {server_major} but the newest pg_dump found is {}: pg_dump must be at least the server's major version; install postgresql-client-{server_major} or set --pg-bin-dir",
+                found.join(", ")
+            )
+        }))
+    }
+
+    fn in_dir(dir: Option<&Path>) -> Tools {
+        let at = |name: &str| match dir {
+            Some(dir) => dir.join(name),
+            None => PathBuf::from(name),
+        };
+        Tools {
+            pg_dump: at("pg_dump"),
+            pg_dumpall: at("pg_dumpall"),
+            pg_restore: at("pg_restore"),
+            psql: at("psql"),
+            version: String::new(),
+            major: 0,
+        }
+    }
+
+    fn probe(mut self) -> Result<Tools> {
+        let output = Command::new(&self.pg_dump)
+            .arg("--version")
+            .output()
+            .map_err(|e| {
+                Error::with_source(
+                    ErrorKind::Usage,
+                    format!("cannot run {}", self.pg_dump.display()),
+                    e,
+                )
+            })?;
+        let text = String::from_utf8_lossy(&output.stdout).trim().to_string();
+        self.major = parse_tool_major(&text).ok_or_else(|| {
+            Error::usage(format!("cannot read the version of pg_dump from {text:?}"))
+        })?;
+        self.version = text;
+        Ok(self)
+    }
+}
+
+/// `pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)` → 15.
+fn parse_tool_major(text: &str) -> Option<u32> {
+    text.split_whitespace()
+        .find_map(|word| word.split('.').next()?.parse::<u32>().ok())
+}
+
+/// Quote an identifier for SQL (what `quote_ident` does server-side).
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quote a string literal for SQL.
+pub fn quote_literal(value: &str) -> String {
+    if value.contains('\\') {
+        format!("E'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
+    } else {
+        format!("'{}'", value.replace('\'', "''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_versions() {
+        assert_eq!(
+            parse_tool_major("pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"),
+            Some(15)
+        );
+        assert_eq!(parse_tool_major("pg_dump (PostgreSQL) 9.6.24"), Some(9));
+        assert_eq!(parse_tool_major("nonsense"), None);
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident("Sales \"Data\""), "\"Sales \"\"Data\"\"\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal("a\\b"), "E'a\\\\b'");
+    }
+
+    #[test]
+    fn child_env_carries_password_not_argv() {
+        let url =
+            SourceUrl::parse("postgres://kura:s3cr%3Et@db.local:5433/app?sslmode=prefer").unwrap();
+        let conn = Connection::new(url).unwrap();
+        let env = conn.child_env("shop");
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("PGPASSWORD"), Some("s3cr>t"));
+        assert_eq!(get("PGHOST"), Some("db.local"));
+        assert_eq!(get("PGPORT"), Some("5433"));
+        assert_eq!(get("PGDATABASE"), Some("shop"));
+        assert_eq!(get("PGSSLMODE"), Some("prefer"));
+        let command = conn.command(Path::new("pg_dump"), "shop");
+        assert_eq!(command.get_args().count(), 0);
+    }
+}

@@ -1,0 +1,676 @@
+//! `kura restore` for PostgreSQL.
+//!
+//! Each database is restored in one transaction that is committed only after the whole part
+//! object was read and its size and SHA-256 matched the manifest:
+//!
+//! ```text
+//! object → verify + zstd → pg_restore --file=- --single-transaction → (hold back COMMIT) → psql
+//! ```
+//! pg_restore turns the archive into a script wrapped in BEGIN … COMMIT. kura forwards it to
+//! psql but withholds the final `COMMIT;` until the object is verified; if anything fails, psql
+//! is stopped and the server rolls the transaction back, so the target is left as it was. A
+//! database kura created for the restore is dropped again on failure.
+
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::path::PathBuf;
+use std::process::{ChildStdin, Command};
+use std::time::{Duration, Instant};
+
+use super::preflight::{query_error, DatabaseProps};
+use super::{quote_ident, Connection, Tools, DATABASE_KIND, GLOBALS_KIND};
+use crate::catalog::{Manifest, Part};
+use crate::engine::{DatabaseMapping, RestoreContext};
+use crate::error::{Error, ErrorKind, Result};
+use crate::pipeline;
+use crate::process::ChildProcess;
+use crate::progress::{human_bytes, Progress, ProgressLine};
+
+pub struct PostgresRestore {
+    pub target: Connection,
+    /// Databases to restore; empty means all in the backup, under their own names.
+    pub databases: Vec<DatabaseMapping>,
+    /// `schema.table` entries: restore only these tables (of the one selected database).
+    pub tables: Vec<String>,
+    pub globals: bool,
+    pub force: bool,
+    pub bin_dir: Option<PathBuf>,
+}
+
+/// One database to restore, decided before anything is touched.
+struct Step<'m> {
+    part: &'m Part,
+    props: DatabaseProps,
+    target: String,
+    exists: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct RestoreSummary {
+    pub databases: Vec<String>,
+    pub globals: bool,
+    pub raw_bytes: u64,
+    pub warnings: usize,
+}
+
+impl PostgresRestore {
+    pub async fn run(
+        &self,
+        ctx: &RestoreContext<'_>,
+        manifest: &Manifest,
+    ) -> Result<RestoreSummary> {
+        let maintenance = self.target.maintenance_database();
+        let client = self.target.connect(&maintenance).await?;
+        let row = client
+            .query_one(
+                "SELECT current_setting('server_version_num')::int, current_user::text",
+                &[],
+            )
+            .await
+            .map_err(|e| query_error(&self.target, "reading the server version", e))?;
+        let server_major = (row.get::<_, i32>(0) / 10000) as u32;
+        let current_user: String = row.get(1);
+        // pg_restore must read the archive version pg_dump wrote, and psql must speak to the target.
+        let dump_major = manifest
+            .tool_version
+            .split_whitespace()
+            .find_map(|w| w.split('.').next()?.parse::<u32>().ok())
+            .unwrap_or(0);
+        let tools = Tools::locate(self.bin_dir.as_deref(), server_major.max(dump_major))?;
+
+        let steps = self.plan(&client, manifest).await?;
+        let tables = parse_tables(&self.tables)?;
+        if !tables.is_empty() && steps.len() != 1 {
+            return Err(Error::usage(
+                "--table needs exactly one --database: name the database the tables belong to",
+            ));
+        }
+
+        // Refuse before touching anything, and name every target that is in the way.
+        let mut occupied = Vec::new();
+        let roles = existing_roles(&client, &self.target).await?;
+        for step in &steps {
+            if step.exists {
+                let db = self.target.connect(&step.target).await?;
+                let in_use = if tables.is_empty() {
+                    user_object_count(&db, &self.target).await? > 0
+                } else {
+                    existing_tables(&db, &self.target, &tables).await?
+                };
+                if in_use && !self.force {
+                    occupied.push(step.target.clone());
+                }
+            } else if !self.globals && !roles.contains(&step.props.owner) {
+                return Err(Error::usage(format!(
+                    "role {:?}, owner of database {:?}, does not exist on {}: add --globals to restore roles first, or create the role",
+                    step.props.owner,
+                    step.part.name,
+                    self.target.redacted()
+                )));
+            }
+        }
+        if !occupied.is_empty() {
+            let what = if tables.is_empty() {
+                "database"
+            } else {
+                "table(s) in database"
+            };
+            return Err(Error::new(
+                ErrorKind::TargetNotEmpty,
+                format!(
+                    "refusing to restore: {what} {} on {} already hold(s) data; restore under another name with --database SRC:DST, or pass --force to replace the objects in the backup",
+                    occupied
+                        .iter()
+                        .map(|d| format!("{d:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    self.target.redacted()
+                ),
+            ));
+        }
+
+        let mut summary = RestoreSummary::default();
+        let line = ProgressLine::start("restoring", ctx.show_progress);
+        if self.globals {
+            let part = manifest
+                .parts
+                .iter()
+                .find(|p| p.kind == GLOBALS_KIND)
+                .ok_or_else(|| Error::not_found("this backup has no globals part"))?;
+            line.progress().set_label("globals");
+            self.restore_globals(ctx, part, &tools, &current_user, &roles, line.progress())
+                .await
+                .map_err(|e| e.context("restoring roles and tablespaces"))?;
+            summary.globals = true;
+            tracing::info!("roles and tablespaces restored");
+        }
+
+        for step in steps {
+            check_cancel(ctx)?;
+            let started = Instant::now();
+            line.progress().set_label(&step.target);
+            let created = if step.exists {
+                false
+            } else {
+                let owner_exists = existing_roles(&client, &self.target)
+                    .await?
+                    .contains(&step.props.owner);
+                let sql = step.props.create_statement(&step.target, owner_exists);
+                client.batch_execute(&sql).await.map_err(|e| {
+                    query_error(
+                        &self.target,
+                        &format!("creating database {:?}", step.target),
+                        e,
+                    )
+                })?;
+                true
+            };
+            let result = self
+                .restore_database(ctx, &step, &tools, &tables, line.progress())
+                .await;
+            if let Err(err) = result {
+                if created {
+                    let drop = format!("DROP DATABASE IF EXISTS {}", quote_ident(&step.target));
+                    if let Err(e) = client.batch_execute(&drop).await {
+                        tracing::warn!(database = %step.target, error = %e, "could not drop the database created for the failed restore");
+                    }
+                }
+                let err = if ctx.cancel.is_cancelled() {
+                    Error::interrupted()
+                } else {
+                    err
+                };
+                return Err(err.context(format!(
+                    "restoring database {:?} into {:?} (left as it was)",
+                    step.part.name, step.target
+                )));
+            }
+            if tables.is_empty() {
+                for statement in step.props.property_statements(&step.target) {
+                    if let Err(e) = client.batch_execute(&statement).await {
+                        summary.warnings += 1;
+                        tracing::warn!(database = %step.target, error = %e, "could not restore a database property; the data is restored");
+                    }
+                }
+            }
+            tracing::info!(
+                database = %step.target,
+                source_database = %step.part.name,
+                raw_bytes = step.part.raw_bytes,
+                seconds = started.elapsed().as_secs_f64(),
+                "database {:?} restored from {:?} ({})",
+                step.target,
+                step.part.name,
+                human_bytes(step.part.raw_bytes)
+            );
+            summary.raw_bytes += step.part.raw_bytes;
+            summary.databases.push(step.target);
+        }
+        line.finish().await;
+        Ok(summary)
+    }
+
+    async fn plan<'m>(
+        &self,
+        client: &tokio_postgres::Client,
+        manifest: &'m Manifest,
+    ) -> Result<Vec<Step<'m>>> {
+        let available: Vec<&Part> = manifest
+            .parts
+            .iter()
+            .filter(|p| p.kind == DATABASE_KIND)
+            .collect();
+        let wanted: Vec<DatabaseMapping> = if self.databases.is_empty() {
+            available
+                .iter()
+                .map(|p| DatabaseMapping {
+                    source: p.name.clone(),
+                    target: p.name.clone(),
+                })
+                .collect()
+        } else {
+            self.databases.clone()
+        };
+        let existing: Vec<String> = client
+            .query("SELECT datname FROM pg_database", &[])
+            .await
+            .map_err(|e| query_error(&self.target, "listing databases", e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut steps = Vec::new();
+        for mapping in wanted {
+            let part = available
+                .iter()
+                .find(|p| p.name == mapping.source)
+                .ok_or_else(|| {
+                    Error::not_found(format!(
+                        "database {:?} is not in backup {}; it has: {}",
+                        mapping.source,
+                        manifest.backup_id,
+                        available
+                            .iter()
+                            .map(|p| format!("{:?}", p.name))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })?;
+            let props: DatabaseProps =
+                serde_json::from_value(part.properties.clone()).map_err(|e| {
+                    Error::integrity(format!(
+                        "manifest entry of database {:?} is malformed: {e}",
+                        part.name
+                    ))
+                })?;
+            steps.push(Step {
+                part,
+                props,
+                exists: existing.contains(&mapping.target),
+                target: mapping.target,
+            });
+        }
+        Ok(steps)
+    }
+
+    async fn restore_database(
+        &self,
+        ctx: &RestoreContext<'_>,
+        step: &Step<'_>,
+        tools: &Tools,
+        tables: &[(String, String)],
+        progress: Progress,
+    ) -> Result<()> {
+        let mut psql = self.target.command(&tools.psql, &step.target);
+        psql.args([
+            "--no-psqlrc",
+            "--quiet",
+            "--no-password",
+            "--set=ON_ERROR_STOP=1",
+        ]);
+        let mut pg_restore = Command::new(&tools.pg_restore);
+        pg_restore.args(["--file=-", "--single-transaction"]);
+        if self.force {
+            pg_restore.args(["--clean", "--if-exists"]);
+        }
+        for (schema, table) in tables {
+            pg_restore.arg(format!("--schema={schema}"));
+            pg_restore.arg(format!("--table={table}"));
+        }
+        let key = ctx.path.object_key(&ctx.backup_id, &step.part.key);
+        let pending = pipeline::read_verified(
+            ctx.store,
+            &key,
+            &step.part.digest(),
+            Some(progress),
+            move |input: &mut dyn Read| run_restore_tools(input, pg_restore, psql),
+        )
+        .await?;
+        check_cancel(ctx)?;
+        pending.commit()
+    }
+
+    async fn restore_globals(
+        &self,
+        ctx: &RestoreContext<'_>,
+        part: &Part,
+        tools: &Tools,
+        current_user: &str,
+        roles: &[String],
+        progress: Progress,
+    ) -> Result<()> {
+        let key = ctx.path.object_key(&ctx.backup_id, &part.key);
+        // Globals are small and cannot all run in one transaction (CREATE TABLESPACE), so the
+        // script is verified whole before any of it runs.
+        let script = pipeline::read_verified(
+            ctx.store,
+            &key,
+            &part.digest(),
+            Some(progress),
+            |input: &mut dyn Read| {
+                let mut script = Vec::new();
+                input.take(GLOBALS_LIMIT).read_to_end(&mut script)?;
+                Ok(script)
+            },
+        )
+        .await?;
+        let existing_tablespaces = self.existing_tablespaces().await?;
+        let script = filter_globals(
+            &String::from_utf8_lossy(&script),
+            current_user,
+            roles,
+            &existing_tablespaces,
+        );
+        let mut psql = self
+            .target
+            .command(&tools.psql, &self.target.maintenance_database());
+        psql.args([
+            "--no-psqlrc",
+            "--quiet",
+            "--no-password",
+            "--set=ON_ERROR_STOP=1",
+        ]);
+        if !script.contains("CREATE TABLESPACE") {
+            psql.arg("--single-transaction");
+        }
+        let mut child = ChildProcess::spawn(psql, "psql", true, false)?;
+        let mut stdin = child.take_stdin().expect("stdin is piped");
+        let written = stdin.write_all(script.as_bytes());
+        drop(stdin);
+        if let Some(failure) = child.exited_failure(Duration::from_secs(0)) {
+            return Err(failure);
+        }
+        child.wait_success()?;
+        written.map_err(|e| Error::with_source(ErrorKind::Failed, "feeding psql", e))
+    }
+
+    async fn existing_tablespaces(&self) -> Result<Vec<String>> {
+        let client = self
+            .target
+            .connect(&self.target.maintenance_database())
+            .await?;
+        Ok(client
+            .query("SELECT spcname FROM pg_tablespace", &[])
+            .await
+            .map_err(|e| query_error(&self.target, "listing tablespaces", e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+}
+
+/// Globals of a sane cluster are kilobytes; this only stops a corrupt part from eating memory.
+const GLOBALS_LIMIT: u64 = 256 << 20;
+
+fn check_cancel(ctx: &RestoreContext<'_>) -> Result<()> {
+    if ctx.cancel.is_cancelled() {
+        Err(Error::interrupted())
+    } else {
+        Ok(())
+    }
+}
+
+/// A restore whose script has been fed to psql except its final COMMIT.
+struct PendingCommit {
+    psql: ChildProcess,
+    stdin: ChildStdin,
+    held: Vec<u8>,
+}
+
+impl PendingCommit {
+    fn commit(mut self) -> Result<()> {
+        if !String::from_utf8_lossy(&self.held).starts_with("COMMIT;") {
+            self.psql.kill();
+            return Err(Error::integrity(
+                "the restore script has no final COMMIT: the archive is incomplete",
+            ));
+        }
+        let sent = self
+            .stdin
+            .write_all(&self.held)
+            .and_then(|_| self.stdin.flush());
+        drop(self.stdin);
+        self.psql.wait_success()?;
+        sent.map_err(|e| Error::with_source(ErrorKind::Failed, "sending COMMIT to psql", e))
+    }
+}
+
+/// Blocking: feed the archive to pg_restore and its script to psql, holding back the COMMIT.
+fn run_restore_tools(
+    input: &mut dyn Read,
+    pg_restore: Command,
+    psql: Command,
+) -> Result<PendingCommit> {
+    let mut psql = ChildProcess::spawn(psql, "psql", true, false)?;
+    let psql_stdin = psql.take_stdin().expect("stdin is piped");
+    let mut restore = ChildProcess::spawn(pg_restore, "pg_restore", true, true)?;
+    let mut restore_stdin = restore.take_stdin().expect("stdin is piped");
+    let restore_stdout = restore.take_stdout().expect("stdout is piped");
+    let forwarder = std::thread::spawn(move || forward_script(restore_stdout, psql_stdin));
+
+    let fed = std::io::copy(input, &mut restore_stdin);
+    drop(restore_stdin);
+    let restored = restore.wait_success();
+    let forwarded = forwarder
+        .join()
+        .map_err(|_| Error::failed("the script forwarder panicked"))?;
+    match (fed, restored, forwarded) {
+        (Ok(_), Ok(_), Ok((stdin, held))) => Ok(PendingCommit { psql, stdin, held }),
+        (fed, restored, forwarded) => {
+            // psql stopping at a failed statement breaks the pipes upstream; its error is the cause.
+            if let Some(failure) = psql.exited_failure(Duration::from_secs(2)) {
+                return Err(advise(failure));
+            }
+            psql.kill();
+            restored?;
+            fed.map_err(|e| Error::with_source(ErrorKind::Failed, "reading the backup", e))?;
+            forwarded.map_err(|e| Error::with_source(ErrorKind::Failed, "feeding psql", e))?;
+            unreachable!("one of the steps failed")
+        }
+    }
+}
+
+fn advise(err: Error) -> Error {
+    let text = err.to_string();
+    if text.contains("role \"") && text.contains("does not exist") {
+        err.context(
+            "a role the backup refers to is missing on the target (add --globals to restore roles)",
+        )
+    } else {
+        err
+    }
+}
+
+/// Copy pg_restore's script to psql, withholding the final `COMMIT;` (and the comments after
+/// it). A `COMMIT;` line followed by anything significant was not the final one — e.g. a line
+/// of COPY data or of a procedure body — and is forwarded unchanged.
+fn forward_script<R: Read, W: Write>(script: R, psql: W) -> std::io::Result<(W, Vec<u8>)> {
+    let mut reader = BufReader::with_capacity(1 << 20, script);
+    let mut writer = BufWriter::with_capacity(1 << 20, psql);
+    let mut line = Vec::with_capacity(8192);
+    let mut held: Vec<u8> = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            break;
+        }
+        if !held.is_empty() {
+            let insignificant = line.iter().all(u8::is_ascii_whitespace) || line.starts_with(b"--");
+            if insignificant {
+                held.extend_from_slice(&line);
+                continue;
+            }
+            writer.write_all(&held)?;
+            held.clear();
+        }
+        if line == b"COMMIT;\n" {
+            held.extend_from_slice(&line);
+        } else {
+            writer.write_all(&line)?;
+        }
+    }
+    writer.flush()?;
+    let psql = writer.into_inner().map_err(|e| e.into_error())?;
+    Ok((psql, held))
+}
+
+/// Drop the statements of a pg_dumpall globals script that would fail or do harm on this
+/// target: creating roles and tablespaces that already exist, and changing the role kura is
+/// connected as (restoring its old password would lock the operator out mid-restore).
+fn filter_globals(
+    script: &str,
+    current_user: &str,
+    roles: &[String],
+    tablespaces: &[String],
+) -> String {
+    let mut out = String::with_capacity(script.len());
+    for line in script.lines() {
+        let skip = if let Some(rest) = line.strip_prefix("CREATE ROLE ") {
+            parse_ident(rest).is_some_and(|(name, _)| roles.contains(&name))
+        } else if let Some(rest) = line.strip_prefix("ALTER ROLE ") {
+            parse_ident(rest)
+                .is_some_and(|(name, tail)| name == current_user && tail.starts_with(" WITH "))
+        } else if let Some(rest) = line.strip_prefix("CREATE TABLESPACE ") {
+            parse_ident(rest).is_some_and(|(name, _)| tablespaces.contains(&name))
+        } else {
+            false
+        };
+        if skip {
+            tracing::debug!("skipping a globals statement that exists on the target already");
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Parse one SQL identifier (quoted or not) at the start of `text`: (name, rest).
+fn parse_ident(text: &str) -> Option<(String, &str)> {
+    if let Some(rest) = text.strip_prefix('"') {
+        let mut name = String::new();
+        let mut chars = rest.char_indices().peekable();
+        while let Some((i, c)) = chars.next() {
+            if c == '"' {
+                if matches!(chars.peek(), Some((_, '"'))) {
+                    chars.next();
+                    name.push('"');
+                } else {
+                    return Some((name, &rest[i + 1..]));
+                }
+            } else {
+                name.push(c);
+            }
+        }
+        None
+    } else {
+        let end = text
+            .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '$'))
+            .unwrap_or(text.len());
+        (end > 0).then(|| (text[..end].to_lowercase(), &text[end..]))
+    }
+}
+
+fn parse_tables(tables: &[String]) -> Result<Vec<(String, String)>> {
+    tables
+        .iter()
+        .map(|t| match t.split_once('.') {
+            Some((schema, table)) if !schema.is_empty() && !table.is_empty() => {
+                Ok((schema.to_string(), table.to_string()))
+            }
+            None if !t.is_empty() => Ok(("public".to_string(), t.clone())),
+            _ => Err(Error::usage(format!(
+                "--table {t:?}: expected SCHEMA.TABLE"
+            ))),
+        })
+        .collect()
+}
+
+async fn existing_roles(
+    client: &tokio_postgres::Client,
+    target: &Connection,
+) -> Result<Vec<String>> {
+    Ok(client
+        .query("SELECT rolname::text FROM pg_roles", &[])
+        .await
+        .map_err(|e| query_error(target, "listing roles", e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Objects a fresh `CREATE DATABASE … TEMPLATE template0` does not have.
+async fn user_object_count(client: &tokio_postgres::Client, target: &Connection) -> Result<i64> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_(toast|temp)') \
+                  + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+                     WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')) \
+                  + (SELECT count(*) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace \
+                     WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_(toast|temp)' \
+                       AND t.typrelid = 0 AND t.typelem = 0) \
+                  + (SELECT count(*) FROM pg_extension WHERE extname <> 'plpgsql') \
+                  + (SELECT count(*) FROM pg_largeobject_metadata) \
+                  + (SELECT count(*) FROM pg_namespace WHERE nspname NOT IN ('public', 'information_schema') \
+                     AND nspname !~ '^pg_')",
+            &[],
+        )
+        .await
+        .map_err(|e| query_error(target, "checking whether the target database is empty", e))?;
+    Ok(row.get(0))
+}
+
+async fn existing_tables(
+    client: &tokio_postgres::Client,
+    target: &Connection,
+    tables: &[(String, String)],
+) -> Result<bool> {
+    for (schema, table) in tables {
+        let name = format!("{}.{}", quote_ident(schema), quote_ident(table));
+        let row = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+            .await
+            .map_err(|e| query_error(target, "checking the target table", e))?;
+        if row.get::<_, bool>(0) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forward(script: &str) -> (String, String) {
+        let (out, held) = forward_script(script.as_bytes(), Vec::new()).unwrap();
+        (
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(held).unwrap(),
+        )
+    }
+
+    #[test]
+    fn final_commit_is_held_back() {
+        let (sent, held) = forward("BEGIN;\nCREATE TABLE t();\nCOMMIT;\n\n--\n-- done\n--\n");
+        assert_eq!(sent, "BEGIN;\nCREATE TABLE t();\n");
+        assert_eq!(held, "COMMIT;\n\n--\n-- done\n--\n");
+    }
+
+    #[test]
+    fn inner_commit_lines_pass_through() {
+        let script = "BEGIN;\nCOPY t (x) FROM stdin;\nCOMMIT;\n\\.\nCOMMIT;\n";
+        let (sent, held) = forward(script);
+        assert_eq!(sent, "BEGIN;\nCOPY t (x) FROM stdin;\nCOMMIT;\n\\.\n");
+        assert_eq!(held, "COMMIT;\n");
+    }
+
+    #[test]
+    fn truncated_script_holds_nothing() {
+        let (_, held) = forward("BEGIN;\nCREATE TABLE t();\n");
+        assert!(held.is_empty());
+    }
+
+    #[test]
+    fn globals_filter() {
+        let script = "CREATE ROLE app;\nALTER ROLE app WITH LOGIN;\nCREATE ROLE postgres;\nALTER ROLE postgres WITH SUPERUSER PASSWORD 'x';\nCREATE ROLE \"New \"\"Role\"\"\";\nGRANT app TO \"New \"\"Role\"\"\" GRANTED BY postgres;\n";
+        let roles = vec!["postgres".to_string(), "app".to_string()];
+        let out = filter_globals(script, "postgres", &roles, &[]);
+        assert_eq!(
+            out,
+            "ALTER ROLE app WITH LOGIN;\nCREATE ROLE \"New \"\"Role\"\"\";\nGRANT app TO \"New \"\"Role\"\"\" GRANTED BY postgres;\n"
+        );
+    }
+
+    #[test]
+    fn identifiers() {
+        assert_eq!(
+            parse_ident("\"a \"\"b\"\"\";"),
+            Some(("a \"b\"".into(), ";"))
+        );
+        assert_eq!(parse_ident("App_1 WITH"), Some(("app_1".into(), " WITH")));
+        assert_eq!(
+            parse_tables(&["s.t".into(), "t".into()]).unwrap()[1].0,
+            "public"
+        );
+    }
+}

@@ -1,0 +1,15 @@
+//! kura backs up PostgreSQL and CouchDB to IBM Cloud Object Storage (S3) or a local directory
+//! and restores them. The binary (`src/main.rs`) is a thin shell around [`cli::run`].
+
+pub mod catalog;
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod logging;
+pub mod pipeline;
+pub mod process;
+pub mod progress;
+pub mod storage;
+
+pub use error::{Error, ErrorKind, Result};

@@ -1,0 +1,491 @@
+//! Streaming stages between a database tool and the object store.
+//!
+//! Backup: `producer (blocking thread: child stdout → zstd → ChunkSink)` → bounded channel →
+//! `upload::upload_stream` (async multipart upload). Restore: `download` (async) → bounded
+//! channel → `VerifyingReader` (blocking: SHA-256 and size) → zstd decoder → child stdin.
+//!
+//! Backpressure is the bounded channel: when uploads are slow the sink blocks, zstd stops
+//! reading, and the dump tool blocks on its stdout pipe. Peak memory is therefore set by the
+//! configuration ([`PipelineOptions::memory_bound`]), never by the size of the database.
+
+use std::io::{self, Read, Write};
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::progress::Progress;
+use crate::storage::ObjectStore;
+
+pub mod upload;
+
+/// Size of the chunks handed from the blocking stages to the async ones.
+pub const CHUNK_SIZE: usize = 1 << 20;
+/// Chunks that may wait in a channel between two stages.
+pub const CHANNEL_DEPTH: usize = 4;
+
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    /// zstd level, 1 (fast) to 19 (small). 3 is zstd's own default.
+    pub compression_level: i32,
+    /// zstd worker threads; 0 compresses on the calling thread.
+    pub compression_threads: u32,
+    /// Size of the first multipart parts; grows past 1,000 parts (see `upload::part_size_for`).
+    pub part_size: u64,
+    /// Parts uploaded at the same time.
+    pub upload_concurrency: usize,
+}
+
+impl Default for PipelineOptions {
+    fn default() -> Self {
+        PipelineOptions {
+            compression_level: 3,
+            compression_threads: std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1)
+                .min(4),
+            part_size: 8 << 20,
+            upload_concurrency: 4,
+        }
+    }
+}
+
+impl PipelineOptions {
+    /// Upper bound of the bytes the pipeline buffers for the first 1,000 parts:
+    /// the parts in flight, the one being filled, and the channel between the stages.
+    pub fn memory_bound(&self) -> u64 {
+        (self.upload_concurrency as u64 + 1) * self.part_size + (CHANNEL_DEPTH * CHUNK_SIZE) as u64
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if !(1..=22).contains(&self.compression_level) {
+            return Err(Error::usage(format!(
+                "compression level {} is out of range 1-22",
+                self.compression_level
+            )));
+        }
+        if self.part_size < crate::storage::MIN_PART_SIZE
+            || self.part_size > crate::storage::MAX_PART_SIZE
+        {
+            return Err(Error::usage(format!(
+                "part size {} is out of range 5 MiB - 5 GiB",
+                self.part_size
+            )));
+        }
+        if self.upload_concurrency == 0 || self.upload_concurrency > 64 {
+            return Err(Error::usage("upload concurrency must be between 1 and 64"));
+        }
+        Ok(())
+    }
+}
+
+/// What the blocking producer sends to the uploader. The upload is only completed after an
+/// explicit `Finish`: a channel that closes without one means the producer failed, and the
+/// upload is aborted.
+#[derive(Debug)]
+pub enum Message {
+    Data(Bytes),
+    Finish,
+}
+
+/// Byte counts and digest of one stored object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digested {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// The end of the compression stage: hashes and counts the stored bytes and hands them to the
+/// uploader in [`CHUNK_SIZE`] chunks, blocking when the uploader is behind.
+pub struct ChunkSink {
+    tx: mpsc::Sender<Message>,
+    buffer: BytesMut,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl ChunkSink {
+    pub fn new(tx: mpsc::Sender<Message>) -> Self {
+        ChunkSink {
+            tx,
+            buffer: BytesMut::with_capacity(CHUNK_SIZE),
+            hasher: Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    fn send(&mut self, message: Message) -> io::Result<()> {
+        self.tx
+            .blocking_send(message)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, UPLOAD_STOPPED))
+    }
+
+    fn send_buffer(&mut self) -> io::Result<()> {
+        if !self.buffer.is_empty() {
+            let chunk = self.buffer.split().freeze();
+            self.send(Message::Data(chunk))?;
+        }
+        Ok(())
+    }
+
+    /// Flush and tell the uploader the stream is whole. Call only after the producer has
+    /// verified its own success (e.g. the dump tool exited 0).
+    pub fn finish(mut self) -> io::Result<Digested> {
+        self.send_buffer()?;
+        self.send(Message::Finish)?;
+        Ok(Digested {
+            bytes: self.bytes,
+            sha256: hex::encode(self.hasher.finalize_reset()),
+        })
+    }
+}
+
+/// The message a producer sees when the uploader has gone away; the uploader's own error is
+/// the one to report.
+pub const UPLOAD_STOPPED: &str = "the upload stopped";
+
+impl Write for ChunkSink {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.hasher.update(data);
+        self.bytes += data.len() as u64;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let room = CHUNK_SIZE - self.buffer.len();
+            let take = room.min(rest.len());
+            self.buffer.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if self.buffer.len() >= CHUNK_SIZE {
+                self.send_buffer()?;
+            }
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Counts the raw (uncompressed) bytes written through it and reports them as progress.
+struct CountingWriter<W> {
+    inner: W,
+    bytes: u64,
+    progress: Option<Progress>,
+}
+
+impl<W: Write> Write for CountingWriter<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(data)?;
+        self.bytes += n as u64;
+        if let Some(progress) = &self.progress {
+            progress.add(n as u64);
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// What one stored object took.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub raw_bytes: u64,
+    pub stored: Digested,
+    /// Multipart parts used; 0 when it fit in one PUT.
+    pub parts: u64,
+}
+
+/// Store what `producer` writes, zstd-compressed, at `key`.
+///
+/// `producer` runs on a blocking thread and writes raw bytes; it must return `Ok` only once its
+/// data is known to be whole (e.g. the dump tool exited 0). Only then is the object completed;
+/// on any error — the producer's, the store's, or cancellation — the multipart upload is
+/// aborted and nothing is visible at `key`.
+pub async fn store_stream<F>(
+    store: &dyn ObjectStore,
+    key: &str,
+    options: &PipelineOptions,
+    cancel: &CancellationToken,
+    progress: Option<Progress>,
+    producer: F,
+) -> Result<Stored>
+where
+    F: FnOnce(&mut dyn Write) -> Result<()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+    let compression = options.clone();
+    let compress = tokio::task::spawn_blocking(move || -> Result<(u64, Digested)> {
+        let io_error = |e: io::Error| {
+            if e.to_string() == UPLOAD_STOPPED {
+                Error::new(ErrorKind::Storage, UPLOAD_STOPPED)
+            } else {
+                Error::with_source(ErrorKind::Failed, "compressing", e)
+            }
+        };
+        let mut encoder = zstd::Encoder::new(ChunkSink::new(tx), compression.compression_level)
+            .map_err(io_error)?;
+        // zstd's own frame checksum lets even a copy taken without the manifest be checked.
+        encoder.include_checksum(true).map_err(io_error)?;
+        if compression.compression_threads > 0 {
+            encoder
+                .multithread(compression.compression_threads)
+                .map_err(io_error)?;
+        }
+        let mut counting = CountingWriter {
+            inner: encoder,
+            bytes: 0,
+            progress,
+        };
+        producer(&mut counting)?;
+        let raw = counting.bytes;
+        let sink = counting.inner.finish().map_err(io_error)?;
+        let digest = sink.finish().map_err(io_error)?;
+        Ok((raw, digest))
+    });
+    let uploaded = upload::upload_stream(store, key, rx, options, cancel).await;
+    let compressed = compress
+        .await
+        .map_err(|e| Error::failed(format!("compression task failed: {e}")))?;
+    match (compressed, uploaded) {
+        (Ok((raw_bytes, stored)), Ok(parts)) => Ok(Stored {
+            raw_bytes,
+            stored,
+            parts,
+        }),
+        // The producer's own failure is the cause; the uploader only saw the stream stop.
+        (Err(e), _) if e.to_string() != UPLOAD_STOPPED => Err(e),
+        (_, Err(e)) => Err(e),
+        (Err(e), Ok(_)) => Err(e),
+    }
+}
+
+/// Read the object at `key`, checking it against `expected` (size and SHA-256 of the stored
+/// bytes), and hand its decompressed bytes to `consumer` on a blocking thread.
+///
+/// The consumer must not make its work permanent: it returns a value (e.g. an open
+/// transaction) that the caller commits only after this function returned `Ok`, which happens
+/// only when every byte was read and matched. A corrupt or truncated object is an
+/// [`ErrorKind::Integrity`] error naming `key`.
+pub async fn read_verified<F, T>(
+    store: &dyn ObjectStore,
+    key: &str,
+    expected: &Digested,
+    progress: Option<Progress>,
+    consumer: F,
+) -> Result<T>
+where
+    F: FnOnce(&mut dyn Read) -> Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+    let object = key.to_string();
+    let expected = expected.clone();
+    let decode = tokio::task::spawn_blocking(move || -> Result<T> {
+        let decode_error = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+        let mut verifying = VerifyingReader::new(rx, progress);
+        let consumed = {
+            let decoder = zstd::Decoder::new(&mut verifying).map_err(|e| {
+                Error::with_source(ErrorKind::Failed, "starting the zstd decoder", e)
+            })?;
+            let mut tagged = TaggedReader {
+                inner: decoder,
+                error: std::sync::Arc::clone(&decode_error),
+            };
+            consumer(&mut tagged)
+        };
+        let decode_error = decode_error.lock().expect("decode error lock").take();
+        if let Some(transport) = verifying.transport_error.take() {
+            return Err(Error::new(ErrorKind::Storage, transport));
+        }
+        if let Some(message) = decode_error {
+            // A stream that cannot be decoded is either corrupt or truncated; the digest says
+            // which when the rest of the object is available, the decoder's message otherwise.
+            return Err(match verifying.verify(&object, &expected) {
+                Err(e) if e.kind() == ErrorKind::Integrity => e,
+                _ => Error::integrity(format!(
+                    "backup object {object} cannot be decompressed ({message}): it is corrupt; restore from another backup"
+                )),
+            });
+        }
+        let value = consumed?;
+        verifying.verify(&object, &expected)?;
+        Ok(value)
+    });
+    let downloaded = download(store, key, tx).await;
+    let decoded = decode
+        .await
+        .map_err(|e| Error::failed(format!("decompression task failed: {e}")))?;
+    downloaded?;
+    decoded
+}
+
+/// Records decoder errors so they can be told apart from the consumer's own failures.
+struct TaggedReader<R> {
+    inner: R,
+    error: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl<R: Read> Read for TaggedReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf).inspect_err(|e| {
+            *self.error.lock().expect("decode error lock") = Some(e.to_string());
+        })
+    }
+}
+
+/// Stream an object into a channel, for a blocking consumer (`VerifyingReader`).
+pub async fn download(
+    store: &dyn ObjectStore,
+    key: &str,
+    tx: mpsc::Sender<io::Result<Bytes>>,
+) -> Result<()> {
+    let mut object = store.get(key).await?;
+    while let Some(chunk) = object.stream.next().await {
+        let item = chunk.map_err(|e| io::Error::other(e.chain()));
+        let failed = item.is_err();
+        if tx.send(item).await.is_err() || failed {
+            // The consumer stopped (it reports why), or the error was handed on.
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Reads a downloaded object from a channel on a blocking thread, hashing and counting it so
+/// the caller can compare with the manifest once the whole object was read.
+pub struct VerifyingReader {
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+    current: Bytes,
+    hasher: Sha256,
+    bytes: u64,
+    progress: Option<Progress>,
+    /// A download failure, which must not be mistaken for corruption.
+    transport_error: Option<String>,
+}
+
+impl VerifyingReader {
+    pub fn new(rx: mpsc::Receiver<io::Result<Bytes>>, progress: Option<Progress>) -> Self {
+        VerifyingReader {
+            rx,
+            current: Bytes::new(),
+            hasher: Sha256::new(),
+            bytes: 0,
+            progress,
+            transport_error: None,
+        }
+    }
+
+    /// Read to the end (a decoder may stop before trailing bytes) and compare with what the
+    /// manifest recorded. `object` names the object in the error.
+    pub fn verify(mut self, object: &str, expected: &Digested) -> Result<()> {
+        io::copy(&mut self, &mut io::sink())
+            .map_err(|e| Error::with_source(ErrorKind::Storage, format!("reading {object}"), e))?;
+        if self.bytes != expected.bytes {
+            return Err(Error::integrity(format!(
+                "backup object {object} is {} bytes but the manifest records {}: it is truncated or was replaced; restore from another backup",
+                self.bytes, expected.bytes
+            )));
+        }
+        let actual = hex::encode(self.hasher.finalize_reset());
+        if actual != expected.sha256 {
+            return Err(Error::integrity(format!(
+                "backup object {object} is corrupt: its SHA-256 is {actual} but the manifest records {}; restore from another backup",
+                expected.sha256
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Read for VerifyingReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(chunk)) => {
+                    self.hasher.update(&chunk);
+                    self.bytes += chunk.len() as u64;
+                    if let Some(progress) = &self.progress {
+                        progress.add(chunk.len() as u64);
+                    }
+                    self.current = chunk;
+                }
+                Some(Err(e)) => {
+                    self.transport_error = Some(e.to_string());
+                    return Err(e);
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sink_hashes_counts_and_chunks() {
+        let (tx, mut rx) = mpsc::channel(64);
+        let handle = std::thread::spawn(move || {
+            let mut sink = ChunkSink::new(tx);
+            sink.write_all(&vec![7u8; CHUNK_SIZE * 2 + 10]).unwrap();
+            sink.finish().unwrap()
+        });
+        let mut sizes = Vec::new();
+        let mut finished = false;
+        while let Some(message) = rx.blocking_recv() {
+            match message {
+                Message::Data(chunk) => sizes.push(chunk.len()),
+                Message::Finish => finished = true,
+            }
+        }
+        let digest = handle.join().unwrap();
+        assert!(finished);
+        assert_eq!(sizes, vec![CHUNK_SIZE, CHUNK_SIZE, 10]);
+        assert_eq!(digest.bytes, (CHUNK_SIZE * 2 + 10) as u64);
+        assert_eq!(
+            digest.sha256,
+            hex::encode(Sha256::digest(vec![7u8; CHUNK_SIZE * 2 + 10]))
+        );
+    }
+
+    #[test]
+    fn sink_reports_a_vanished_uploader() {
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        let mut sink = ChunkSink::new(tx);
+        let err = sink.write_all(&vec![0u8; CHUNK_SIZE]).unwrap_err();
+        assert_eq!(err.to_string(), UPLOAD_STOPPED);
+    }
+
+    #[test]
+    fn verifying_reader_detects_flipped_and_missing_bytes() {
+        let data = Bytes::from_static(b"hello backup");
+        let good = Digested {
+            bytes: data.len() as u64,
+            sha256: hex::encode(Sha256::digest(&data)),
+        };
+        let feed = |payload: Bytes| {
+            let (tx, rx) = mpsc::channel(4);
+            tx.try_send(Ok(payload)).unwrap();
+            drop(tx);
+            VerifyingReader::new(rx, None)
+        };
+        assert!(feed(data.clone()).verify("obj", &good).is_ok());
+        let err = feed(Bytes::from_static(b"hello backuq"))
+            .verify("obj", &good)
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Integrity);
+        assert!(err.to_string().contains("corrupt"), "{err}");
+        let err = feed(data.slice(..5)).verify("obj", &good).unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
+    }
+}

@@ -1,0 +1,220 @@
+//! Running pg_dump, pg_restore and psql: stream their stdout/stdin, drain stderr on its own
+//! thread so a chatty child cannot deadlock on a full pipe (ripgrep's `CommandReader`), and
+//! turn a bad exit status into an error that carries the child's stderr.
+//!
+//! Secrets never go on a command line (visible in `ps` and `/proc/*/cmdline`): callers pass
+//! passwords through the child's environment.
+
+use std::io::Read;
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::thread::JoinHandle;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// The most of a child's stderr kept for the error message (the tail, where the cause is).
+const STDERR_KEEP: usize = 16 * 1024;
+
+pub struct ChildProcess {
+    name: String,
+    child: Child,
+    stderr: Option<JoinHandle<String>>,
+    waited: bool,
+}
+
+impl ChildProcess {
+    /// Spawns `command` with stdin/stdout piped as asked and stderr captured.
+    pub fn spawn(
+        mut command: Command,
+        name: &str,
+        pipe_stdin: bool,
+        pipe_stdout: bool,
+    ) -> Result<Self> {
+        command
+            .stdin(if pipe_stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(if pipe_stdout {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().map_err(|e| {
+            let advice = if e.kind() == std::io::ErrorKind::NotFound {
+                " (is the PostgreSQL client installed and on PATH, or --pg-bin-dir set?)"
+            } else {
+                ""
+            };
+            Error::with_source(ErrorKind::Failed, format!("cannot run {name}{advice}"), e)
+        })?;
+        let stderr = child.stderr.take().map(|mut pipe| {
+            std::thread::spawn(move || {
+                let mut tail: Vec<u8> = Vec::new();
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    tail.extend_from_slice(&buf[..n]);
+                    if tail.len() > 2 * STDERR_KEEP {
+                        tail.drain(..tail.len() - STDERR_KEEP);
+                    }
+                }
+                if tail.len() > STDERR_KEEP {
+                    tail.drain(..tail.len() - STDERR_KEEP);
+                }
+                String::from_utf8_lossy(&tail).into_owned()
+            })
+        });
+        Ok(ChildProcess {
+            name: name.to_string(),
+            child,
+            stderr,
+            waited: false,
+        })
+    }
+
+    pub fn take_stdin(&mut self) -> Option<ChildStdin> {
+        self.child.stdin.take()
+    }
+
+    pub fn take_stdout(&mut self) -> Option<ChildStdout> {
+        self.child.stdout.take()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Stop the child now (on failure elsewhere in the pipeline). Its error is not reported.
+    pub fn kill(&mut self) {
+        if !self.waited {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            self.waited = true;
+        }
+    }
+
+    /// If the child has exited (or exits within `grace`) with a bad status, its error; else
+    /// `None`. Used to find the root cause when a pipe to or from it broke.
+    pub fn exited_failure(&mut self, grace: std::time::Duration) -> Option<Error> {
+        let deadline = std::time::Instant::now() + grace;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => return self.wait_success().err(),
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// Wait for exit; returns the captured stderr.
+    pub fn wait_raw(&mut self) -> Result<(ExitStatus, String)> {
+        drop(self.child.stdin.take());
+        let status = self.child.wait().map_err(|e| {
+            Error::with_source(ErrorKind::Failed, format!("waiting for {}", self.name), e)
+        })?;
+        self.waited = true;
+        let stderr = self
+            .stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        Ok((status, stderr))
+    }
+
+    /// Wait for exit and fail, with the child's stderr, unless it exited 0.
+    pub fn wait_success(&mut self) -> Result<String> {
+        let (status, stderr) = self.wait_raw()?;
+        if status.success() {
+            Ok(stderr)
+        } else {
+            Err(Error::new(
+                ErrorKind::Failed,
+                format!(
+                    "{} failed ({}): {}",
+                    self.name,
+                    describe_status(status),
+                    summarize_stderr(&stderr)
+                ),
+            ))
+        }
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        // A child left running would keep a dump or a restore transaction open.
+        self.kill();
+    }
+}
+
+fn describe_status(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        _ => status.to_string(),
+    }
+}
+
+/// The child's stderr on one line, for a log message.
+pub fn summarize_stderr(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if lines.is_empty() {
+        "(no error output)".to_string()
+    } else {
+        lines.join(" | ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_exit_carries_stderr() {
+        let mut command = Command::new("sh");
+        command.args(["-c", "echo out; echo 'pg_dump: error: boom' >&2; exit 3"]);
+        let mut child = ChildProcess::spawn(command, "fake-dump", false, true).unwrap();
+        let mut out = String::new();
+        child
+            .take_stdout()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        assert_eq!(out, "out\n");
+        let err = child.wait_success().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "fake-dump failed (exit status 3): pg_dump: error: boom"
+        );
+    }
+
+    #[test]
+    fn large_stderr_does_not_deadlock() {
+        let mut command = Command::new("sh");
+        command.args([
+            "-c",
+            "head -c 1000000 /dev/zero | tr '\\0' x >&2; echo done",
+        ]);
+        let mut child = ChildProcess::spawn(command, "chatty", false, true).unwrap();
+        let mut out = String::new();
+        child
+            .take_stdout()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        let stderr = child.wait_success().unwrap();
+        assert_eq!(out, "done\n");
+        assert_eq!(stderr.len(), STDERR_KEEP);
+    }
+}

@@ -1,0 +1,185 @@
+//! Object storage: one trait, its contract, and the implementations (`file://`, `s3://`).
+//!
+//! # Contract
+//!
+//! Every implementation MUST behave as follows; `tests/storage_conformance.rs` runs the same
+//! suite against each of them.
+//!
+//! - **Keys** are `/`-separated relative paths (`acme/main/20261128T010203Z-ab12cd/manifest.json`).
+//!   They never start with `/` and never contain `..` segments; implementations may reject such keys.
+//! - **`put`** is atomic: a reader sees either the previous object or the whole new one, never
+//!   a prefix of it.
+//! - **`put_multipart`** makes nothing visible at the key until [`MultipartUpload::complete`]
+//!   returns `Ok`. After [`MultipartUpload::abort`] (or a failed `complete`) no part of the
+//!   upload remains stored, and [`ObjectStore::list_uploads`] no longer reports it. Dropping an
+//!   upload without completing or aborting it leaves an unfinished upload that `list_uploads`
+//!   reports, so callers MUST abort on every failure path (`pipeline::upload` does).
+//! - **`get`** of a missing key fails with [`ErrorKind::NotFound`]. The stream yields exactly the
+//!   stored bytes; a connection lost mid-stream yields an error item, never a silent end.
+//! - **`head`** of a missing key is `Ok(None)`.
+//! - **`list`** returns every complete object whose key starts with the prefix, sorted by key,
+//!   across as many pages as the store needs. Unfinished multipart uploads are not objects.
+//! - **`delete`** of a key that does not exist succeeds (deletes are idempotent).
+//! - **Errors**: unreachable store, rejected credentials and missing bucket are
+//!   [`ErrorKind::Storage`]; each message names the store location and the key.
+//! - **Retries** of transient failures (5xx, throttling, timeouts, connection resets) happen
+//!   inside the implementation; an error returned to the caller is final.
+//! - **Cancellation**: dropping a returned future cancels the request; it never leaves a
+//!   partially written object visible.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+
+use crate::error::{Error, Result};
+
+pub mod local;
+pub mod s3;
+pub mod testing;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub key: String,
+    pub size: u64,
+    pub last_modified: Option<DateTime<Utc>>,
+}
+
+/// An upload that was started with `put_multipart` and neither completed nor aborted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingUpload {
+    pub key: String,
+    pub upload_id: String,
+    pub initiated: Option<DateTime<Utc>>,
+}
+
+pub struct GetResult {
+    pub size: u64,
+    pub stream: BoxStream<'static, Result<Bytes>>,
+}
+
+#[async_trait]
+pub trait ObjectStore: Send + Sync + fmt::Debug {
+    /// Where this store points, safe to print (no credentials).
+    fn location(&self) -> String;
+
+    /// Fails with [`ErrorKind::Storage`] unless the store is reachable, the credentials are
+    /// accepted and the bucket/directory exists. Run before any work starts.
+    async fn check(&self) -> Result<()>;
+
+    async fn put(&self, key: &str, data: Bytes) -> Result<()>;
+
+    async fn put_multipart(&self, key: &str) -> Result<Box<dyn MultipartUpload>>;
+
+    async fn get(&self, key: &str) -> Result<GetResult>;
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>>;
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
+
+    async fn delete(&self, keys: &[String]) -> Result<()>;
+
+    /// Unfinished multipart uploads under the prefix (for prune and for tests of the abort rule).
+    async fn list_uploads(&self, prefix: &str) -> Result<Vec<PendingUpload>>;
+
+    /// Abort an unfinished upload found by `list_uploads`.
+    async fn abort_upload(&self, upload: &PendingUpload) -> Result<()>;
+}
+
+/// One multipart upload. Parts are numbered in the order `put_part` is called; the returned
+/// futures may run concurrently and complete in any order.
+#[async_trait]
+pub trait MultipartUpload: Send {
+    /// Stage the next part. Every part but the last must be at least [`MIN_PART_SIZE`] bytes.
+    fn put_part(&mut self, data: Bytes) -> BoxFuture<'static, Result<()>>;
+
+    /// Make the object visible. Every `put_part` future must have completed successfully.
+    async fn complete(&mut self) -> Result<()>;
+
+    /// Remove everything staged. Safe to call after a failed `complete`.
+    async fn abort(&mut self) -> Result<()>;
+}
+
+/// S3's lower bound for every part but the last.
+pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+/// S3's upper bound for one part.
+pub const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
+/// S3's upper bound on parts per upload.
+pub const MAX_PARTS: u64 = 10_000;
+
+/// S3-specific settings; ignored by `file://`.
+#[derive(Debug, Clone, Default)]
+pub struct S3Options {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub path_style: bool,
+}
+
+/// Open the store named by a storage URL (`s3://bucket/prefix` or `file:///dir`).
+pub async fn open(url: &str, s3: &S3Options) -> Result<Box<dyn ObjectStore>> {
+    if let Some(rest) = url.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(Error::usage(format!(
+                "storage URL {url:?} has no bucket: expected s3://bucket/prefix"
+            )));
+        }
+        Ok(Box::new(s3::S3Store::new(bucket, prefix, s3).await?))
+    } else if let Some(path) = url.strip_prefix("file://") {
+        if path.is_empty() {
+            return Err(Error::usage(format!(
+                "storage URL {url:?} has no directory: expected file:///path/to/dir"
+            )));
+        }
+        Ok(Box::new(local::LocalStore::new(path)?))
+    } else if url.contains("://") {
+        Err(Error::usage(format!(
+            "storage URL {url:?} is not supported: use s3://bucket/prefix or file:///dir"
+        )))
+    } else {
+        // A bare path is the friendliest reading of "a local directory".
+        Ok(Box::new(local::LocalStore::new(url)?))
+    }
+}
+
+/// Reject keys that could escape a prefix or a directory.
+pub(crate) fn validate_key(key: &str) -> Result<()> {
+    let bad = key.is_empty()
+        || key.starts_with('/')
+        || key
+            .split('/')
+            .any(|seg| seg.is_empty() || seg == ".." || seg == ".");
+    if bad {
+        Err(Error::usage(format!("invalid object key {key:?}")))
+    } else {
+        Ok(())
+    }
+}
+
+/// Joins a prefix and a key with exactly one `/`.
+pub(crate) fn join_key(prefix: &str, key: &str) -> String {
+    let prefix = prefix.trim_matches('/');
+    if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{prefix}/{key}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys() {
+        assert!(validate_key("a/b/c.json").is_ok());
+        assert!(validate_key("a/../b").is_err());
+        assert!(validate_key("/a").is_err());
+        assert!(validate_key("a//b").is_err());
+        assert_eq!(join_key("", "a"), "a");
+        assert_eq!(join_key("/p/q/", "a"), "p/q/a");
+    }
+}

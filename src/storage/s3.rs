@@ -1,0 +1,513 @@
+//! `s3://bucket/prefix`: IBM Cloud Object Storage and other S3-compatible stores.
+//!
+//! ICOS (and MinIO, Ceph, older S3 clones) reject what recent aws-sdk-s3 versions send by
+//! default: `x-amz-checksum-crc32` headers and `aws-chunked` bodies with checksum trailers.
+//! The client is therefore built with checksum calculation and validation "when required",
+//! every body is a sized buffer (so no chunked encoding is ever needed), and DeleteObjects —
+//! which the SDK still checksums with CRC32 in that mode — gets `Content-MD5` instead.
+//! `tests/s3_wire.rs` inspects the requests on the wire to hold this in place.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{Region, RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
+use aws_sdk_s3::Client;
+use base64::Engine;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use md5::{Digest, Md5};
+
+use super::{
+    join_key, validate_key, GetResult, MultipartUpload, ObjectMeta, ObjectStore, PendingUpload,
+    S3Options,
+};
+use crate::error::{Error, ErrorKind, Result};
+
+/// Attempts per request, including the first. The SDK's standard mode retries only transient
+/// failures (5xx, throttling, timeouts, connection errors) with exponential backoff and full
+/// jitter; 4xx answers such as AccessDenied fail at once.
+const MAX_ATTEMPTS: u32 = 6;
+/// S3 accepts at most this many keys per DeleteObjects request.
+const DELETE_BATCH: usize = 1000;
+
+#[derive(Debug, Clone)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    prefix: String,
+    endpoint: String,
+}
+
+impl S3Store {
+    pub async fn new(bucket: &str, prefix: &str, options: &S3Options) -> Result<Self> {
+        let region = options
+            .region
+            .clone()
+            .or_else(|| std::env::var("AWS_REGION").ok())
+            .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
+            // ICOS ignores the signing region for its regional endpoints; any value signs.
+            .unwrap_or_else(|| "us-east-1".to_string());
+        let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(Region::new(region))
+            .load()
+            .await;
+        let mut builder = aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(options.path_style)
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(MAX_ATTEMPTS)
+                    .with_initial_backoff(Duration::from_millis(200))
+                    .with_max_backoff(Duration::from_secs(20)),
+            )
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(10))
+                    .read_timeout(Duration::from_secs(120))
+                    .build(),
+            );
+        let endpoint = match &options.endpoint {
+            Some(endpoint) => {
+                builder = builder.endpoint_url(endpoint);
+                endpoint.clone()
+            }
+            None => "AWS S3".to_string(),
+        };
+        Ok(S3Store {
+            client: Client::from_conf(builder.build()),
+            bucket: bucket.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+            endpoint,
+        })
+    }
+
+    fn full_key(&self, key: &str) -> Result<String> {
+        validate_key(key)?;
+        Ok(join_key(&self.prefix, key))
+    }
+
+    fn relative_key(&self, full: &str) -> String {
+        if self.prefix.is_empty() {
+            full.to_string()
+        } else {
+            full.strip_prefix(&self.prefix)
+                .map(|rest| rest.trim_start_matches('/').to_string())
+                .unwrap_or_else(|| full.to_string())
+        }
+    }
+
+    /// Turn an SDK error into one that says what failed and what to do about it.
+    fn error<E>(&self, action: &str, key: &str, err: SdkError<E>) -> Error
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let status = err.raw_response().map(|r| r.status().as_u16());
+        let code = err.code().map(str::to_string);
+        let object = format!("{} in bucket {} at {}", key, self.bucket, self.endpoint);
+        let (kind, advice) = match (&err, code.as_deref(), status) {
+            (SdkError::DispatchFailure(_), _, _) | (SdkError::TimeoutError(_), _, _) => (
+                ErrorKind::Storage,
+                "cannot reach the object store: check --s3-endpoint / KURA_S3_ENDPOINT and the network".to_string(),
+            ),
+            (_, Some("NoSuchBucket"), _) => (
+                ErrorKind::Storage,
+                format!("bucket {} does not exist: create it or fix the storage URL", self.bucket),
+            ),
+            (_, Some("NoSuchKey"), _) | (_, _, Some(404)) => {
+                (ErrorKind::NotFound, "no such object".to_string())
+            }
+            (_, Some("InvalidAccessKeyId" | "SignatureDoesNotMatch" | "AccessDenied"), _)
+            | (_, _, Some(401 | 403)) => (
+                ErrorKind::Storage,
+                "the object store rejected the credentials: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (ICOS HMAC keys) and the bucket's access policy".to_string(),
+            ),
+            _ => (
+                ErrorKind::Storage,
+                match (code.as_deref(), err.message(), status) {
+                    (Some(code), Some(msg), _) => format!("{code}: {msg}"),
+                    (Some(code), None, _) => code.to_string(),
+                    (None, _, Some(status)) => format!("HTTP {status}"),
+                    _ => "request failed".to_string(),
+                },
+            ),
+        };
+        let cause = aws_sdk_s3::error::DisplayErrorContext(&err).to_string();
+        Error::with_source(
+            kind,
+            format!("{action} {object}: {advice}"),
+            std::io::Error::other(cause),
+        )
+    }
+}
+
+fn to_utc(time: Option<&aws_smithy_types::DateTime>) -> Option<DateTime<Utc>> {
+    time.and_then(|t| DateTime::<Utc>::from_timestamp(t.secs(), t.subsec_nanos()))
+}
+
+fn content_md5(body: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(Md5::digest(body))
+}
+
+#[async_trait]
+impl ObjectStore for S3Store {
+    fn location(&self) -> String {
+        if self.prefix.is_empty() {
+            format!("s3://{} ({})", self.bucket, self.endpoint)
+        } else {
+            format!("s3://{}/{} ({})", self.bucket, self.prefix, self.endpoint)
+        }
+    }
+
+    async fn check(&self) -> Result<()> {
+        self.client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .map_err(|e| match self.error("cannot access", "the bucket", e) {
+                // HEAD has no body, so a missing bucket only shows as a 404.
+                err if err.kind() == ErrorKind::NotFound => Error::new(
+                    ErrorKind::Storage,
+                    format!(
+                        "bucket {} does not exist at {}: create it or fix the storage URL",
+                        self.bucket, self.endpoint
+                    ),
+                ),
+                err => err,
+            })?;
+        Ok(())
+    }
+
+    async fn put(&self, key: &str, data: Bytes) -> Result<()> {
+        let full = self.full_key(key)?;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .content_length(data.len() as i64)
+            .body(ByteStream::from(data))
+            .send()
+            .await
+            .map_err(|e| self.error("cannot write", &full, e))?;
+        Ok(())
+    }
+
+    async fn put_multipart(&self, key: &str) -> Result<Box<dyn MultipartUpload>> {
+        let full = self.full_key(key)?;
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| self.error("cannot start upload of", &full, e))?;
+        let upload_id = created.upload_id().unwrap_or_default().to_string();
+        if upload_id.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Storage,
+                format!("the object store returned no upload id for {full}"),
+            ));
+        }
+        Ok(Box::new(S3Upload {
+            store: self.clone(),
+            key: full,
+            upload_id,
+            next_part: 1,
+            parts: Arc::new(Mutex::new(Vec::new())),
+        }))
+    }
+
+    async fn get(&self, key: &str) -> Result<GetResult> {
+        let full = self.full_key(key)?;
+        let output = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| self.error("cannot read", &full, e))?;
+        let size = output.content_length().unwrap_or(0).max(0) as u64;
+        let what = format!("reading {full} in bucket {}", self.bucket);
+        let stream = futures::stream::unfold(Some(output.body), move |body| {
+            let what = what.clone();
+            async move {
+                let mut body = body?;
+                match body.try_next().await {
+                    Ok(Some(chunk)) => Some((Ok(chunk), Some(body))),
+                    Ok(None) => None,
+                    Err(e) => Some((Err(Error::with_source(ErrorKind::Storage, what, e)), None)),
+                }
+            }
+        })
+        .boxed();
+        Ok(GetResult { size, stream })
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {
+        let full = self.full_key(key)?;
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(ObjectMeta {
+                key: key.to_string(),
+                size: out.content_length().unwrap_or(0).max(0) as u64,
+                last_modified: to_utc(out.last_modified()),
+            })),
+            Err(e) => {
+                let err = self.error("cannot stat", &full, e);
+                if err.kind() == ErrorKind::NotFound {
+                    Ok(None)
+                } else {
+                    Err(err)
+                }
+            }
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        let full_prefix = join_key(&self.prefix, prefix);
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&full_prefix)
+            .into_paginator()
+            .send();
+        let mut objects = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.error("cannot list", &full_prefix, e))?;
+            for object in page.contents() {
+                if let Some(key) = object.key() {
+                    objects.push(ObjectMeta {
+                        key: self.relative_key(key),
+                        size: object.size().unwrap_or(0).max(0) as u64,
+                        last_modified: to_utc(object.last_modified()),
+                    });
+                }
+            }
+        }
+        objects.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(objects)
+    }
+
+    async fn delete(&self, keys: &[String]) -> Result<()> {
+        for batch in keys.chunks(DELETE_BATCH) {
+            let mut identifiers = Vec::with_capacity(batch.len());
+            for key in batch {
+                let full = self.full_key(key)?;
+                identifiers.push(
+                    ObjectIdentifier::builder()
+                        .key(full)
+                        .build()
+                        .map_err(|e| Error::failed(format!("building delete request: {e}")))?,
+                );
+            }
+            let delete = Delete::builder()
+                .set_objects(Some(identifiers))
+                .quiet(true)
+                .build()
+                .map_err(|e| Error::failed(format!("building delete request: {e}")))?;
+            let output = self
+                .client
+                .delete_objects()
+                .bucket(&self.bucket)
+                .delete(delete)
+                .customize()
+                .mutate_request(|request| {
+                    // ICOS requires Content-MD5 on DeleteObjects and rejects the CRC32 the SDK
+                    // computes for it even in "when required" mode.
+                    let md5 = request.body().bytes().map(content_md5);
+                    let headers = request.headers_mut();
+                    let checksum_headers: Vec<String> = headers
+                        .iter()
+                        .map(|(name, _)| name.to_ascii_lowercase())
+                        .filter(|name| {
+                            name.starts_with("x-amz-checksum-")
+                                || name == "x-amz-sdk-checksum-algorithm"
+                        })
+                        .collect();
+                    for name in checksum_headers {
+                        headers.remove(name);
+                    }
+                    if let Some(md5) = md5 {
+                        headers.insert("content-md5", md5);
+                    }
+                })
+                .send()
+                .await
+                .map_err(|e| self.error("cannot delete", &format!("{} objects", batch.len()), e))?;
+            if let Some(failed) = output.errors().first() {
+                return Err(Error::new(
+                    ErrorKind::Storage,
+                    format!(
+                        "cannot delete {} in bucket {}: {} {}",
+                        failed.key().unwrap_or("?"),
+                        self.bucket,
+                        failed.code().unwrap_or(""),
+                        failed.message().unwrap_or("")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn list_uploads(&self, prefix: &str) -> Result<Vec<PendingUpload>> {
+        let full_prefix = join_key(&self.prefix, prefix);
+        let mut uploads = Vec::new();
+        let (mut key_marker, mut id_marker) = (None::<String>, None::<String>);
+        loop {
+            let page = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix(&full_prefix)
+                .set_key_marker(key_marker.clone())
+                .set_upload_id_marker(id_marker.clone())
+                .send()
+                .await
+                .map_err(|e| self.error("cannot list uploads under", &full_prefix, e))?;
+            for upload in page.uploads() {
+                if let (Some(key), Some(id)) = (upload.key(), upload.upload_id()) {
+                    uploads.push(PendingUpload {
+                        key: self.relative_key(key),
+                        upload_id: id.to_string(),
+                        initiated: to_utc(upload.initiated()),
+                    });
+                }
+            }
+            if page.is_truncated() != Some(true) {
+                break;
+            }
+            key_marker = page.next_key_marker().map(str::to_string);
+            id_marker = page.next_upload_id_marker().map(str::to_string);
+            if key_marker.is_none() && id_marker.is_none() {
+                break;
+            }
+        }
+        Ok(uploads)
+    }
+
+    async fn abort_upload(&self, upload: &PendingUpload) -> Result<()> {
+        let full = self.full_key(&upload.key)?;
+        abort(&self.client, &self.bucket, &full, &upload.upload_id)
+            .await
+            .map_err(|e| self.error("cannot abort upload of", &full, e))
+    }
+}
+
+async fn abort(
+    client: &Client,
+    bucket: &str,
+    key: &str,
+    upload_id: &str,
+) -> std::result::Result<
+    (),
+    SdkError<aws_sdk_s3::operation::abort_multipart_upload::AbortMultipartUploadError>,
+> {
+    match client
+        .abort_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(upload_id)
+        .send()
+        .await
+    {
+        Ok(_) => Ok(()),
+        // Already gone: aborting is idempotent.
+        Err(e) if e.code() == Some("NoSuchUpload") => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+struct S3Upload {
+    store: S3Store,
+    key: String,
+    upload_id: String,
+    next_part: i32,
+    parts: Arc<Mutex<Vec<CompletedPart>>>,
+}
+
+#[async_trait]
+impl MultipartUpload for S3Upload {
+    fn put_part(&mut self, data: Bytes) -> BoxFuture<'static, Result<()>> {
+        let part_number = self.next_part;
+        self.next_part += 1;
+        let store = self.store.clone();
+        let (key, upload_id, parts) = (
+            self.key.clone(),
+            self.upload_id.clone(),
+            Arc::clone(&self.parts),
+        );
+        async move {
+            let output = store
+                .client
+                .upload_part()
+                .bucket(&store.bucket)
+                .key(&key)
+                .upload_id(&upload_id)
+                .part_number(part_number)
+                .content_length(data.len() as i64)
+                .body(ByteStream::from(data))
+                .send()
+                .await
+                .map_err(|e| {
+                    store.error(&format!("cannot upload part {part_number} of"), &key, e)
+                })?;
+            let part = CompletedPart::builder()
+                .part_number(part_number)
+                .set_e_tag(output.e_tag().map(str::to_string))
+                .build();
+            parts.lock().expect("parts lock poisoned").push(part);
+            Ok(())
+        }
+        .boxed()
+    }
+
+    async fn complete(&mut self) -> Result<()> {
+        let mut parts = self.parts.lock().expect("parts lock poisoned").clone();
+        parts.sort_by_key(|p| p.part_number());
+        self.store
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.store.bucket)
+            .key(&self.key)
+            .upload_id(&self.upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| self.store.error("cannot complete upload of", &self.key, e))?;
+        Ok(())
+    }
+
+    async fn abort(&mut self) -> Result<()> {
+        abort(
+            &self.store.client,
+            &self.store.bucket,
+            &self.key,
+            &self.upload_id,
+        )
+        .await
+        .map_err(|e| self.store.error("cannot abort upload of", &self.key, e))
+    }
+}
