@@ -224,6 +224,7 @@ impl ObjectStore for S3Store {
             upload_id,
             next_part: 1,
             parts: Arc::new(Mutex::new(Vec::new())),
+            aborted: false,
         }))
     }
 
@@ -442,6 +443,8 @@ struct S3Upload {
     upload_id: String,
     next_part: i32,
     parts: Arc<Mutex<Vec<CompletedPart>>>,
+    /// Some stores (s3s) answer a second abort with AccessDenied instead of NoSuchUpload.
+    aborted: bool,
 }
 
 #[async_trait]
@@ -501,6 +504,9 @@ impl MultipartUpload for S3Upload {
     }
 
     async fn abort(&mut self) -> Result<()> {
+        if self.aborted {
+            return Ok(());
+        }
         abort(
             &self.store.client,
             &self.store.bucket,
@@ -508,6 +514,8 @@ impl MultipartUpload for S3Upload {
             &self.upload_id,
         )
         .await
-        .map_err(|e| self.store.error("cannot abort upload of", &self.key, e))
+        .map_err(|e| self.store.error("cannot abort upload of", &self.key, e))?;
+        self.aborted = true;
+        Ok(())
     }
 }

@@ -1,0 +1,273 @@
+//! Shared helpers for integration tests: real services from `scripts/services`, unique names
+//! so tests run in parallel, and a `kura` command with a clean environment.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A service's address from the environment. Outside CI a missing service skips the test with
+/// a note; in CI (`CI=true`) it fails it, so a broken service setup never passes silently.
+pub fn service(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(value) if !value.is_empty() => Some(value),
+        _ => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("{var} is not set: run the tests through scripts/test, which starts the services");
+            }
+            eprintln!("skipping: {var} is not set (run scripts/test to start the services)");
+            None
+        }
+    }
+}
+
+/// `let Some(x) = require!("VAR") else { return };` in a shorter form.
+#[macro_export]
+macro_rules! require {
+    ($var:expr) => {
+        match common::service($var) {
+            Some(value) => value,
+            None => return,
+        }
+    };
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name no other test (or earlier run on the same services) uses.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}_{}_{:04x}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst),
+        rand::random::<u16>()
+    )
+}
+
+pub fn kura_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_kura"))
+}
+
+/// `kura` with no inherited KURA_*/AWS_* settings, logging JSON, quick zstd.
+pub fn kura() -> Command {
+    let mut command = Command::new(kura_bin());
+    for (key, _) in std::env::vars() {
+        if key.starts_with("KURA_") || key.starts_with("AWS_") || key.starts_with("PG") {
+            command.env_remove(key);
+        }
+    }
+    command
+        .env("KURA_LOG_FORMAT", "json")
+        .env("KURA_COMPRESSION_LEVEL", "1")
+        .stdin(Stdio::null());
+    command
+}
+
+/// Point a kura command at the moto S3 server.
+pub fn with_moto(command: &mut Command, endpoint: &str, bucket: &str, prefix: &str) {
+    command
+        .env("KURA_STORAGE", format!("s3://{bucket}/{prefix}"))
+        .env("KURA_S3_ENDPOINT", endpoint)
+        .env("KURA_S3_PATH_STYLE", "true")
+        .env("KURA_S3_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing");
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn all(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+    pub fn assert_ok(&self) -> &Self {
+        assert_eq!(self.code, 0, "kura failed:\n{}", self.all());
+        self
+    }
+    /// The `error` log line kura ends a failure with.
+    pub fn error_line(&self) -> serde_json::Value {
+        self.stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["level"] == "ERROR")
+            .last()
+            .unwrap_or_else(|| panic!("no error log line in:\n{}", self.all()))
+    }
+}
+
+pub fn run(command: &mut Command) -> Run {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = command.output().expect("kura runs");
+    Run {
+        code: status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    }
+}
+
+/// libpq environment for a postgres:// URL (tests pass passwords the same way kura does).
+pub fn pg_env(url: &str, database: &str) -> Vec<(String, String)> {
+    let parsed = url::Url::parse(url).expect("test URL parses");
+    vec![
+        ("PGHOST".into(), parsed.host_str().unwrap().to_string()),
+        ("PGPORT".into(), parsed.port().unwrap_or(5432).to_string()),
+        ("PGUSER".into(), parsed.username().to_string()),
+        (
+            "PGPASSWORD".into(),
+            parsed.password().unwrap_or("").to_string(),
+        ),
+        ("PGDATABASE".into(), database.to_string()),
+    ]
+}
+
+/// The URL with another database in its path.
+pub fn with_database(url: &str, database: &str) -> String {
+    let mut parsed = url::Url::parse(url).unwrap();
+    parsed.set_path(&format!("/{}", urlencode(database)));
+    parsed.to_string()
+}
+
+fn urlencode(text: &str) -> String {
+    percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+fn pg_tool(name: &str) -> PathBuf {
+    match std::env::var("KURA_TEST_PG_BIN") {
+        Ok(dir) => Path::new(&dir).join(name),
+        Err(_) => PathBuf::from(name),
+    }
+}
+
+/// Run SQL through psql; panics with psql's error output on failure.
+pub fn psql(url: &str, database: &str, sql: &str) -> String {
+    let mut child = Command::new(pg_tool("psql"))
+        .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-f", "-"])
+        .envs(pg_env(url, database))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("psql runs");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(sql.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "psql on {database} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A plain-text dump for comparing databases, without the random `\restrict` keys that newer
+/// pg_dump releases write.
+pub fn pg_dump_text(url: &str, database: &str) -> String {
+    let out = Command::new(pg_tool("pg_dump"))
+        .args(["--no-password"])
+        .envs(pg_env(url, database))
+        .output()
+        .expect("pg_dump runs");
+    assert!(
+        out.status.success(),
+        "pg_dump {database} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    strip_restrict(&String::from_utf8_lossy(&out.stdout))
+}
+
+pub fn pg_dumpall_globals(url: &str) -> String {
+    let out = Command::new(pg_tool("pg_dumpall"))
+        .args(["--globals-only", "--no-password"])
+        .envs(pg_env(url, "postgres"))
+        .output()
+        .expect("pg_dumpall runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    strip_restrict(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn strip_restrict(text: &str) -> String {
+    text.lines()
+        .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Create a bucket on an S3 endpoint with the given credentials.
+pub async fn create_bucket(endpoint: &str, access: &str, secret: &str, bucket: &str) {
+    let client = s3_client(endpoint, access, secret);
+    client
+        .create_bucket()
+        .bucket(bucket)
+        .send()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "creating bucket {bucket}: {}",
+                aws_sdk_s3::error::DisplayErrorContext(e)
+            )
+        });
+}
+
+pub fn s3_client(endpoint: &str, access: &str, secret: &str) -> aws_sdk_s3::Client {
+    let config = aws_sdk_s3::config::Builder::new()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .force_path_style(true)
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            access, secret, None, None, "test",
+        ))
+        .build();
+    aws_sdk_s3::Client::from_conf(config)
+}
+
+/// Every key in a bucket (tests inspect what kura left behind).
+pub async fn bucket_keys(client: &aws_sdk_s3::Client, bucket: &str) -> Vec<String> {
+    let out = client
+        .list_objects_v2()
+        .bucket(bucket)
+        .send()
+        .await
+        .unwrap();
+    out.contents()
+        .iter()
+        .filter_map(|o| o.key().map(str::to_string))
+        .collect()
+}
+
+pub async fn open_uploads(client: &aws_sdk_s3::Client, bucket: &str) -> Vec<String> {
+    let out = client
+        .list_multipart_uploads()
+        .bucket(bucket)
+        .send()
+        .await
+        .unwrap();
+    out.uploads()
+        .iter()
+        .filter_map(|u| u.key().map(str::to_string))
+        .collect()
+}
+
+/// Incompressible bytes, so a compressed stream stays as long as its input.
+pub fn noise(len: usize) -> Vec<u8> {
+    use rand::RngCore;
+    let mut data = vec![0u8; len];
+    rand::thread_rng().fill_bytes(&mut data);
+    data
+}

@@ -1,0 +1,719 @@
+//! PostgreSQL end to end through the real binary: round trips compared the way wal-g does
+//! (pg_dump of the source vs pg_dump of the restored target, and pg_dumpall --globals-only),
+//! selective restores, and every failure path leaving nothing that looks complete.
+
+mod common;
+
+use std::path::Path;
+
+use common::{kura, psql, run, unique, Run};
+
+const ROLES_SQL: &str = include_str!("fixtures/roles.sql");
+const MAIN_SQL: &str = include_str!("fixtures/main.sql");
+
+/// Database-level facts that live outside pg_dump's plain output.
+const DATABASE_FACTS: &str = "SELECT pg_encoding_to_char(encoding), datcollate, datctype, \
+    pg_get_userbyid(datdba), datconnlimit, coalesce(datacl::text, '-'), \
+    coalesce(shobj_description(oid, 'pg_database'), '-'), \
+    coalesce((SELECT string_agg(coalesce(pg_get_userbyid(NULLIF(s.setrole, 0)), '*') || ':' || array_to_string(s.setconfig, ','), ';' ORDER BY s.setrole) \
+              FROM pg_db_role_setting s WHERE s.setdatabase = d.oid), '-') \
+    FROM pg_database d WHERE datname = current_database()";
+
+fn create_database(url: &str, name: &str, options: &str) {
+    psql(
+        url,
+        "postgres",
+        &format!(
+            "CREATE DATABASE \"{}\" {options}",
+            name.replace('"', "\"\"")
+        ),
+    );
+}
+
+/// A source cluster with several databases covering the fixture list of the issue.
+struct Fixture {
+    main: String,
+    latin1: String,
+    spaced: String,
+}
+
+fn build_fixture(url: &str) -> Fixture {
+    psql(url, "postgres", ROLES_SQL);
+    let fixture = Fixture {
+        main: unique("rt_main"),
+        latin1: unique("rt_latin1"),
+        spaced: format!("Sales Data {}", unique("X")),
+    };
+    create_database(url, &fixture.main, "OWNER kura_app_owner");
+    psql(
+        url,
+        "postgres",
+        &format!(
+            "ALTER DATABASE \"{0}\" SET search_path = app, public; \
+         ALTER DATABASE \"{0}\" SET work_mem = '8MB'; \
+         ALTER ROLE kura_analyst IN DATABASE \"{0}\" SET work_mem = '16MB'; \
+         REVOKE CONNECT ON DATABASE \"{0}\" FROM PUBLIC; \
+         GRANT CONNECT ON DATABASE \"{0}\" TO \"Kura Reader\"; \
+         COMMENT ON DATABASE \"{0}\" IS 'main app database';",
+            fixture.main
+        ),
+    );
+    psql(url, &fixture.main, MAIN_SQL);
+    create_database(
+        url,
+        &fixture.latin1,
+        "ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+    );
+    psql(
+        url,
+        &fixture.latin1,
+        "CREATE TABLE t (v text); INSERT INTO t VALUES ('café'), ('naïve'), ('Ærø');",
+    );
+    create_database(url, &fixture.spaced, "CONNECTION LIMIT 7");
+    psql(url, &fixture.spaced, "CREATE TABLE \"Orders\" (\"Id\" int, \"Total Amount\" numeric(12,2)); INSERT INTO \"Orders\" VALUES (1, 9.99), (2, 1e9);");
+    fixture
+}
+
+fn facts(url: &str, database: &str) -> String {
+    psql(url, database, DATABASE_FACTS)
+}
+
+fn assert_same_database(source_url: &str, source: &str, target_url: &str, target: &str) {
+    let (a, b) = (
+        common::pg_dump_text(source_url, source),
+        common::pg_dump_text(target_url, target),
+    );
+    if a != b {
+        let first = a
+            .lines()
+            .zip(b.lines())
+            .position(|(x, y)| x != y)
+            .unwrap_or(0);
+        panic!(
+            "restored {target:?} differs from {source:?} at line {first}:\n  source: {:?}\n  target: {:?}",
+            a.lines().nth(first),
+            b.lines().nth(first)
+        );
+    }
+    assert_eq!(
+        facts(source_url, source),
+        facts(target_url, target),
+        "database properties of {target:?}"
+    );
+}
+
+/// Globals compared without the bootstrap superuser's own line (each cluster keeps its own
+/// password; kura deliberately never changes the role it connects as).
+fn globals_without_superuser(url: &str) -> Vec<String> {
+    common::pg_dumpall_globals(url)
+        .lines()
+        .filter(|l| !l.starts_with("ALTER ROLE postgres WITH"))
+        .filter(|l| l.contains("kura_") || l.contains("Kura Reader"))
+        .map(str::to_string)
+        .collect()
+}
+
+fn backup(configure: impl Fn(&mut std::process::Command), pg_url: &str, extra: &[&str]) -> String {
+    let mut command = kura();
+    configure(&mut command);
+    command
+        .env("KURA_POSTGRES_URL", pg_url)
+        .args(["backup", "postgres"])
+        .args(extra);
+    let result = run(&mut command);
+    result.assert_ok();
+    backup_id(&result)
+}
+
+fn backup_id(result: &Run) -> String {
+    result
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| {
+            v["backup_id"]
+                .as_str()
+                .filter(|_| v["message"].as_str().unwrap_or("").contains("complete"))
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| panic!("no backup id in:\n{}", result.all()))
+}
+
+fn restore(
+    configure: impl Fn(&mut std::process::Command),
+    id: &str,
+    target: &str,
+    extra: &[&str],
+) -> Run {
+    let mut command = kura();
+    configure(&mut command);
+    command
+        .args(["restore", "postgres", id, "--to", target])
+        .args(extra);
+    run(&mut command)
+}
+
+fn file_storage(dir: &Path) -> impl Fn(&mut std::process::Command) + '_ {
+    move |c: &mut std::process::Command| {
+        c.env("KURA_STORAGE", format!("file://{}", dir.display()));
+    }
+}
+
+#[tokio::test]
+async fn round_trip_keeps_everything_through_file_and_s3() {
+    let source = require!("KURA_TEST_PG_URL");
+    let target = require!("KURA_TEST_PG2_URL");
+    let moto = require!("KURA_TEST_S3_ENDPOINT");
+    let fixture = build_fixture(&source);
+    let databases = [&fixture.main, &fixture.latin1, &fixture.spaced];
+    let selection: Vec<String> = databases
+        .iter()
+        .flat_map(|d| ["--database".to_string(), d.to_string()])
+        .collect();
+    let selection: Vec<&str> = selection.iter().map(String::as_str).collect();
+
+    // file:// into the second cluster under the original names, with roles.
+    let dir = tempfile::tempdir().unwrap();
+    let id = backup(file_storage(dir.path()), &source, &selection);
+    let mut list = kura();
+    list.env("KURA_STORAGE", format!("file://{}", dir.path().display()))
+        .args(["list", "--json"]);
+    let listed: serde_json::Value =
+        serde_json::from_str(&run(&mut list).assert_ok().stdout).unwrap();
+    assert_eq!(listed[0]["backup_id"], id.as_str());
+    assert_eq!(listed[0]["status"], "complete");
+    assert_eq!(listed[0]["parts"], 4, "globals + three databases");
+
+    restore(file_storage(dir.path()), &id, &target, &["--globals"]).assert_ok();
+    assert_eq!(
+        globals_without_superuser(&source),
+        globals_without_superuser(&target),
+        "roles and memberships"
+    );
+    for database in databases {
+        assert_same_database(&source, database, &target, database);
+    }
+
+    // S3 (moto), multipart with small parts, into new names on the same target.
+    let bucket = unique("rt").replace('_', "-");
+    common::create_bucket(&moto, "testing", "testing", &bucket).await;
+    let s3 = |c: &mut std::process::Command| {
+        common::with_moto(c, &moto, &bucket, "nightly");
+        c.env("KURA_PART_SIZE", "5MiB");
+    };
+    let id = backup(s3, &source, &selection);
+    let mut mappings = Vec::new();
+    for database in databases {
+        mappings.push("--database".to_string());
+        mappings.push(format!("{database}:{database}_s3"));
+    }
+    let mappings: Vec<&str> = mappings.iter().map(String::as_str).collect();
+    restore(s3, &id, &target, &mappings).assert_ok();
+    for database in databases {
+        assert_same_database(&source, database, &target, &format!("{database}_s3"));
+    }
+    let keys = common::bucket_keys(&common::s3_client(&moto, "testing", "testing"), &bucket).await;
+    assert!(
+        keys.iter()
+            .all(|k| k.starts_with(&format!("nightly/default/postgres/{id}/"))),
+        "{keys:?}"
+    );
+    assert!(keys.iter().any(|k| k.ends_with("/manifest.json")));
+}
+
+#[test]
+fn single_database_and_single_table_restore_into_new_names() {
+    let url = require!("KURA_TEST_PG_URL");
+    let db = unique("single");
+    create_database(&url, &db, "");
+    psql(&url, &db, "CREATE SCHEMA s; CREATE TABLE s.keep (id int PRIMARY KEY, v text); CREATE TABLE s.other (id int); \
+                     INSERT INTO s.keep SELECT i, 'v' || i FROM generate_series(1, 1000) i; INSERT INTO s.other VALUES (1);");
+    let dir = tempfile::tempdir().unwrap();
+    let id = backup(file_storage(dir.path()), &url, &["--database", &db]);
+
+    let copy = format!("{db}_copy");
+    restore(
+        file_storage(dir.path()),
+        &id,
+        &url,
+        &["--database", &format!("{db}:{copy}")],
+    )
+    .assert_ok();
+    assert_same_database(&url, &db, &url, &copy);
+
+    let only = format!("{db}_table");
+    restore(
+        file_storage(dir.path()),
+        &id,
+        &url,
+        &["--database", &format!("{db}:{only}"), "--table", "s.keep"],
+    )
+    .assert_ok();
+    assert_eq!(
+        psql(&url, &only, "SELECT count(*), sum(id) FROM s.keep"),
+        "1000|500500"
+    );
+    assert_eq!(
+        psql(&url, &only, "SELECT to_regclass('s.other') IS NULL"),
+        "t",
+        "only the asked table"
+    );
+
+    // The same table again: it exists now, so it is refused without --force.
+    let again = restore(
+        file_storage(dir.path()),
+        &id,
+        &url,
+        &["--database", &format!("{db}:{only}"), "--table", "s.keep"],
+    );
+    assert_eq!(again.code, 7, "{}", again.all());
+    // latest resolves to the newest complete backup.
+    let latest = restore(
+        file_storage(dir.path()),
+        "latest",
+        &url,
+        &["--database", &format!("{db}:{db}_latest")],
+    );
+    latest.assert_ok();
+}
+
+#[test]
+fn non_empty_target_is_refused_unless_forced() {
+    let url = require!("KURA_TEST_PG_URL");
+    let db = unique("busy");
+    create_database(&url, &db, "");
+    psql(
+        &url,
+        &db,
+        "CREATE TABLE t (v int); INSERT INTO t VALUES (1), (2);",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let id = backup(file_storage(dir.path()), &url, &["--database", &db]);
+    let target = format!("{db}_target");
+    create_database(&url, &target, "");
+    psql(
+        &url,
+        &target,
+        "CREATE TABLE precious (v text); INSERT INTO precious VALUES ('keep me');",
+    );
+
+    let refused = restore(
+        file_storage(dir.path()),
+        &id,
+        &url,
+        &["--database", &format!("{db}:{target}")],
+    );
+    assert_eq!(refused.code, 7, "{}", refused.all());
+    let message = refused.error_line()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains(&target) && message.contains("--force"),
+        "{message}"
+    );
+    assert_eq!(psql(&url, &target, "SELECT v FROM precious"), "keep me");
+    assert_eq!(psql(&url, &target, "SELECT to_regclass('t') IS NULL"), "t");
+
+    restore(
+        file_storage(dir.path()),
+        &id,
+        &url,
+        &["--database", &format!("{db}:{target}"), "--force"],
+    )
+    .assert_ok();
+    assert_eq!(psql(&url, &target, "SELECT sum(v) FROM t"), "3");
+    // Forced twice: replaces, never duplicates.
+    restore(
+        file_storage(dir.path()),
+        &id,
+        &url,
+        &["--database", &format!("{db}:{target}"), "--force"],
+    )
+    .assert_ok();
+    assert_eq!(psql(&url, &target, "SELECT count(*) FROM t"), "2");
+}
+
+fn part_path(dir: &Path, id: &str) -> std::path::PathBuf {
+    dir.join("default/postgres")
+        .join(id)
+        .join("db-0001.pgdump.zst")
+}
+
+#[test]
+fn corrupt_or_truncated_objects_fail_and_leave_the_target_untouched() {
+    let url = require!("KURA_TEST_PG_URL");
+    let db = unique("corrupt");
+    create_database(&url, &db, "");
+    psql(&url, &db, "CREATE TABLE t (id int, v text); INSERT INTO t SELECT i, md5(i::text) FROM generate_series(1, 50000) i;");
+    let dir = tempfile::tempdir().unwrap();
+    let id = backup(file_storage(dir.path()), &url, &["--database", &db]);
+    let part = part_path(dir.path(), &id);
+    let original = std::fs::read(&part).unwrap();
+
+    // An existing empty database as target: it must stay empty.
+    let target = format!("{db}_t");
+    create_database(&url, &target, "");
+    for (what, damaged) in [
+        ("flipped byte", {
+            let mut d = original.clone();
+            let middle = d.len() / 2;
+            d[middle] ^= 0x40;
+            d
+        }),
+        ("truncated", original[..original.len() * 2 / 3].to_vec()),
+        ("flipped last byte", {
+            let mut d = original.clone();
+            let last = d.len() - 1;
+            d[last] ^= 0x01;
+            d
+        }),
+    ] {
+        std::fs::write(&part, &damaged).unwrap();
+        let failed = restore(
+            file_storage(dir.path()),
+            &id,
+            &url,
+            &["--database", &format!("{db}:{target}")],
+        );
+        assert_eq!(failed.code, 5, "{what}: {}", failed.all());
+        let message = failed.error_line()["message"].as_str().unwrap().to_string();
+        assert!(
+            message.contains("db-0001.pgdump.zst"),
+            "{what}: names the object: {message}"
+        );
+        assert_eq!(
+            psql(
+                &url,
+                &target,
+                "SELECT count(*) FROM pg_class WHERE relname = 't'"
+            ),
+            "0",
+            "{what}: target untouched"
+        );
+        // A database the restore would have created is not left behind either.
+        let fresh = format!("{db}_fresh");
+        let failed = restore(
+            file_storage(dir.path()),
+            &id,
+            &url,
+            &["--database", &format!("{db}:{fresh}")],
+        );
+        assert_eq!(failed.code, 5, "{what}: {}", failed.all());
+        assert_eq!(
+            psql(
+                &url,
+                "postgres",
+                &format!("SELECT count(*) FROM pg_database WHERE datname = '{fresh}'")
+            ),
+            "0"
+        );
+    }
+    std::fs::write(&part, &original).unwrap();
+    restore(
+        file_storage(dir.path()),
+        &id,
+        &url,
+        &["--database", &format!("{db}:{target}")],
+    )
+    .assert_ok();
+    assert_eq!(psql(&url, &target, "SELECT count(*) FROM t"), "50000");
+}
+
+#[tokio::test]
+async fn dump_killed_mid_stream_leaves_no_manifest_and_no_upload() {
+    let url = require!("KURA_TEST_PG_URL");
+    let moto = require!("KURA_TEST_S3_ENDPOINT");
+    let db = unique("killed");
+    create_database(&url, &db, "");
+    // Incompressible rows, so the dump spans many parts and takes a while.
+    psql(&url, &db, "CREATE TABLE big AS SELECT i, gen_random_uuid()::text || gen_random_uuid()::text || gen_random_uuid()::text AS v FROM generate_series(1, 1500000) i;");
+    let bucket = unique("killed").replace('_', "-");
+    common::create_bucket(&moto, "testing", "testing", &bucket).await;
+    let mut command = kura();
+    common::with_moto(&mut command, &moto, &bucket, "p");
+    command
+        .env("KURA_POSTGRES_URL", &url)
+        .env("KURA_PART_SIZE", "5MiB")
+        .env("KURA_UPLOAD_CONCURRENCY", "1")
+        .args(["backup", "postgres", "--database", &db])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = command.spawn().unwrap();
+    let client = common::s3_client(&moto, "testing", "testing");
+    // Wait until a multipart upload is open, then kill pg_dump's server connection.
+    let started = std::time::Instant::now();
+    while common::open_uploads(&client, &bucket).await.is_empty() {
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "no multipart upload started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let killed = psql(&url, "postgres", &format!(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{db}' AND application_name = 'kura'"
+    ));
+    assert_eq!(killed, "1", "pg_dump's connection was found and terminated");
+    let output = child.wait_with_output().unwrap();
+    let result = Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    assert_eq!(result.code, 1, "{}", result.all());
+    let message = result.error_line()["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("pg_dump failed") && message.contains(&db),
+        "{message}"
+    );
+    assert!(
+        common::open_uploads(&client, &bucket).await.is_empty(),
+        "the multipart upload was aborted"
+    );
+    let keys = common::bucket_keys(&client, &bucket).await;
+    assert!(
+        keys.is_empty(),
+        "nothing of the failed backup is left: {keys:?}"
+    );
+}
+
+#[test]
+fn unreachable_storage_and_wrong_password_are_clear_errors() {
+    let url = require!("KURA_TEST_PG_URL");
+    // Nothing listens on port 9.
+    let mut command = kura();
+    common::with_moto(&mut command, "http://127.0.0.1:9", "bucket", "p");
+    command
+        .env("KURA_POSTGRES_URL", &url)
+        .args(["backup", "postgres"]);
+    let result = run(&mut command);
+    assert_eq!(result.code, 3, "{}", result.all());
+    let message = result.error_line()["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("cannot reach the object store"),
+        "{message}"
+    );
+
+    let wrong = url.replace("kura-test-pw", "wrong-password");
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = kura();
+    command
+        .env("KURA_STORAGE", format!("file://{}", dir.path().display()))
+        .env("KURA_POSTGRES_URL", &wrong)
+        .args(["backup", "postgres"]);
+    let result = run(&mut command);
+    assert_eq!(result.code, 4, "{}", result.all());
+    let message = result.error_line()["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("password authentication failed"),
+        "{message}"
+    );
+    assert!(
+        !result.all().contains("wrong-password"),
+        "the password is never printed"
+    );
+    assert!(
+        std::fs::read_dir(dir.path())
+            .map(|d| d.count())
+            .unwrap_or(0)
+            <= 1,
+        "nothing was uploaded"
+    );
+
+    let mut command = kura();
+    command
+        .env("KURA_STORAGE", format!("file://{}", dir.path().display()))
+        .args(["restore", "postgres", "latest", "--to", &url]);
+    let result = run(&mut command);
+    assert_eq!(result.code, 6, "no backup yet: {}", result.all());
+}
+
+/// Wraps the PostgreSQL tools to record the argv of every child kura starts.
+fn recording_bin_dir(dir: &Path, log: &Path) -> std::path::PathBuf {
+    let real = std::env::var("KURA_TEST_PG_BIN").unwrap_or_else(|_| "/usr/bin".into());
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for tool in ["pg_dump", "pg_dumpall", "pg_restore", "psql"] {
+        let script = format!(
+            "#!/bin/sh\necho \"{tool} $*\" >> '{}'\nexec '{real}/{tool}' \"$@\"\n",
+            log.display()
+        );
+        let path = bin.join(tool);
+        std::fs::write(&path, script).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    bin
+}
+
+#[test]
+fn passwords_never_leak_into_logs_errors_manifests_or_argv() {
+    let url = require!("KURA_TEST_PG_URL");
+    let db = unique("secret");
+    create_database(&url, &db, "");
+    psql(
+        &url,
+        &db,
+        "CREATE TABLE t (v int); INSERT INTO t VALUES (1);",
+    );
+    let role = unique("leak");
+    let password = "S3cr3t-Pa$$-w0rd";
+    psql(
+        &url,
+        "postgres",
+        &format!("CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{password}'"),
+    );
+    let secret_url = url.replace(
+        "postgres:kura-test-pw",
+        &format!("{role}:{}", "S3cr3t-Pa%24%24-w0rd"),
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let argv_log = dir.path().join("argv.log");
+    let bin = recording_bin_dir(dir.path(), &argv_log);
+    let storage = dir.path().join("store");
+    let with = |c: &mut std::process::Command| {
+        c.env("KURA_STORAGE", format!("file://{}", storage.display()))
+            .env("KURA_PG_BIN_DIR", &bin);
+    };
+    let mut outputs = String::new();
+    for format in ["json", "text"] {
+        let mut command = kura();
+        with(&mut command);
+        command
+            .env("KURA_LOG_FORMAT", format)
+            .env("KURA_POSTGRES_URL", &secret_url)
+            .args(["-v", "backup", "postgres", "--database", &db]);
+        let result = run(&mut command);
+        result.assert_ok();
+        outputs.push_str(&result.all());
+    }
+    let mut list = kura();
+    with(&mut list);
+    let id = run(list.args(["list", "postgres", "--json"])).stdout;
+    let id: serde_json::Value = serde_json::from_str(&id).unwrap();
+    let id = id[0]["backup_id"].as_str().unwrap().to_string();
+    let result = restore(
+        with,
+        &id,
+        &secret_url,
+        &["--database", &format!("{db}:{db}_r"), "-v"],
+    );
+    result.assert_ok();
+    outputs.push_str(&result.all());
+    // Failing paths print URLs too: a refused restore and a wrong database.
+    outputs.push_str(
+        &restore(
+            with,
+            &id,
+            &secret_url,
+            &["--database", &format!("{db}:{db}_r")],
+        )
+        .all(),
+    );
+    let mut help = kura();
+    help.env("KURA_POSTGRES_URL", &secret_url)
+        .args(["backup", "--help"]);
+    outputs.push_str(&run(&mut help).all());
+
+    let argv = std::fs::read_to_string(&argv_log).unwrap();
+    assert!(
+        argv.contains("pg_dump") && argv.contains("pg_restore") && argv.contains("psql"),
+        "{argv}"
+    );
+    let mut manifests = String::new();
+    for entry in walk(&storage) {
+        if entry.ends_with("manifest.json") {
+            manifests.push_str(&std::fs::read_to_string(&entry).unwrap());
+        }
+    }
+    assert!(manifests.contains(&db));
+    for (what, text) in [
+        ("logs and errors", &outputs),
+        ("child argv", &argv),
+        ("manifests", &manifests),
+    ] {
+        assert!(
+            !text.contains(password) && !text.contains("S3cr3t-Pa%24%24-w0rd"),
+            "password found in {what}:\n{text}"
+        );
+    }
+    assert!(
+        outputs.contains(&format!("{role}:***@")),
+        "URLs are shown redacted:\n{outputs}"
+    );
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn sigterm_mid_backup_aborts_and_commits_nothing() {
+    let url = require!("KURA_TEST_PG_URL");
+    let moto = require!("KURA_TEST_S3_ENDPOINT");
+    let db = unique("sigterm");
+    create_database(&url, &db, "");
+    psql(&url, &db, "CREATE TABLE big AS SELECT i, gen_random_uuid()::text || gen_random_uuid()::text || gen_random_uuid()::text AS v FROM generate_series(1, 1500000) i;");
+    let bucket = unique("sigterm").replace('_', "-");
+    common::create_bucket(&moto, "testing", "testing", &bucket).await;
+    let mut command = kura();
+    common::with_moto(&mut command, &moto, &bucket, "p");
+    command
+        .env("KURA_POSTGRES_URL", &url)
+        .env("KURA_PART_SIZE", "5MiB")
+        .env("KURA_UPLOAD_CONCURRENCY", "1")
+        .args(["backup", "postgres", "--database", &db])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = command.spawn().unwrap();
+    let client = common::s3_client(&moto, "testing", "testing");
+    let started = std::time::Instant::now();
+    while common::open_uploads(&client, &bucket).await.is_empty() {
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "no multipart upload started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let output = child.wait_with_output().unwrap();
+    let result = Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    assert_eq!(result.code, 130, "{}", result.all());
+    assert_eq!(result.error_line()["error_kind"], "interrupted");
+    assert!(
+        common::open_uploads(&client, &bucket).await.is_empty(),
+        "the multipart upload was aborted"
+    );
+    assert!(
+        common::bucket_keys(&client, &bucket).await.is_empty(),
+        "no manifest, no parts"
+    );
+    assert_eq!(
+        psql(
+            &url,
+            "postgres",
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}'")
+        ),
+        "0",
+        "pg_dump was stopped"
+    );
+}
