@@ -122,8 +122,8 @@ pub async fn list_databases(
         .map_err(|e| query_error(connection, "listing databases", e))?;
     rows.iter()
         .map(|row| {
-            let grants: Option<String> = row.get(11);
-            let settings_json: String = row.get(12);
+            let grants: Option<String> = row.get(10);
+            let settings_json: String = row.get(11);
             Ok(DatabaseProps {
                 name: row.get(0),
                 owner: row.get(1),

@@ -291,9 +291,15 @@ impl PostgresRestore {
         if self.force {
             pg_restore.args(["--clean", "--if-exists"]);
         }
+        // pg_restore --table restores the table but not its schema.
+        let mut preamble = String::new();
         for (schema, table) in tables {
             pg_restore.arg(format!("--schema={schema}"));
             pg_restore.arg(format!("--table={table}"));
+            preamble.push_str(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {};\n",
+                quote_ident(schema)
+            ));
         }
         let key = ctx.path.object_key(&ctx.backup_id, &step.part.key);
         let pending = pipeline::read_verified(
@@ -301,7 +307,9 @@ impl PostgresRestore {
             &key,
             &step.part.digest(),
             Some(progress),
-            move |input: &mut dyn Read| run_restore_tools(input, pg_restore, psql),
+            move |input: &mut dyn Read| {
+                run_restore_tools(input, pg_restore, psql, preamble.into_bytes())
+            },
         )
         .await?;
         check_cancel(ctx)?;
@@ -418,13 +426,15 @@ fn run_restore_tools(
     input: &mut dyn Read,
     pg_restore: Command,
     psql: Command,
+    preamble: Vec<u8>,
 ) -> Result<PendingCommit> {
     let mut psql = ChildProcess::spawn(psql, "psql", true, false)?;
     let psql_stdin = psql.take_stdin().expect("stdin is piped");
     let mut restore = ChildProcess::spawn(pg_restore, "pg_restore", true, true)?;
     let mut restore_stdin = restore.take_stdin().expect("stdin is piped");
     let restore_stdout = restore.take_stdout().expect("stdout is piped");
-    let forwarder = std::thread::spawn(move || forward_script(restore_stdout, psql_stdin));
+    let forwarder =
+        std::thread::spawn(move || forward_script(restore_stdout, psql_stdin, &preamble));
 
     let fed = std::io::copy(input, &mut restore_stdin);
     drop(restore_stdin);
@@ -459,21 +469,37 @@ fn advise(err: Error) -> Error {
     }
 }
 
-/// Copy pg_restore's script to psql, withholding the final `COMMIT;` (and the comments after
-/// it). A `COMMIT;` line followed by anything significant was not the final one — e.g. a line
+/// Copy pg_restore's script to psql, withholding the final `COMMIT;` (and the comments and
+/// `\unrestrict` after it). A `COMMIT;` line followed by anything significant was not the final one — e.g. a line
 /// of COPY data or of a procedure body — and is forwarded unchanged.
-fn forward_script<R: Read, W: Write>(script: R, psql: W) -> std::io::Result<(W, Vec<u8>)> {
+///
+/// `preamble` is sent right after the script's opening `BEGIN;`, inside the transaction.
+fn forward_script<R: Read, W: Write>(
+    script: R,
+    psql: W,
+    preamble: &[u8],
+) -> std::io::Result<(W, Vec<u8>)> {
     let mut reader = BufReader::with_capacity(1 << 20, script);
     let mut writer = BufWriter::with_capacity(1 << 20, psql);
     let mut line = Vec::with_capacity(8192);
     let mut held: Vec<u8> = Vec::new();
+    let mut preamble_sent = preamble.is_empty();
     loop {
         line.clear();
         if reader.read_until(b'\n', &mut line)? == 0 {
             break;
         }
+        if !preamble_sent && line == b"BEGIN;\n" {
+            writer.write_all(&line)?;
+            writer.write_all(preamble)?;
+            preamble_sent = true;
+            continue;
+        }
         if !held.is_empty() {
-            let insignificant = line.iter().all(u8::is_ascii_whitespace) || line.starts_with(b"--");
+            // pg_dump 15.14+ ends scripts with `\unrestrict <key>`, after the final COMMIT.
+            let insignificant = line.iter().all(u8::is_ascii_whitespace)
+                || line.starts_with(b"--")
+                || line.starts_with(b"\\unrestrict ");
             if insignificant {
                 held.extend_from_slice(&line);
                 continue;
@@ -622,7 +648,7 @@ mod tests {
     use super::*;
 
     fn forward(script: &str) -> (String, String) {
-        let (out, held) = forward_script(script.as_bytes(), Vec::new()).unwrap();
+        let (out, held) = forward_script(script.as_bytes(), Vec::new(), b"").unwrap();
         (
             String::from_utf8(out).unwrap(),
             String::from_utf8(held).unwrap(),
@@ -631,9 +657,10 @@ mod tests {
 
     #[test]
     fn final_commit_is_held_back() {
-        let (sent, held) = forward("BEGIN;\nCREATE TABLE t();\nCOMMIT;\n\n--\n-- done\n--\n");
+        let (sent, held) =
+            forward("BEGIN;\nCREATE TABLE t();\nCOMMIT;\n\n--\n-- done\n--\n\\unrestrict abc\n\n");
         assert_eq!(sent, "BEGIN;\nCREATE TABLE t();\n");
-        assert_eq!(held, "COMMIT;\n\n--\n-- done\n--\n");
+        assert_eq!(held, "COMMIT;\n\n--\n-- done\n--\n\\unrestrict abc\n\n");
     }
 
     #[test]
