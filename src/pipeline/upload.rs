@@ -74,7 +74,9 @@ impl UploadState {
         options: &PipelineOptions,
         cancel: &CancellationToken,
     ) -> Result<()> {
-        let mut buffer = BytesMut::new();
+        // Each part gets one exact allocation, so memory is (parts in flight + 1) × part
+        // size and never the doubling a growing buffer would do.
+        let mut buffer = BytesMut::with_capacity(part_size_for(0, options.part_size) as usize);
         loop {
             let message = tokio::select! {
                 biased;
@@ -85,22 +87,25 @@ impl UploadState {
                 }
                 message = rx.recv() => message,
             };
-            match message {
-                Some(Message::Data(chunk)) => buffer.extend_from_slice(&chunk),
+            let mut chunk = match message {
+                Some(Message::Data(chunk)) => chunk,
                 Some(Message::Finish) => break,
                 None => {
                     return Err(Error::failed(format!(
                         "the data for {key} ended before it was complete"
                     )))
                 }
-            }
-            loop {
+            };
+            while !chunk.is_empty() {
                 let size = part_size_for(self.parts, options.part_size) as usize;
-                if buffer.len() < size {
-                    break;
+                let take = (size - buffer.len()).min(chunk.len());
+                buffer.extend_from_slice(&chunk.split_to(take));
+                if buffer.len() == size {
+                    let next = part_size_for(self.parts + 1, options.part_size) as usize;
+                    let part = std::mem::replace(&mut buffer, BytesMut::with_capacity(next));
+                    self.push_part(store, key, part.freeze(), options, cancel)
+                        .await?;
                 }
-                let part = buffer.split_to(size).freeze();
-                self.push_part(store, key, part, options, cancel).await?;
             }
         }
         if self.upload.is_none() {

@@ -93,8 +93,7 @@ impl Run {
         self.stdout
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["level"] == "ERROR")
-            .last()
+            .rfind(|v| v["level"] == "ERROR")
             .unwrap_or_else(|| panic!("no error log line in:\n{}", self.all()))
     }
 }
