@@ -57,7 +57,14 @@ impl SourceUrl {
                 redact_unparsed_url(raw)
             ))
         })?;
-        let password = url.password().map(|p| {
+        if url.fragment().is_some() {
+            // An unencoded '#' in a password silently cuts the URL short.
+            return Err(Error::usage(format!(
+                "database URL {} contains '#': percent-encode special characters of the password ('#' is %23)",
+                redact_unparsed_url(raw)
+            )));
+        }
+        let mut password = url.password().map(|p| {
             Secret::new(
                 percent_encoding::percent_decode_str(p)
                     .decode_utf8_lossy()
@@ -65,6 +72,23 @@ impl SourceUrl {
             )
         });
         let _ = url.set_password(None);
+        // libpq also accepts `?password=`; keep it with the other secret, out of the URL.
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        if let Some((_, value)) = pairs.iter().find(|(k, _)| k == "password") {
+            password = Some(Secret::new(value.clone()));
+            let rest: Vec<&(String, String)> =
+                pairs.iter().filter(|(k, _)| k != "password").collect();
+            if rest.is_empty() {
+                url.set_query(None);
+            } else {
+                url.query_pairs_mut()
+                    .clear()
+                    .extend_pairs(rest.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            }
+        }
         Ok(SourceUrl { url, password })
     }
 
@@ -130,14 +154,19 @@ impl fmt::Display for SourceUrl {
     }
 }
 
-/// Best effort for strings that do not even parse: drop everything between `://` and `@`.
+/// Best effort for strings that do not parse: keep the scheme and what follows the last `@`
+/// (host, path), drop the query and fragment, and hide everything else.
 pub fn redact_unparsed_url(raw: &str) -> String {
-    match (raw.find("://"), raw.rfind('@')) {
-        (Some(start), Some(at)) if at > start => {
-            format!("{}://***@{}", &raw[..start], &raw[at + 1..])
-        }
-        _ => raw.to_string(),
-    }
+    let Some(start) = raw.find("://") else {
+        return "***".to_string();
+    };
+    let rest = &raw[start + 3..];
+    let host_and_path = match rest.rfind('@') {
+        Some(at) => &rest[at + 1..],
+        None => return format!("{}://***", &raw[..start]),
+    };
+    let host_and_path = host_and_path.split(['?', '#']).next().unwrap_or_default();
+    format!("{}://***@{host_and_path}", &raw[..start])
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -331,6 +360,17 @@ mod tests {
     }
 
     #[test]
+    fn passwords_in_query_or_after_a_hash_never_show() {
+        let url = SourceUrl::parse("postgres://u@db/app?sslmode=disable&password=qx7").unwrap();
+        assert_eq!(url.password().unwrap().expose(), "qx7");
+        assert_eq!(url.redacted(), "postgres://u:***@db/app?sslmode=disable");
+        let err = SourceUrl::parse("postgres://u:12#pw9@db/app").unwrap_err();
+        assert!(!err.to_string().contains("pw9"), "{err}");
+        assert_eq!(redact_unparsed_url("postgres://u:secret"), "postgres://***");
+        assert_eq!(redact_unparsed_url("no scheme secret"), "***");
+    }
+
+    #[test]
     fn unparsable_url_is_redacted_in_errors() {
         let err = SourceUrl::parse("postgres://u:secret@[bad").unwrap_err();
         assert!(!err.to_string().contains("secret"), "{err}");
@@ -351,6 +391,16 @@ mod tests {
         assert!(validate_tenant("../etc").is_err());
         assert!(validate_tenant("").is_err());
         assert!(validate_source_name("a/b").is_err());
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let example: FileConfig = toml::from_str(include_str!("../examples/kura.toml"))
+            .expect("examples/kura.toml parses");
+        assert_eq!(example.tenant.as_deref(), Some("acme"));
+        assert_eq!(example.sources["main"].kind, SourceKind::Postgres);
+        assert!(example.sources["main"].password_file.is_some());
+        parse_size(example.pipeline.part_size.as_deref().unwrap()).unwrap();
     }
 
     #[test]

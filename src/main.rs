@@ -17,6 +17,6 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(kura::cli::run(cli));
     // Blocking pipeline threads may still be unwinding after a failure; don't wait for them.
-    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     ExitCode::from(code.clamp(0, 255) as u8)
 }

@@ -76,6 +76,23 @@ impl ChildProcess {
         })
     }
 
+    /// A task that sends SIGTERM to the child when `cancel` fires. Abort it as soon as the
+    /// child has been waited for: only in the moment between that wait and the abort could
+    /// the pid have been reused.
+    pub fn terminator(
+        &self,
+        cancel: tokio_util::sync::CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let pid = self.child.id() as libc::pid_t;
+        tokio::spawn(async move {
+            cancel.cancelled().await;
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        })
+    }
+
     pub fn take_stdin(&mut self) -> Option<ChildStdin> {
         self.child.stdin.take()
     }

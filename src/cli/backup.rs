@@ -98,7 +98,12 @@ async fn backup_source(
         }
         Err(err) => {
             discard(store, &path, &id).await;
-            return Err(err);
+            // After a signal every stage fails in its own way; the cause is the signal.
+            return Err(if settings.cancel.is_cancelled() {
+                Error::interrupted()
+            } else {
+                err
+            });
         }
     };
     let manifest = Manifest {

@@ -23,7 +23,8 @@ pub mod show;
 pub const DEFAULT_STORAGE: &str = "kura-backups";
 pub const DEFAULT_TENANT: &str = "default";
 
-#[derive(Debug, Parser)]
+// No Debug: the raw arguments hold URLs with passwords; `Settings` keeps them redacted.
+#[derive(Parser)]
 #[command(
     name = "kura",
     version,
@@ -37,7 +38,7 @@ pub struct Cli {
     pub command: Command,
 }
 
-#[derive(Debug, Args)]
+#[derive(Args)]
 pub struct GlobalArgs {
     /// Config file (TOML); flags and environment variables override it.
     #[arg(long, env = "KURA_CONFIG", global = true)]
@@ -89,7 +90,7 @@ pub struct GlobalArgs {
     pub upload_concurrency: Option<usize>,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Subcommand)]
 pub enum Command {
     /// Dump, compress and upload sources; the manifest is written last.
     Backup(backup::Options),
@@ -218,6 +219,9 @@ impl Settings {
     }
 }
 
+/// How long a command may take to roll back after SIGTERM/SIGINT.
+const CLEANUP_GRACE: Duration = Duration::from_secs(20);
+
 /// Run the CLI; returns the process exit code.
 pub async fn run(cli: Cli) -> i32 {
     let verbosity = cli.global.verbose as i8 - cli.global.quiet as i8;
@@ -247,10 +251,17 @@ pub async fn run(cli: Cli) -> i32 {
     let result = tokio::select! {
         result = &mut work => result,
         _ = settings.cancel.cancelled() => {
-            // Give the command time to abort uploads and roll back; then stop regardless.
-            match tokio::time::timeout(Duration::from_secs(30), &mut work).await {
-                Ok(Err(e)) if e.kind() == crate::ErrorKind::Interrupted => Err(e),
-                Ok(_) | Err(_) => Err(Error::interrupted()),
+            // Give the command time to abort uploads and roll back, within Kubernetes' default
+            // 30 s grace period; what it returns is the truth (it may even have finished).
+            match tokio::time::timeout(CLEANUP_GRACE, &mut work).await {
+                Ok(result) => result,
+                Err(_) => Err(Error::new(
+                    crate::ErrorKind::Interrupted,
+                    format!(
+                        "interrupted, and cleanup did not finish within {}s: an unfinished multipart upload may remain until prune removes it; no manifest was written",
+                        CLEANUP_GRACE.as_secs()
+                    ),
+                )),
             }
         }
     };

@@ -11,7 +11,8 @@ use crate::engine::{DatabaseMapping, RestoreContext};
 use crate::error::{Error, Result};
 use crate::progress::human_bytes;
 
-#[derive(Debug, Args)]
+// No Debug: `to` may hold a password.
+#[derive(Args)]
 pub struct Options {
     /// The source the backup was taken from.
     pub source: String,

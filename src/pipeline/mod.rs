@@ -276,6 +276,7 @@ pub async fn read_verified<F, T>(
     key: &str,
     expected: &Digested,
     progress: Option<Progress>,
+    cancel: &CancellationToken,
     consumer: F,
 ) -> Result<T>
 where
@@ -316,7 +317,7 @@ where
         verifying.verify(&object, &expected)?;
         Ok(value)
     });
-    let downloaded = download(store, key, tx).await;
+    let downloaded = download(store, key, tx, cancel).await;
     let decoded = decode
         .await
         .map_err(|e| Error::failed(format!("decompression task failed: {e}")))?;
@@ -343,9 +344,20 @@ pub async fn download(
     store: &dyn ObjectStore,
     key: &str,
     tx: mpsc::Sender<io::Result<Bytes>>,
+    cancel: &CancellationToken,
 ) -> Result<()> {
     let mut object = store.get(key).await?;
-    while let Some(chunk) = object.stream.next().await {
+    loop {
+        let chunk = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => {
+                // The consumer sees an error, never a clean end it could mistake for success.
+                let _ = tx.send(Err(io::Error::other("interrupted"))).await;
+                return Err(Error::interrupted());
+            }
+            chunk = object.stream.next() => chunk,
+        };
+        let Some(chunk) = chunk else { break };
         let item = chunk.map_err(|e| io::Error::other(e.chain()));
         let failed = item.is_err();
         if tx.send(item).await.is_err() || failed {

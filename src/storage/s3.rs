@@ -122,7 +122,8 @@ impl S3Store {
                 ErrorKind::Storage,
                 format!("bucket {} does not exist: create it or fix the storage URL", self.bucket),
             ),
-            (_, Some("NoSuchKey"), _) | (_, _, Some(404)) => {
+            // HEAD answers have no body, hence no code; other 404s (NoSuchUpload) are failures.
+            (_, Some("NoSuchKey"), _) | (_, None, Some(404)) => {
                 (ErrorKind::NotFound, "no such object".to_string())
             }
             (_, Some("InvalidAccessKeyId" | "SignatureDoesNotMatch" | "AccessDenied"), _)

@@ -37,7 +37,11 @@ pub struct Plan {
 impl PostgresBackup {
     pub async fn plan(&self) -> Result<Plan> {
         let info = preflight::inspect(&self.connection).await?;
-        let tools = Tools::locate(self.bin_dir.as_deref(), info.major)?;
+        let tools = Tools::locate(
+            self.bin_dir.as_deref(),
+            info.major,
+            &format!("the server is PostgreSQL {}", info.major),
+        )?;
         for wanted in &self.selection.include {
             if !info.databases.iter().any(|d| &d.name == wanted) {
                 return Err(Error::not_found(format!(
@@ -167,7 +171,10 @@ impl PostgresBackup {
         let key = ctx.path.object_key(id, name);
         let mut child = ChildProcess::spawn(command, tool, false, true)?;
         let mut stdout = child.take_stdout().expect("stdout is piped");
-        pipeline::store_stream(
+        // pg_dump waiting on a lock writes nothing, so the pipeline alone would not notice a
+        // SIGTERM; stop it directly.
+        let stopper = child.terminator(ctx.cancel.clone());
+        let stored = pipeline::store_stream(
             ctx.store,
             &key,
             &ctx.pipeline,
@@ -175,24 +182,25 @@ impl PostgresBackup {
             Some(line.progress()),
             move |out: &mut dyn Write| {
                 let copied = std::io::copy(&mut stdout, out);
-                // The exit status decides first: a dump tool that died mid-stream also breaks
-                // the copy, and its stderr names the cause.
+                // A dump tool that dies closes its stdout (the copy ends) and its exit status
+                // says why; a copy error is ours: compression failed, or the upload stopped.
                 if let Err(e) = copied {
+                    child.kill();
                     if e.to_string() == pipeline::UPLOAD_STOPPED {
-                        child.kill();
                         return Err(Error::new(ErrorKind::Storage, pipeline::UPLOAD_STOPPED));
                     }
-                    child.wait_success()?;
                     return Err(Error::with_source(
                         ErrorKind::Failed,
-                        format!("reading {tool} output"),
+                        format!("compressing {tool} output"),
                         e,
                     ));
                 }
                 child.wait_success().map(|_| ())
             },
         )
-        .await
+        .await;
+        stopper.abort();
+        stored
     }
 }
 

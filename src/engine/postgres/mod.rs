@@ -199,7 +199,8 @@ pub struct Tools {
 impl Tools {
     /// Find client tools for a server of major version `server_major`: in `bin_dir` if given,
     /// else on PATH, else in Debian's versioned directories (`/usr/lib/postgresql/N/bin`).
-    pub fn locate(bin_dir: Option<&Path>, server_major: u32) -> Result<Tools> {
+    /// `why` explains the required version in the error ("the server is PostgreSQL 15").
+    pub fn locate(bin_dir: Option<&Path>, server_major: u32, why: &str) -> Result<Tools> {
         let mut candidates: Vec<Option<PathBuf>> = Vec::new();
         if let Some(dir) = bin_dir {
             candidates.push(Some(dir.to_path_buf()));
@@ -227,7 +228,7 @@ impl Tools {
             "pg_dump not found: install the PostgreSQL client (e.g. apt-get install postgresql-client) or set --pg-bin-dir".to_string()
         } else {
             format!(
-                "the server is PostgreSQL {server_major} but the newest pg_dump found is {}: pg_dump must be at least the server's major version; install postgresql-client-{server_major} or set --pg-bin-dir",
+                "{why}, so the PostgreSQL client tools must be version {server_major} or newer, but the newest found is {}: install postgresql-client-{server_major} or set --pg-bin-dir",
                 found.join(", ")
             )
         }))

@@ -76,13 +76,19 @@ pub async fn inspect(connection: &Connection) -> Result<ServerInfo> {
     })
 }
 
+/// A failed statement is `Failed` (retrying will not help); a lost connection is `Database`.
 pub fn query_error(connection: &Connection, what: &str, err: tokio_postgres::Error) -> Error {
     let detail = err
         .as_db_error()
         .map(|db| db.message().to_string())
         .unwrap_or_else(|| err.to_string());
+    let kind = if err.is_closed() || err.as_db_error().is_none() {
+        ErrorKind::Database
+    } else {
+        ErrorKind::Failed
+    };
     Error::with_source(
-        ErrorKind::Database,
+        kind,
         format!("{what} on {}: {detail}", connection.redacted()),
         err,
     )

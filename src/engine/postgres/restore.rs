@@ -75,7 +75,13 @@ impl PostgresRestore {
             .split_whitespace()
             .find_map(|w| w.split('.').next()?.parse::<u32>().ok())
             .unwrap_or(0);
-        let tools = Tools::locate(self.bin_dir.as_deref(), server_major.max(dump_major))?;
+        let tools = Tools::locate(
+            self.bin_dir.as_deref(),
+            server_major.max(dump_major),
+            &format!(
+                "the target server is PostgreSQL {server_major} and the backup was written by pg_dump {dump_major}"
+            ),
+        )?;
 
         let steps = self.plan(&client, manifest).await?;
         let tables = parse_tables(&self.tables)?;
@@ -307,6 +313,7 @@ impl PostgresRestore {
             &key,
             &step.part.digest(),
             Some(progress),
+            &ctx.cancel,
             move |input: &mut dyn Read| {
                 run_restore_tools(input, pg_restore, psql, preamble.into_bytes())
             },
@@ -333,9 +340,16 @@ impl PostgresRestore {
             &key,
             &part.digest(),
             Some(progress),
+            &ctx.cancel,
             |input: &mut dyn Read| {
                 let mut script = Vec::new();
-                input.take(GLOBALS_LIMIT).read_to_end(&mut script)?;
+                input.take(GLOBALS_LIMIT + 1).read_to_end(&mut script)?;
+                if script.len() as u64 > GLOBALS_LIMIT {
+                    return Err(Error::integrity(format!(
+                        "the globals script is larger than {} MiB, which no sane cluster needs: the part is corrupt",
+                        GLOBALS_LIMIT >> 20
+                    )));
+                }
                 Ok(script)
             },
         )
@@ -439,6 +453,14 @@ fn run_restore_tools(
     let fed = std::io::copy(input, &mut restore_stdin);
     drop(restore_stdin);
     let restored = restore.wait_success();
+    // A selective restore (--table) stops reading once it has its data. The rest of the object
+    // is still read, so the checksum covers all of it before anything is committed.
+    let fed = match fed {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe && restored.is_ok() => {
+            std::io::copy(input, &mut std::io::sink())
+        }
+        other => other,
+    };
     let forwarded = forwarder
         .join()
         .map_err(|_| Error::failed("the script forwarder panicked"))?;
