@@ -8,7 +8,9 @@ use clap::Args;
 use super::Settings;
 use crate::catalog::{self, BackupId, Manifest, SourcePath, MANIFEST_FORMAT, MANIFEST_VERSION};
 use crate::config::SourceKind;
-use crate::engine::postgres::backup::PostgresBackup;
+use crate::engine::couchdb::backup::CouchBackup;
+use crate::engine::couchdb::Client as CouchClient;
+use crate::engine::postgres::backup::{BackupOutcome, PostgresBackup};
 use crate::engine::postgres::Connection;
 use crate::engine::{BackupContext, Selection};
 use crate::error::{Error, Result};
@@ -20,12 +22,23 @@ pub struct Options {
     /// Sources to back up: names from the config file, or `postgres` for --postgres-url.
     #[arg(required = true)]
     pub sources: Vec<String>,
-    /// Back up only this database (repeatable). Default: every database but templates.
+    /// Back up only this database (repeatable). Default: every database but PostgreSQL
+    /// templates and CouchDB system databases (`_users`, `_replicator`: name them to include).
     #[arg(long = "database", value_name = "NAME")]
     pub databases: Vec<String>,
     /// Skip this database (repeatable).
     #[arg(long = "exclude-database", value_name = "NAME")]
     pub exclude_databases: Vec<String>,
+}
+
+enum Engine {
+    Postgres(PostgresBackup),
+    Couchdb(CouchBackup),
+}
+
+enum Plan {
+    Postgres(crate::engine::postgres::backup::Plan),
+    Couchdb(crate::engine::couchdb::backup::Plan),
 }
 
 pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
@@ -57,29 +70,37 @@ async fn backup_source(
 ) -> Result<()> {
     let source = settings.source(name)?;
     let path = settings.source_path(name)?;
-    let engine = match source.kind {
-        SourceKind::Postgres => PostgresBackup {
-            connection: Connection::new(source.url.clone())?,
-            selection: Selection {
-                include: options.databases.clone(),
-                exclude: options.exclude_databases.clone(),
-            },
-            bin_dir: settings.pg_bin_dir.clone(),
-        },
-        SourceKind::Couchdb => {
-            return Err(Error::usage(
-                "CouchDB backups are not available in this version of kura yet",
-            ))
-        }
+    let selection = Selection {
+        include: options.databases.clone(),
+        exclude: options.exclude_databases.clone(),
     };
-    let plan = engine.plan().await?;
+    let engine = match source.kind {
+        SourceKind::Postgres => Engine::Postgres(PostgresBackup {
+            connection: Connection::new(source.url.clone())?,
+            selection,
+            bin_dir: settings.pg_bin_dir.clone(),
+        }),
+        SourceKind::Couchdb => Engine::Couchdb(CouchBackup {
+            client: std::sync::Arc::new(CouchClient::new(&source.url)?),
+            selection,
+        }),
+    };
+    // Preflight: everything that can be checked before an upload starts.
+    let plan = match &engine {
+        Engine::Postgres(engine) => Plan::Postgres(engine.plan().await?),
+        Engine::Couchdb(engine) => Plan::Couchdb(engine.plan().await?),
+    };
+    let databases = match &plan {
+        Plan::Postgres(plan) => plan.databases.len(),
+        Plan::Couchdb(plan) => plan.databases.len(),
+    };
     let started_at = Utc::now();
     let clock = Instant::now();
     let id = BackupId::new(started_at);
     tracing::info!(
         source = name,
         backup_id = %id,
-        databases = plan.databases.len(),
+        databases,
         storage = %store.location(),
         "backup {id} of {name} started"
     );
@@ -90,7 +111,20 @@ async fn backup_source(
         cancel: settings.cancel.clone(),
         show_progress: settings.show_progress(),
     };
-    let outcome = match engine.run(&ctx, &id, plan).await {
+    let ran =
+        match (&engine, plan) {
+            (Engine::Postgres(engine), Plan::Postgres(plan)) => engine.run(&ctx, &id, plan).await,
+            (Engine::Couchdb(engine), Plan::Couchdb(plan)) => engine
+                .run(&ctx, &id, plan)
+                .await
+                .map(|outcome| BackupOutcome {
+                    server_version: outcome.server_version,
+                    tool_version: format!("kura {} (CouchDB HTTP API)", env!("CARGO_PKG_VERSION")),
+                    parts: outcome.parts,
+                }),
+            _ => unreachable!("plan and engine are of the same kind"),
+        };
+    let outcome = match ran {
         Ok(outcome) if !settings.cancel.is_cancelled() => outcome,
         Ok(_) => {
             discard(store, &path, &id).await;

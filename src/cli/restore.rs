@@ -5,6 +5,8 @@ use clap::Args;
 use super::Settings;
 use crate::catalog::{self};
 use crate::config::{SourceKind, SourceUrl};
+use crate::engine::couchdb::restore::CouchRestore;
+use crate::engine::couchdb::Client as CouchClient;
 use crate::engine::postgres::restore::PostgresRestore;
 use crate::engine::postgres::Connection;
 use crate::engine::{DatabaseMapping, RestoreContext};
@@ -35,9 +37,13 @@ pub struct Options {
     /// Also restore roles and tablespaces (PostgreSQL), before the databases.
     #[arg(long)]
     pub globals: bool,
-    /// Restore into databases that already hold data, replacing the objects in the backup.
+    /// Restore into databases that already hold data: PostgreSQL replaces the objects in the
+    /// backup; CouchDB adds only the revisions that are missing.
     #[arg(long)]
     pub force: bool,
+    /// CouchDB: upper bound of one _bulk_docs request, e.g. 4MiB (some proxies cap bodies).
+    #[arg(long, value_name = "SIZE", default_value = "4MiB", value_parser = parse_batch_bytes)]
+    pub batch_bytes: usize,
 }
 
 pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
@@ -96,8 +102,40 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
             );
             Ok(())
         }
-        SourceKind::Couchdb => Err(Error::usage(
-            "CouchDB restores are not available in this version of kura yet",
-        )),
+        SourceKind::Couchdb => {
+            if !options.tables.is_empty() || options.globals {
+                return Err(Error::usage(
+                    "--table and --globals apply to PostgreSQL backups only",
+                ));
+            }
+            let restore = CouchRestore {
+                target: std::sync::Arc::new(CouchClient::new(&target_url)?),
+                databases: options
+                    .databases
+                    .iter()
+                    .map(|d| DatabaseMapping::parse(d))
+                    .collect(),
+                force: options.force,
+                batch_bytes: options.batch_bytes,
+            };
+            let summary = restore.run(&ctx, &manifest).await?;
+            tracing::info!(
+                backup_id = %manifest.backup_id,
+                databases = summary.databases.len(),
+                revisions = summary.revisions,
+                raw_bytes = summary.raw_bytes,
+                "restore of {} complete: {} database(s), {} revisions",
+                manifest.backup_id,
+                summary.databases.len(),
+                summary.revisions
+            );
+            Ok(())
+        }
     }
+}
+
+fn parse_batch_bytes(text: &str) -> std::result::Result<usize, String> {
+    crate::config::parse_size(text)
+        .map(|n| n as usize)
+        .map_err(|e| e.to_string())
 }

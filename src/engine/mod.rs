@@ -16,6 +16,7 @@ use crate::catalog::SourcePath;
 use crate::pipeline::PipelineOptions;
 use crate::storage::ObjectStore;
 
+pub mod couchdb;
 pub mod postgres;
 
 /// What every engine needs to write a backup.

@@ -1,0 +1,401 @@
+//! `kura backup` for CouchDB: one NDJSON part per database.
+//!
+//! Line 1 is a header (`{"kura":"couchdb-database", …}`: name, partitioned, `_security`,
+//! `_revs_limit`); every further line is `{"doc": …}`, one document revision with its
+//! `_revisions` history and its attachments inline (base64), for every leaf revision of every
+//! document: the winner, conflicts, and deleted leaves. `_local` documents are not included
+//! (they never replicate and hold only checkpoints).
+//!
+//! Memory: documents are fetched in batches of revisions whose bodies are small; a revision
+//! with attachments is fetched alone, so the largest thing in memory is one document.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use reqwest::Method;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::{Client, DATABASE_KIND, FORMAT};
+use crate::catalog::{BackupId, Compression, Part};
+use crate::engine::{BackupContext, Selection};
+use crate::error::{Error, ErrorKind, Result};
+use crate::pipeline;
+use crate::progress::{human_bytes, ProgressLine};
+
+/// Revisions asked for per `_changes` page and per `_bulk_get` of attachment-free documents.
+/// Memory holds one such answer at a time: kilobytes-sized documents keep it to a few MiB.
+const BATCH: usize = 200;
+
+pub struct CouchBackup {
+    pub client: Arc<Client>,
+    pub selection: Selection,
+}
+
+pub struct Plan {
+    pub server_version: String,
+    pub databases: Vec<String>,
+}
+
+pub struct BackupOutcome {
+    pub server_version: String,
+    pub parts: Vec<Part>,
+}
+
+/// What the exporter hands to the compressor. The stream is whole only after `Done`.
+enum Chunk {
+    Data(Bytes),
+    Done,
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DatabaseStats {
+    pub revisions: u64,
+    pub documents_in_changes: u64,
+    pub attachment_bytes: u64,
+    pub skipped_revisions: u64,
+}
+
+impl CouchBackup {
+    pub async fn plan(&self) -> Result<Plan> {
+        let welcome = self
+            .client
+            .json(Method::GET, "", None, "reading the server version")
+            .await?;
+        let server_version = welcome["version"].as_str().unwrap_or("unknown").to_string();
+        let vendor = if welcome.get("couchdb").is_some() {
+            "CouchDB"
+        } else if welcome.get("express-pouchdb").is_some() {
+            "pouchdb-server"
+        } else {
+            "CouchDB-compatible"
+        };
+        let all = self.client.all_dbs().await?;
+        for wanted in &self.selection.include {
+            if !all.contains(wanted) {
+                return Err(Error::not_found(format!(
+                    "database {wanted:?} does not exist on CouchDB {}",
+                    self.client.redacted()
+                )));
+            }
+        }
+        // System databases (_users, _replicator) only when named explicitly.
+        let databases: Vec<String> = all
+            .into_iter()
+            .filter(|name| self.selection.wants(name))
+            .filter(|name| !name.starts_with('_') || self.selection.include.contains(name))
+            .collect();
+        if databases.is_empty() {
+            return Err(Error::usage(format!(
+                "nothing to back up on CouchDB {}: the selection matches no database",
+                self.client.redacted()
+            )));
+        }
+        Ok(Plan {
+            server_version: format!("{vendor} {server_version}"),
+            databases,
+        })
+    }
+
+    pub async fn run(
+        &self,
+        ctx: &BackupContext<'_>,
+        id: &BackupId,
+        plan: Plan,
+    ) -> Result<BackupOutcome> {
+        let line = ProgressLine::start("backing up", ctx.show_progress);
+        let compression = Compression {
+            algorithm: "zstd".into(),
+            level: ctx.pipeline.compression_level,
+        };
+        let mut parts = Vec::with_capacity(plan.databases.len());
+        for (index, database) in plan.databases.iter().enumerate() {
+            let started = Instant::now();
+            line.progress().set_label(database);
+            let key_name = format!("db-{:04}.ndjson.zst", index + 1);
+            let key = ctx.path.object_key(id, &key_name);
+            let (tx, mut rx) = mpsc::channel::<Result<Chunk>>(pipeline::CHANNEL_DEPTH);
+            let exporter = tokio::spawn(export_database(
+                Arc::clone(&self.client),
+                database.clone(),
+                tx,
+            ));
+            let stored = pipeline::store_stream(
+                ctx.store,
+                &key,
+                &ctx.pipeline,
+                &ctx.cancel,
+                Some(line.progress()),
+                move |out: &mut dyn Write| {
+                    while let Some(chunk) = rx.blocking_recv() {
+                        match chunk? {
+                            Chunk::Data(bytes) => out.write_all(&bytes)?,
+                            Chunk::Done => return Ok(()),
+                        }
+                    }
+                    Err(Error::failed(
+                        "the CouchDB export stopped before the end of the database",
+                    ))
+                },
+            )
+            .await;
+            let exported = exporter.await;
+            let stored = stored
+                .map_err(|e| e.context(format!("backing up CouchDB database {database:?}")))?;
+            let (properties, stats) = match exported {
+                Ok(Ok(done)) => done,
+                Ok(Err(e)) => {
+                    return Err(e.context(format!("backing up CouchDB database {database:?}")))
+                }
+                Err(e) => {
+                    return Err(Error::failed(format!(
+                        "the export of {database:?} crashed: {e}"
+                    )))
+                }
+            };
+            tracing::info!(
+                database = %database,
+                revisions = stats.revisions,
+                raw_bytes = stored.raw_bytes,
+                stored_bytes = stored.stored.bytes,
+                seconds = started.elapsed().as_secs_f64(),
+                "database {database:?} backed up: {} revisions, {} → {}",
+                stats.revisions,
+                human_bytes(stored.raw_bytes),
+                human_bytes(stored.stored.bytes)
+            );
+            parts.push(Part {
+                key: key_name,
+                name: database.clone(),
+                kind: DATABASE_KIND.to_string(),
+                format: FORMAT.to_string(),
+                raw_bytes: stored.raw_bytes,
+                stored_bytes: stored.stored.bytes,
+                sha256: stored.stored.sha256.clone(),
+                compression: compression.clone(),
+                encryption: None,
+                properties,
+            });
+        }
+        line.finish().await;
+        Ok(BackupOutcome {
+            server_version: plan.server_version,
+            parts,
+        })
+    }
+}
+
+/// Facts about a database kept in the manifest (restore creates the database from them).
+pub fn database_properties(header: &Value, stats: &DatabaseStats) -> Value {
+    json!({
+        "partitioned": header["partitioned"],
+        "revs_limit": header["revs_limit"],
+        "doc_count": header["doc_count"],
+        "doc_del_count": header["doc_del_count"],
+        "revisions": stats.revisions,
+        "attachment_bytes": stats.attachment_bytes,
+    })
+}
+
+async fn export_database(
+    client: Arc<Client>,
+    db: String,
+    tx: mpsc::Sender<Result<Chunk>>,
+) -> Result<(Value, DatabaseStats)> {
+    let result = export_into(&client, &db, &tx).await;
+    match &result {
+        Ok(_) => {
+            let _ = tx.send(Ok(Chunk::Done)).await;
+        }
+        Err(e) => {
+            let _ = tx.send(Err(Error::new(e.kind(), e.to_string()))).await;
+        }
+    }
+    result
+}
+
+async fn send_line(tx: &mpsc::Sender<Result<Chunk>>, value: &Value) -> Result<()> {
+    let mut line = serde_json::to_vec(value).expect("JSON serializes");
+    line.push(b'\n');
+    tx.send(Ok(Chunk::Data(Bytes::from(line))))
+        .await
+        .map_err(|_| Error::new(ErrorKind::Storage, pipeline::UPLOAD_STOPPED))
+}
+
+async fn export_into(
+    client: &Client,
+    db: &str,
+    tx: &mpsc::Sender<Result<Chunk>>,
+) -> Result<(Value, DatabaseStats)> {
+    let info = client
+        .json(
+            Method::GET,
+            &Client::db_path(db, ""),
+            None,
+            &format!("reading database {db:?}"),
+        )
+        .await?;
+    let security = client
+        .json(
+            Method::GET,
+            &Client::db_path(db, "_security"),
+            None,
+            &format!("reading _security of {db:?}"),
+        )
+        .await?;
+    let revs_limit = match client
+        .json(
+            Method::GET,
+            &Client::db_path(db, "_revs_limit"),
+            None,
+            &format!("reading _revs_limit of {db:?}"),
+        )
+        .await
+    {
+        Ok(limit) => limit,
+        Err(e) => {
+            tracing::warn!(database = db, error = %e, "the server does not report _revs_limit; the restored database keeps its default");
+            Value::Null
+        }
+    };
+    let header = json!({
+        "kura": "couchdb-database",
+        "version": 1,
+        "name": db,
+        "partitioned": info["props"]["partitioned"].as_bool().unwrap_or(false),
+        "security": security,
+        "revs_limit": revs_limit,
+        "doc_count": info["doc_count"],
+        "doc_del_count": info["doc_del_count"],
+    });
+    send_line(tx, &header).await?;
+
+    let mut stats = DatabaseStats::default();
+    let mut since = Value::from(0);
+    loop {
+        let since_text = match &since {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let path = Client::db_path(
+            db,
+            &format!(
+                "_changes?style=all_docs&limit={BATCH}&since={}",
+                percent_encoding::utf8_percent_encode(
+                    &since_text,
+                    percent_encoding::NON_ALPHANUMERIC
+                )
+            ),
+        );
+        let page = client
+            .json(
+                Method::GET,
+                &path,
+                None,
+                &format!("reading the changes of {db:?}"),
+            )
+            .await?;
+        let results = page["results"].as_array().cloned().unwrap_or_default();
+        if results.is_empty() {
+            break;
+        }
+        let mut wanted = Vec::new();
+        for change in &results {
+            let Some(id) = change["id"].as_str() else {
+                continue;
+            };
+            if id.starts_with("_local/") {
+                continue;
+            }
+            stats.documents_in_changes += 1;
+            for rev in change["changes"].as_array().into_iter().flatten() {
+                if let Some(rev) = rev["rev"].as_str() {
+                    wanted.push(json!({"id": id, "rev": rev}));
+                }
+            }
+        }
+        export_revisions(client, db, wanted, tx, &mut stats).await?;
+        since = page["last_seq"].clone();
+        if results.len() < BATCH || since.is_null() {
+            break;
+        }
+    }
+    Ok((database_properties(&header, &stats), stats))
+}
+
+/// Fetch the given revisions (with history) and write them; revisions with attachments are
+/// fetched again one at a time with their bytes inline.
+async fn export_revisions(
+    client: &Client,
+    db: &str,
+    wanted: Vec<Value>,
+    tx: &mpsc::Sender<Result<Chunk>>,
+    stats: &mut DatabaseStats,
+) -> Result<()> {
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let mut with_attachments = Vec::new();
+    for doc in bulk_get(client, db, &wanted, false).await? {
+        if doc["_attachments"]
+            .as_object()
+            .is_some_and(|a| !a.is_empty())
+        {
+            with_attachments.push(json!({"id": doc["_id"], "rev": doc["_rev"]}));
+        } else {
+            stats.revisions += 1;
+            send_line(tx, &json!({"doc": doc})).await?;
+        }
+    }
+    for wanted in with_attachments {
+        for doc in bulk_get(client, db, std::slice::from_ref(&wanted), true).await? {
+            for attachment in doc["_attachments"].as_object().into_iter().flatten() {
+                stats.attachment_bytes += attachment.1["length"].as_u64().unwrap_or(0);
+                if attachment.1.get("data").is_none() {
+                    return Err(Error::failed(format!(
+                        "CouchDB returned attachment {:?} of document {} in {db:?} without its data",
+                        attachment.0, wanted["id"]
+                    )));
+                }
+            }
+            stats.revisions += 1;
+            send_line(tx, &json!({"doc": doc})).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn bulk_get(
+    client: &Client,
+    db: &str,
+    wanted: &[Value],
+    attachments: bool,
+) -> Result<Vec<Value>> {
+    let path = Client::db_path(
+        db,
+        &format!("_bulk_get?revs=true&attachments={attachments}"),
+    );
+    let answer = client
+        .json(
+            Method::POST,
+            &path,
+            Some(json!({"docs": wanted})),
+            &format!("reading documents of {db:?}"),
+        )
+        .await?;
+    let mut docs = Vec::with_capacity(wanted.len());
+    for result in answer["results"].as_array().into_iter().flatten() {
+        for entry in result["docs"].as_array().into_iter().flatten() {
+            if let Some(doc) = entry.get("ok") {
+                docs.push(doc.clone());
+            } else {
+                // The revision stopped being a leaf after _changes listed it; the newer one
+                // comes later in the feed.
+                tracing::debug!(database = db, id = %result["id"], error = %entry["error"], "revision no longer available");
+            }
+        }
+    }
+    Ok(docs)
+}

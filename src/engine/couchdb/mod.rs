@@ -1,0 +1,384 @@
+//! CouchDB over its HTTP API (CouchDB 3.x documentation), tested against pouchdb-server.
+//!
+//! Differences from CouchDB that kura handles (pouchdb-server 4.x):
+//! - no `_dbs_info`: database facts come from `GET /{db}` one database at a time;
+//! - `_bulk_get` without a `rev` returns only the winning revision, so every leaf revision
+//!   (conflicts, deleted leaves) is asked for by rev, as listed by `_changes?style=all_docs`;
+//! - sequences are integers where CouchDB's are opaque strings: `since` is passed back exactly
+//!   as the server sent it (any JSON value);
+//! - `_session` exists but may be disabled in front of a proxy: kura then falls back to basic
+//!   authentication on every request.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use reqwest::header::{HeaderValue, CONTENT_TYPE, COOKIE, RETRY_AFTER, SET_COOKIE};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use url::Url;
+
+use crate::config::{Secret, SourceUrl};
+use crate::error::{Error, ErrorKind, Result};
+
+pub mod backup;
+pub mod restore;
+
+/// Part object kind in the manifest.
+pub const DATABASE_KIND: &str = "couchdb.database";
+/// Format of the raw bytes: one JSON object per line (header, then document revisions).
+pub const FORMAT: &str = "kura-couchdb-ndjson-v1";
+
+/// Attempts per request, including the first, for 429, 5xx, timeouts and connection errors.
+const MAX_ATTEMPTS: u32 = 6;
+/// CouchDB's default session timeout is 10 minutes; renew well before.
+const SESSION_RENEWAL: Duration = Duration::from_secs(240);
+
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+    shown: String,
+    user: Option<String>,
+    password: Option<Secret>,
+    session: Mutex<Option<(String, Instant)>>,
+    use_session: Mutex<bool>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl Client {
+    pub fn new(url: &SourceUrl) -> Result<Self> {
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(Error::usage(format!(
+                "{} is not a CouchDB URL: expected http://user:password@host:5984",
+                url.redacted()
+            )));
+        }
+        let mut base = Url::parse(&url.redacted())
+            .map_err(|e| Error::usage(format!("invalid CouchDB URL {}: {e}", url.redacted())))?;
+        let _ = base.set_username("");
+        let _ = base.set_password(None);
+        if !base.path().ends_with('/') {
+            let path = format!("{}/", base.path());
+            base.set_path(&path);
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(300))
+            .pool_max_idle_per_host(16)
+            .build()
+            .map_err(|e| Error::failed(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Client {
+            http,
+            shown: url.redacted(),
+            base,
+            user: url.username(),
+            password: url.password().cloned(),
+            session: Mutex::new(None),
+            use_session: Mutex::new(true),
+        })
+    }
+
+    pub fn redacted(&self) -> &str {
+        &self.shown
+    }
+
+    /// `/{db}/{rest}` with the database name percent-encoded (names may contain `/`).
+    pub fn db_path(db: &str, rest: &str) -> String {
+        let encoded = percent_encoding::utf8_percent_encode(db, percent_encoding::NON_ALPHANUMERIC)
+            .to_string();
+        if rest.is_empty() {
+            encoded
+        } else {
+            format!("{encoded}/{rest}")
+        }
+    }
+
+    /// Log in with a cookie session where the server offers one; basic auth otherwise.
+    async fn session_cookie(&self, force_new: bool) -> Result<Option<String>> {
+        let (Some(user), Some(password)) = (&self.user, &self.password) else {
+            return Ok(None);
+        };
+        if !*self.use_session.lock().expect("session flag lock") {
+            return Ok(None);
+        }
+        if !force_new {
+            if let Some((cookie, at)) = &*self.session.lock().expect("session lock") {
+                if at.elapsed() < SESSION_RENEWAL {
+                    return Ok(Some(cookie.clone()));
+                }
+            }
+        }
+        let url = self.base.join("_session").expect("valid path");
+        let body = serde_json::json!({"name": user, "password": password.expose()});
+        let response = self
+            .http
+            .post(url)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| self.transport_error("logging in", e))?;
+        match response.status() {
+            StatusCode::OK => {
+                let cookie = response
+                    .headers()
+                    .get_all(SET_COOKIE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .find_map(|v| {
+                        v.split(';')
+                            .next()
+                            .filter(|c| c.starts_with("AuthSession="))
+                    })
+                    .map(str::to_string);
+                match cookie {
+                    Some(cookie) => {
+                        *self.session.lock().expect("session lock") =
+                            Some((cookie.clone(), Instant::now()));
+                        Ok(Some(cookie))
+                    }
+                    None => {
+                        *self.use_session.lock().expect("session flag lock") = false;
+                        Ok(None)
+                    }
+                }
+            }
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(self.auth_error()),
+            _ => {
+                // No usable session endpoint (disabled, or a proxy in front): basic auth.
+                *self.use_session.lock().expect("session flag lock") = false;
+                Ok(None)
+            }
+        }
+    }
+
+    fn auth_error(&self) -> Error {
+        Error::new(
+            ErrorKind::Database,
+            format!(
+                "CouchDB at {} rejected the credentials: check the user and password in the URL or Secret",
+                self.shown
+            ),
+        )
+    }
+
+    fn transport_error(&self, what: &str, err: reqwest::Error) -> Error {
+        // reqwest's messages include the URL, which carries no credentials here.
+        Error::with_source(
+            ErrorKind::Database,
+            format!(
+                "{what} at CouchDB {}: {}",
+                self.shown,
+                if err.is_timeout() {
+                    "timed out"
+                } else if err.is_connect() {
+                    "cannot connect; is the server running and reachable?"
+                } else {
+                    "request failed"
+                }
+            ),
+            err,
+        )
+    }
+
+    /// Send a request with retries for 429, 5xx, timeouts and connection errors (honouring
+    /// `Retry-After`), and re-login once on 401 with an expired session. Returns the response
+    /// for any other status; callers decide what a 404 means.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+    ) -> Result<reqwest::Response> {
+        let url = self
+            .base
+            .join(path)
+            .map_err(|e| Error::failed(format!("bad CouchDB path {path:?}: {e}")))?;
+        let mut attempt = 0;
+        let mut relogged = false;
+        loop {
+            attempt += 1;
+            let cookie = self.session_cookie(false).await?;
+            let mut request = self.http.request(method.clone(), url.clone());
+            match (&cookie, &self.user, &self.password) {
+                (Some(cookie), _, _) => {
+                    request = request.header(
+                        COOKIE,
+                        HeaderValue::from_str(cookie)
+                            .map_err(|_| Error::failed("the server sent an unusable cookie"))?,
+                    )
+                }
+                (None, Some(user), password) => {
+                    request = request.basic_auth(user, password.as_ref().map(|p| p.expose()))
+                }
+                _ => {}
+            }
+            if let Some(body) = &body {
+                request = request
+                    .header(CONTENT_TYPE, "application/json")
+                    .body(body.clone());
+            }
+            let outcome = request.send().await;
+            let retry_after = match &outcome {
+                Ok(response) => {
+                    let status = response.status();
+                    if status == StatusCode::UNAUTHORIZED && cookie.is_some() && !relogged {
+                        relogged = true;
+                        self.session_cookie(true).await?;
+                        continue;
+                    }
+                    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                        if status == StatusCode::UNAUTHORIZED {
+                            return Err(self.auth_error());
+                        }
+                        return Ok(outcome.expect("checked Ok"));
+                    }
+                    if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+                        Some(
+                            response
+                                .headers()
+                                .get(RETRY_AFTER)
+                                .and_then(|v| v.to_str().ok())
+                                .and_then(|v| v.trim().parse::<u64>().ok())
+                                .map(Duration::from_secs),
+                        )
+                    } else {
+                        None
+                    }
+                }
+                Err(e) if e.is_timeout() || e.is_connect() || e.is_request() => Some(None),
+                Err(_) => None,
+            };
+            match (retry_after, outcome) {
+                (Some(wait), outcome) if attempt < MAX_ATTEMPTS => {
+                    let backoff = wait.unwrap_or_else(|| jittered_backoff(attempt));
+                    tracing::debug!(path, attempt, ?backoff, "retrying a CouchDB request");
+                    drop(outcome);
+                    tokio::time::sleep(backoff.min(Duration::from_secs(60))).await;
+                }
+                (_, Ok(response)) => return Ok(response),
+                (_, Err(e)) => return Err(self.transport_error(&format!("{method} {path}"), e)),
+            }
+        }
+    }
+
+    /// A JSON request that must succeed (2xx); other answers become errors naming `what`.
+    pub async fn json(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        what: &str,
+    ) -> Result<Value> {
+        let body = body.map(|b| Bytes::from(serde_json::to_vec(&b).expect("JSON serializes")));
+        let response = self.request(method, path, body).await?;
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| self.transport_error(what, e))?;
+        if !status.is_success() {
+            let detail = serde_json::from_slice::<Value>(&bytes)
+                .ok()
+                .map(|v| {
+                    format!(
+                        "{} {}",
+                        v["error"].as_str().unwrap_or(""),
+                        v["reason"].as_str().unwrap_or("")
+                    )
+                })
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).chars().take(200).collect());
+            let kind = if status == StatusCode::NOT_FOUND {
+                ErrorKind::NotFound
+            } else {
+                ErrorKind::Failed
+            };
+            return Err(Error::new(
+                kind,
+                format!(
+                    "{what} at CouchDB {}: HTTP {status}: {}",
+                    self.shown,
+                    detail.trim()
+                ),
+            ));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| {
+            Error::failed(format!(
+                "{what} at CouchDB {}: the answer is not JSON: {e}",
+                self.shown
+            ))
+        })
+    }
+
+    /// Every database name, paged through `_all_dbs`.
+    pub async fn all_dbs(&self) -> Result<Vec<String>> {
+        const PAGE: usize = 1000;
+        let mut names = Vec::new();
+        let mut start: Option<String> = None;
+        loop {
+            let mut path = format!("_all_dbs?limit={PAGE}");
+            if let Some(start) = &start {
+                let key = serde_json::to_string(start).expect("string serializes");
+                path.push_str("&skip=1&startkey=");
+                path.push_str(
+                    &percent_encoding::utf8_percent_encode(
+                        &key,
+                        percent_encoding::NON_ALPHANUMERIC,
+                    )
+                    .to_string(),
+                );
+            }
+            let page = self
+                .json(Method::GET, &path, None, "listing databases")
+                .await?;
+            let page: Vec<String> = serde_json::from_value(page)
+                .map_err(|e| Error::failed(format!("listing databases: unexpected answer: {e}")))?;
+            let full_page = page.len() >= PAGE;
+            // pouchdb-server ignores limit/startkey and answers the whole list every time:
+            // keep only names past the last one seen, and stop when nothing is new.
+            let fresh: Vec<String> = page
+                .into_iter()
+                .filter(|name| start.as_ref().is_none_or(|s| name > s))
+                .collect();
+            if fresh.is_empty() {
+                break;
+            }
+            start = fresh.last().cloned();
+            names.extend(fresh);
+            if !full_page {
+                break;
+            }
+        }
+        Ok(names)
+    }
+}
+
+/// Decorrelated-ish jitter: a random wait between half and all of 200 ms × 2^attempt, ≤ 20 s.
+fn jittered_backoff(attempt: u32) -> Duration {
+    let ceiling = (200u64 << attempt.min(7)).min(20_000);
+    Duration::from_millis(ceiling / 2 + rand::random::<u64>() % (ceiling / 2 + 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_names_are_encoded() {
+        assert_eq!(Client::db_path("a/b c", "_changes"), "a%2Fb%20c/_changes");
+        assert_eq!(Client::db_path("plain", ""), "plain");
+    }
+
+    #[test]
+    fn backoff_is_bounded_and_grows() {
+        for attempt in 1..10 {
+            let wait = jittered_backoff(attempt);
+            assert!(wait <= Duration::from_secs(20));
+            assert!(wait >= Duration::from_millis(100));
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! `kura restore` for CouchDB: recreate each database with its properties and write every
+//! document revision back with `new_edits: false`, so revision ids, conflicts and deletions
+//! are exactly those of the backup and replication peers recognise them.
+//!
+//! Order: documents in batches bounded by bytes, then design documents (so a
+//! `validate_doc_update` cannot reject restored data), then `_security` and `_revs_limit`.
+//! CouchDB has no transactions: the part's SHA-256 is checked as it streams and a corrupt part
+//! fails the restore naming it; a database kura created for the restore is deleted again.
+
+use std::io::{BufRead, BufReader, Read};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Map, Value};
+
+use super::{Client, DATABASE_KIND};
+use crate::catalog::{Manifest, Part};
+use crate::engine::{DatabaseMapping, RestoreContext};
+use crate::error::{Error, ErrorKind, Result};
+use crate::pipeline;
+use crate::progress::{human_bytes, ProgressLine};
+
+pub struct CouchRestore {
+    pub target: Arc<Client>,
+    pub databases: Vec<DatabaseMapping>,
+    pub force: bool,
+    /// Upper bound of one `_bulk_docs` request body; some servers and proxies cap it.
+    pub batch_bytes: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct RestoreSummary {
+    pub databases: Vec<String>,
+    pub revisions: u64,
+    pub raw_bytes: u64,
+}
+
+impl CouchRestore {
+    pub async fn run(
+        &self,
+        ctx: &RestoreContext<'_>,
+        manifest: &Manifest,
+    ) -> Result<RestoreSummary> {
+        let available: Vec<&Part> = manifest
+            .parts
+            .iter()
+            .filter(|p| p.kind == DATABASE_KIND)
+            .collect();
+        let wanted: Vec<DatabaseMapping> = if self.databases.is_empty() {
+            available
+                .iter()
+                .map(|p| DatabaseMapping {
+                    source: p.name.clone(),
+                    target: p.name.clone(),
+                })
+                .collect()
+        } else {
+            self.databases.clone()
+        };
+        let mut steps = Vec::new();
+        let mut occupied = Vec::new();
+        for mapping in wanted {
+            let part = *available
+                .iter()
+                .find(|p| p.name == mapping.source)
+                .ok_or_else(|| {
+                    Error::not_found(format!(
+                        "database {:?} is not in backup {}; it has: {}",
+                        mapping.source,
+                        manifest.backup_id,
+                        available
+                            .iter()
+                            .map(|p| format!("{:?}", p.name))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })?;
+            let info = self
+                .target
+                .json(
+                    Method::GET,
+                    &Client::db_path(&mapping.target, ""),
+                    None,
+                    "checking the target database",
+                )
+                .await;
+            let exists = match info {
+                Ok(info) => {
+                    let used = info["doc_count"].as_u64().unwrap_or(0)
+                        + info["doc_del_count"].as_u64().unwrap_or(0);
+                    if used > 0 && !self.force {
+                        occupied.push(mapping.target.clone());
+                    }
+                    true
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => false,
+                Err(e) => return Err(e),
+            };
+            steps.push((part, mapping.target, exists));
+        }
+        if !occupied.is_empty() {
+            return Err(Error::new(
+                ErrorKind::TargetNotEmpty,
+                format!(
+                    "refusing to restore: database {} on CouchDB {} already hold(s) documents; restore under another name with --database SRC:DST, or pass --force to add only the revisions that are missing",
+                    occupied.iter().map(|d| format!("{d:?}")).collect::<Vec<_>>().join(", "),
+                    self.target.redacted()
+                ),
+            ));
+        }
+
+        let line = ProgressLine::start("restoring", ctx.show_progress);
+        let mut summary = RestoreSummary::default();
+        for (part, target, exists) in steps {
+            let started = Instant::now();
+            line.progress().set_label(&target);
+            if !exists {
+                let partitioned = part.properties["partitioned"].as_bool().unwrap_or(false);
+                let path =
+                    Client::db_path(&target, if partitioned { "?partitioned=true" } else { "" });
+                self.target
+                    .json(
+                        Method::PUT,
+                        &path,
+                        None,
+                        &format!("creating database {target:?}"),
+                    )
+                    .await?;
+            }
+            let key = ctx.path.object_key(&ctx.backup_id, &part.key);
+            let writer = Writer {
+                client: Arc::clone(&self.target),
+                db: target.clone(),
+                force: self.force && exists,
+                batch_bytes: self.batch_bytes,
+                handle: tokio::runtime::Handle::current(),
+            };
+            let result = pipeline::read_verified(
+                ctx.store,
+                &key,
+                &part.digest(),
+                Some(line.progress()),
+                &ctx.cancel,
+                move |input: &mut dyn Read| writer.restore(input),
+            )
+            .await;
+            let revisions = match result {
+                Ok(revisions) => revisions,
+                Err(err) => {
+                    if !exists {
+                        let path = Client::db_path(&target, "");
+                        if let Err(e) = self
+                            .target
+                            .json(
+                                Method::DELETE,
+                                &path,
+                                None,
+                                "removing the half-restored database",
+                            )
+                            .await
+                        {
+                            tracing::warn!(database = %target, error = %e, "could not delete the database created for the failed restore");
+                        }
+                    }
+                    let err = if ctx.cancel.is_cancelled() {
+                        Error::interrupted()
+                    } else {
+                        err
+                    };
+                    return Err(err.context(format!(
+                        "restoring CouchDB database {:?} into {target:?}",
+                        part.name
+                    )));
+                }
+            };
+            tracing::info!(
+                database = %target,
+                source_database = %part.name,
+                revisions,
+                seconds = started.elapsed().as_secs_f64(),
+                "database {target:?} restored from {:?}: {revisions} revisions ({})",
+                part.name,
+                human_bytes(part.raw_bytes)
+            );
+            summary.revisions += revisions;
+            summary.raw_bytes += part.raw_bytes;
+            summary.databases.push(target);
+        }
+        line.finish().await;
+        Ok(summary)
+    }
+}
+
+/// The blocking side of a restore: parses lines and drives HTTP through the runtime handle.
+struct Writer {
+    client: Arc<Client>,
+    db: String,
+    force: bool,
+    batch_bytes: usize,
+    handle: tokio::runtime::Handle,
+}
+
+impl Writer {
+    fn restore(&self, input: &mut dyn Read) -> Result<u64> {
+        let mut reader = BufReader::with_capacity(1 << 20, input);
+        let mut line = Vec::new();
+        let mut header: Option<Value> = None;
+        let mut batch: Vec<Value> = Vec::new();
+        let mut batch_size = 0usize;
+        let mut design: Vec<Value> = Vec::new();
+        let mut revisions = 0u64;
+        loop {
+            line.clear();
+            if reader.read_until(b'\n', &mut line)? == 0 {
+                break;
+            }
+            let value: Value = serde_json::from_slice(&line).map_err(|e| {
+                Error::integrity(format!(
+                    "the backup of {:?} holds a line that is not JSON: {e}",
+                    self.db
+                ))
+            })?;
+            if header.is_none() {
+                if value["kura"] != "couchdb-database" {
+                    return Err(Error::integrity(
+                        "the part does not start with a kura CouchDB header",
+                    ));
+                }
+                header = Some(value);
+                continue;
+            }
+            let Some(doc) = value.get("doc").cloned() else {
+                continue;
+            };
+            revisions += 1;
+            if doc["_id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("_design/"))
+            {
+                design.push(doc);
+                continue;
+            }
+            batch_size += line.len();
+            batch.push(doc);
+            if batch_size >= self.batch_bytes {
+                self.write_batch(std::mem::take(&mut batch))?;
+                batch_size = 0;
+            }
+        }
+        let header = header.ok_or_else(|| Error::integrity("the part is empty"))?;
+        self.write_batch(batch)?;
+        self.write_batch(design)?;
+        let security = header["security"].clone();
+        if security.as_object().is_some_and(|s| !s.is_empty()) {
+            self.call(
+                Method::PUT,
+                "_security",
+                Some(security),
+                "restoring _security",
+            )?;
+        }
+        if let Some(limit) = header["revs_limit"].as_u64() {
+            self.call(
+                Method::PUT,
+                "_revs_limit",
+                Some(json!(limit)),
+                "restoring _revs_limit",
+            )?;
+        }
+        Ok(revisions)
+    }
+
+    fn call(&self, method: Method, rest: &str, body: Option<Value>, what: &str) -> Result<Value> {
+        let path = Client::db_path(&self.db, rest);
+        self.handle
+            .block_on(self.client.json(method, &path, body, what))
+    }
+
+    fn write_batch(&self, mut docs: Vec<Value>) -> Result<()> {
+        if docs.is_empty() {
+            return Ok(());
+        }
+        if self.force {
+            docs = self.missing_only(docs)?;
+            if docs.is_empty() {
+                return Ok(());
+            }
+        }
+        let body = json!({"docs": docs, "new_edits": false});
+        let path = Client::db_path(&self.db, "_bulk_docs");
+        let bytes = Bytes::from(serde_json::to_vec(&body).expect("JSON serializes"));
+        let response =
+            self.handle
+                .block_on(self.client.request(Method::POST, &path, Some(bytes)))?;
+        let status = response.status();
+        let answer: Value = self.handle.block_on(response.json()).unwrap_or(Value::Null);
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            return Err(Error::usage(format!(
+                "CouchDB {} refused a {} byte batch as too large: lower the restore batch size",
+                self.client.redacted(),
+                serde_json::to_vec(&body).map(|b| b.len()).unwrap_or(0)
+            )));
+        }
+        if !status.is_success() {
+            return Err(Error::failed(format!(
+                "writing documents into {:?} on CouchDB {}: HTTP {status}: {} {}",
+                self.db,
+                self.client.redacted(),
+                answer["error"].as_str().unwrap_or(""),
+                answer["reason"].as_str().unwrap_or("")
+            )));
+        }
+        // With new_edits=false CouchDB answers [] on success; PouchDB lists every write, with
+        // `error` set on failures.
+        if let Some(failed) = answer
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r.get("error").is_some())
+        {
+            return Err(Error::failed(format!(
+                "CouchDB {} rejected document {} in {:?}: {} {}",
+                self.client.redacted(),
+                failed["id"],
+                self.db,
+                failed["error"].as_str().unwrap_or(""),
+                failed["reason"].as_str().unwrap_or("")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Keep only the revisions the target lacks (`_revs_diff`), for `--force` restores.
+    fn missing_only(&self, docs: Vec<Value>) -> Result<Vec<Value>> {
+        let mut asked: Map<String, Value> = Map::new();
+        for doc in &docs {
+            if let (Some(id), Some(rev)) = (doc["_id"].as_str(), doc["_rev"].as_str()) {
+                let entry = asked.entry(id.to_string()).or_insert_with(|| json!([]));
+                entry.as_array_mut().expect("array").push(json!(rev));
+            }
+        }
+        let diff = self.call(
+            Method::POST,
+            "_revs_diff",
+            Some(Value::Object(asked)),
+            "comparing revisions",
+        )?;
+        Ok(docs
+            .into_iter()
+            .filter(|doc| {
+                let (Some(id), Some(rev)) = (doc["_id"].as_str(), doc["_rev"].as_str()) else {
+                    return true;
+                };
+                diff[id]["missing"]
+                    .as_array()
+                    .is_some_and(|m| m.iter().any(|r| r == rev))
+            })
+            .collect())
+    }
+}
