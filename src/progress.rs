@@ -53,9 +53,11 @@ impl ProgressLine {
                     let rate = bytes as f64 / started.elapsed().as_secs_f64().max(0.001);
                     let label = progress.label.lock().expect("progress label lock").clone();
                     let mut err = std::io::stderr().lock();
+                    // The cursor goes back to column 0, so a log line printed next
+                    // overwrites the progress text instead of continuing it.
                     let _ = write!(
                         err,
-                        "\r\x1b[2K{verb} {label}: {} at {}/s",
+                        "\r\x1b[2K{verb} {label}: {} at {}/s\r",
                         human_bytes(bytes),
                         human_bytes(rate as u64)
                     );

@@ -79,13 +79,13 @@ pub struct GlobalArgs {
     /// zstd level, 1-22 [default: 3]
     #[arg(long, env = "KURA_COMPRESSION_LEVEL", global = true)]
     pub compression_level: Option<i32>,
-    /// zstd worker threads, 0 = none [default: cores, at most 4]
+    /// zstd worker threads, 0 = compress inline [default: 0 on ≤ 2 cores, else cores-1, ≤ 4]
     #[arg(long, env = "KURA_COMPRESSION_THREADS", global = true)]
     pub compression_threads: Option<u32>,
     /// Size of multipart parts, e.g. 16MiB (memory ≈ (concurrency+1) × part size) [default: 8MiB]
     #[arg(long, env = "KURA_PART_SIZE", global = true)]
     pub part_size: Option<String>,
-    /// Parts uploaded concurrently [default: 4]
+    /// Parts uploaded concurrently [default: 2]
     #[arg(long, env = "KURA_UPLOAD_CONCURRENCY", global = true)]
     pub upload_concurrency: Option<usize>,
 }

@@ -24,7 +24,7 @@ use crate::storage::ObjectStore;
 pub mod upload;
 
 /// Size of the chunks handed from the blocking stages to the async ones.
-pub const CHUNK_SIZE: usize = 1 << 20;
+pub const CHUNK_SIZE: usize = 512 << 10;
 /// Chunks that may wait in a channel between two stages.
 pub const CHANNEL_DEPTH: usize = 4;
 
@@ -44,19 +44,35 @@ impl Default for PipelineOptions {
     fn default() -> Self {
         PipelineOptions {
             compression_level: 3,
-            compression_threads: std::thread::available_parallelism()
-                .map(|n| n.get() as u32)
-                .unwrap_or(1)
-                .min(4),
+            compression_threads: default_compression_threads(),
             part_size: 8 << 20,
-            upload_concurrency: 4,
+            // Two parts in flight keep a link to ICOS busy; each one more costs a part of memory.
+            upload_concurrency: 2,
         }
     }
 }
 
+/// zstd workers: none on one or two cores, where the dump tool needs the other core and
+/// level-3 zstd on one thread outruns pg_dump anyway; one less than the cores, at most 4,
+/// otherwise.
+fn default_compression_threads() -> u32 {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    if cores <= 2 {
+        0
+    } else {
+        (cores - 1).min(4)
+    }
+}
+
+/// zstd's multi-threaded job size: small jobs keep each worker's buffers to a few MiB.
+const ZSTD_JOB_SIZE: u32 = 4 << 20;
+
 impl PipelineOptions {
-    /// Upper bound of the bytes the pipeline buffers for the first 1,000 parts:
-    /// the parts in flight, the one being filled, and the channel between the stages.
+    /// Upper bound of the bytes the pipeline buffers for the first 1,000 parts: the parts in
+    /// flight, the one being filled, and the channel between the stages (zstd's own window
+    /// and, with worker threads, about 3 × 4 MiB per worker come on top).
     pub fn memory_bound(&self) -> u64 {
         (self.upload_concurrency as u64 + 1) * self.part_size + (CHANNEL_DEPTH * CHUNK_SIZE) as u64
     }
@@ -148,6 +164,11 @@ impl ChunkSink {
 /// the one to report.
 pub const UPLOAD_STOPPED: &str = "the upload stopped";
 
+/// Whether a producer failed only because the uploader went away (however it was wrapped).
+pub fn is_upload_stopped(err: &Error) -> bool {
+    err.chain().contains(UPLOAD_STOPPED)
+}
+
 impl Write for ChunkSink {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         self.hasher.update(data);
@@ -235,6 +256,9 @@ where
             encoder
                 .multithread(compression.compression_threads)
                 .map_err(io_error)?;
+            encoder
+                .set_parameter(zstd::stream::raw::CParameter::JobSize(ZSTD_JOB_SIZE))
+                .map_err(io_error)?;
         }
         let mut counting = CountingWriter {
             inner: encoder,
@@ -258,7 +282,7 @@ where
             parts,
         }),
         // The producer's own failure is the cause; the uploader only saw the stream stop.
-        (Err(e), _) if e.to_string() != UPLOAD_STOPPED => Err(e),
+        (Err(e), _) if !is_upload_stopped(&e) => Err(e),
         (_, Err(e)) => Err(e),
         (Err(e), Ok(_)) => Err(e),
     }

@@ -122,8 +122,9 @@ impl S3Store {
                 ErrorKind::Storage,
                 format!("bucket {} does not exist: create it or fix the storage URL", self.bucket),
             ),
-            // HEAD answers have no body, hence no code; other 404s (NoSuchUpload) are failures.
-            (_, Some("NoSuchKey"), _) | (_, None, Some(404)) => {
+            // HEAD answers have no body: the SDK reports them as NotFound or without a code.
+            // Other 404s (NoSuchUpload, NoSuchBucket) are failures, not missing objects.
+            (_, Some("NoSuchKey" | "NotFound"), _) | (_, None, Some(404)) => {
                 (ErrorKind::NotFound, "no such object".to_string())
             }
             (_, Some("InvalidAccessKeyId" | "SignatureDoesNotMatch" | "AccessDenied"), _)

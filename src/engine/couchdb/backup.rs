@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use reqwest::Method;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -25,9 +26,12 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline;
 use crate::progress::{human_bytes, ProgressLine};
 
-/// Revisions asked for per `_changes` page and per `_bulk_get` of attachment-free documents.
-/// Memory holds one such answer at a time: kilobytes-sized documents keep it to a few MiB.
-const BATCH: usize = 200;
+/// Changes asked for per `_changes` page. Memory holds the revisions of one page at a time:
+/// for kilobyte-sized documents, a few MiB.
+const BATCH: usize = 1000;
+/// Revisions per `_bulk_get` of attachment-free documents, and such requests in flight.
+const BULK_GET_CHUNK: usize = 100;
+const BULK_GET_CONCURRENCY: usize = 4;
 
 pub struct CouchBackup {
     pub client: Arc<Client>,
@@ -338,7 +342,21 @@ async fn export_revisions(
         return Ok(());
     }
     let mut with_attachments = Vec::new();
-    for doc in bulk_get(client, db, &wanted, false).await? {
+    // A few requests in flight keep the server busy while kura writes; order is kept so a
+    // backup of the same data is the same bytes.
+    let mut chunks = wanted.chunks(BULK_GET_CHUNK);
+    let mut answers = futures::stream::FuturesOrdered::new();
+    for chunk in chunks.by_ref().take(BULK_GET_CONCURRENCY) {
+        answers.push_back(bulk_get(client, db, chunk, false));
+    }
+    let mut docs = Vec::new();
+    while let Some(answer) = answers.next().await {
+        docs.extend(answer?);
+        if let Some(chunk) = chunks.next() {
+            answers.push_back(bulk_get(client, db, chunk, false));
+        }
+    }
+    for doc in docs {
         if doc["_attachments"]
             .as_object()
             .is_some_and(|a| !a.is_empty())

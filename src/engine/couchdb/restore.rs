@@ -136,6 +136,7 @@ impl CouchRestore {
                 force: self.force && exists,
                 batch_bytes: self.batch_bytes,
                 handle: tokio::runtime::Handle::current(),
+                in_flight: Default::default(),
             };
             let result = pipeline::read_verified(
                 ctx.store,
@@ -143,7 +144,10 @@ impl CouchRestore {
                 &part.digest(),
                 Some(line.progress()),
                 &ctx.cancel,
-                move |input: &mut dyn Read| writer.restore(input),
+                move |input: &mut dyn Read| {
+                    let mut writer = writer;
+                    writer.restore(input)
+                },
             )
             .await;
             let revisions = match result {
@@ -193,6 +197,48 @@ impl CouchRestore {
     }
 }
 
+/// `_bulk_docs` batches written at the same time.
+const WRITES_IN_FLIGHT: usize = 4;
+
+async fn post_bulk_docs(client: Arc<Client>, db: String, body: Bytes) -> Result<()> {
+    let size = body.len();
+    let path = Client::db_path(&db, "_bulk_docs");
+    let response = client.request(Method::POST, &path, Some(body)).await?;
+    let status = response.status();
+    let answer: Value = response.json().await.unwrap_or(Value::Null);
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        return Err(Error::usage(format!(
+            "CouchDB {} refused a {size} byte batch as too large: lower --batch-bytes",
+            client.redacted()
+        )));
+    }
+    if !status.is_success() {
+        return Err(Error::failed(format!(
+            "writing documents into {db:?} on CouchDB {}: HTTP {status}: {} {}",
+            client.redacted(),
+            answer["error"].as_str().unwrap_or(""),
+            answer["reason"].as_str().unwrap_or("")
+        )));
+    }
+    // With new_edits=false CouchDB answers [] on success; PouchDB lists every write, with
+    // `error` set on failures.
+    if let Some(failed) = answer
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r.get("error").is_some())
+    {
+        return Err(Error::failed(format!(
+            "CouchDB {} rejected document {} in {db:?}: {} {}",
+            client.redacted(),
+            failed["id"],
+            failed["error"].as_str().unwrap_or(""),
+            failed["reason"].as_str().unwrap_or("")
+        )));
+    }
+    Ok(())
+}
+
 /// The blocking side of a restore: parses lines and drives HTTP through the runtime handle.
 struct Writer {
     client: Arc<Client>,
@@ -200,10 +246,20 @@ struct Writer {
     force: bool,
     batch_bytes: usize,
     handle: tokio::runtime::Handle,
+    in_flight: std::collections::VecDeque<tokio::task::JoinHandle<Result<()>>>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // A failed restore stops writing at once; nothing more lands in the target.
+        for task in &self.in_flight {
+            task.abort();
+        }
+    }
 }
 
 impl Writer {
-    fn restore(&self, input: &mut dyn Read) -> Result<u64> {
+    fn restore(&mut self, input: &mut dyn Read) -> Result<u64> {
         let mut reader = BufReader::with_capacity(1 << 20, input);
         let mut line = Vec::new();
         let mut header: Option<Value> = None;
@@ -251,7 +307,10 @@ impl Writer {
         }
         let header = header.ok_or_else(|| Error::integrity("the part is empty"))?;
         self.write_batch(batch)?;
+        self.drain()?;
+        // Design documents only once every data batch is in.
         self.write_batch(design)?;
+        self.drain()?;
         let security = header["security"].clone();
         if security.as_object().is_some_and(|s| !s.is_empty()) {
             self.call(
@@ -278,7 +337,9 @@ impl Writer {
             .block_on(self.client.json(method, &path, body, what))
     }
 
-    fn write_batch(&self, mut docs: Vec<Value>) -> Result<()> {
+    /// Send one `_bulk_docs` batch; up to [`WRITES_IN_FLIGHT`] run at once. Revisions carry
+    /// their own history, so batches may land in any order.
+    fn write_batch(&mut self, mut docs: Vec<Value>) -> Result<()> {
         if docs.is_empty() {
             return Ok(());
         }
@@ -289,45 +350,29 @@ impl Writer {
             }
         }
         let body = json!({"docs": docs, "new_edits": false});
-        let path = Client::db_path(&self.db, "_bulk_docs");
         let bytes = Bytes::from(serde_json::to_vec(&body).expect("JSON serializes"));
-        let response =
-            self.handle
-                .block_on(self.client.request(Method::POST, &path, Some(bytes)))?;
-        let status = response.status();
-        let answer: Value = self.handle.block_on(response.json()).unwrap_or(Value::Null);
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            return Err(Error::usage(format!(
-                "CouchDB {} refused a {} byte batch as too large: lower the restore batch size",
-                self.client.redacted(),
-                serde_json::to_vec(&body).map(|b| b.len()).unwrap_or(0)
-            )));
+        while self.in_flight.len() >= WRITES_IN_FLIGHT {
+            self.wait_one()?;
         }
-        if !status.is_success() {
-            return Err(Error::failed(format!(
-                "writing documents into {:?} on CouchDB {}: HTTP {status}: {} {}",
-                self.db,
-                self.client.redacted(),
-                answer["error"].as_str().unwrap_or(""),
-                answer["reason"].as_str().unwrap_or("")
-            )));
+        let task = post_bulk_docs(Arc::clone(&self.client), self.db.clone(), bytes);
+        self.in_flight.push_back(self.handle.spawn(task));
+        Ok(())
+    }
+
+    fn wait_one(&mut self) -> Result<()> {
+        match self.in_flight.pop_front() {
+            Some(task) => self
+                .handle
+                .block_on(task)
+                .map_err(|e| Error::failed(format!("a CouchDB write task failed: {e}")))?,
+            None => Ok(()),
         }
-        // With new_edits=false CouchDB answers [] on success; PouchDB lists every write, with
-        // `error` set on failures.
-        if let Some(failed) = answer
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|r| r.get("error").is_some())
-        {
-            return Err(Error::failed(format!(
-                "CouchDB {} rejected document {} in {:?}: {} {}",
-                self.client.redacted(),
-                failed["id"],
-                self.db,
-                failed["error"].as_str().unwrap_or(""),
-                failed["reason"].as_str().unwrap_or("")
-            )));
+    }
+
+    /// Wait for every batch sent so far.
+    fn drain(&mut self) -> Result<()> {
+        while !self.in_flight.is_empty() {
+            self.wait_one()?;
         }
         Ok(())
     }
