@@ -170,6 +170,15 @@ impl Drop for ChildProcess {
     }
 }
 
+/// Let a child write up to 1 MiB ahead instead of the default 64 KiB, so a dump tool and kura
+/// switch less often. Best effort: the pipe still works at the default size.
+pub fn enlarge_pipe(pipe: &impl std::os::fd::AsRawFd) {
+    // SAFETY: fcntl on a file descriptor we own; F_SETPIPE_SZ has no memory effects.
+    unsafe {
+        libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20);
+    }
+}
+
 fn describe_status(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {

@@ -79,7 +79,7 @@ pub struct GlobalArgs {
     /// zstd level, 1-22 [default: 3]
     #[arg(long, env = "KURA_COMPRESSION_LEVEL", global = true)]
     pub compression_level: Option<i32>,
-    /// zstd worker threads, 0 = compress inline [default: 0 on ≤ 2 cores, else cores-1, ≤ 4]
+    /// zstd worker threads, 0 = compress inline [default: cores-1, at least 1, at most 4]
     #[arg(long, env = "KURA_COMPRESSION_THREADS", global = true)]
     pub compression_threads: Option<u32>,
     /// Size of multipart parts, e.g. 16MiB (memory ≈ (concurrency+1) × part size) [default: 8MiB]

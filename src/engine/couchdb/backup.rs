@@ -145,6 +145,10 @@ impl CouchBackup {
                 },
             )
             .await;
+            if stored.is_err() {
+                // Nothing will read what it fetches any more.
+                exporter.abort();
+            }
             let exported = exporter.await;
             let stored = stored
                 .map_err(|e| e.context(format!("backing up CouchDB database {database:?}")))?;
@@ -155,13 +159,14 @@ impl CouchBackup {
                 }
                 Err(e) => {
                     return Err(Error::failed(format!(
-                        "the export of {database:?} crashed: {e}"
+                        "the export of {database:?} stopped: {e}"
                     )))
                 }
             };
             tracing::info!(
                 database = %database,
                 revisions = stats.revisions,
+                skipped_revisions = stats.skipped_revisions,
                 raw_bytes = stored.raw_bytes,
                 stored_bytes = stored.stored.bytes,
                 seconds = started.elapsed().as_secs_f64(),
@@ -342,33 +347,36 @@ async fn export_revisions(
         return Ok(());
     }
     let mut with_attachments = Vec::new();
-    // A few requests in flight keep the server busy while kura writes; order is kept so a
-    // backup of the same data is the same bytes.
+    // A few requests in flight keep the server busy while kura writes; answers are written
+    // as they arrive, in order, so a backup of the same data is the same bytes.
     let mut chunks = wanted.chunks(BULK_GET_CHUNK);
     let mut answers = futures::stream::FuturesOrdered::new();
     for chunk in chunks.by_ref().take(BULK_GET_CONCURRENCY) {
         answers.push_back(bulk_get(client, db, chunk, false));
     }
-    let mut docs = Vec::new();
     while let Some(answer) = answers.next().await {
-        docs.extend(answer?);
+        let docs = answer?;
         if let Some(chunk) = chunks.next() {
             answers.push_back(bulk_get(client, db, chunk, false));
         }
-    }
-    for doc in docs {
-        if doc["_attachments"]
-            .as_object()
-            .is_some_and(|a| !a.is_empty())
-        {
-            with_attachments.push(json!({"id": doc["_id"], "rev": doc["_rev"]}));
-        } else {
-            stats.revisions += 1;
-            send_line(tx, &json!({"doc": doc})).await?;
+        for doc in docs.docs {
+            if doc["_attachments"]
+                .as_object()
+                .is_some_and(|a| !a.is_empty())
+            {
+                with_attachments.push(json!({"id": doc["_id"], "rev": doc["_rev"]}));
+            } else {
+                stats.revisions += 1;
+                send_line(tx, &json!({ "doc": doc })).await?;
+            }
         }
+        stats.skipped_revisions += docs.gone;
     }
+    // Documents with attachments one at a time: the largest thing in memory is one document.
     for wanted in with_attachments {
-        for doc in bulk_get(client, db, std::slice::from_ref(&wanted), true).await? {
+        let docs = bulk_get(client, db, std::slice::from_ref(&wanted), true).await?;
+        stats.skipped_revisions += docs.gone;
+        for doc in docs.docs {
             for attachment in doc["_attachments"].as_object().into_iter().flatten() {
                 stats.attachment_bytes += attachment.1["length"].as_u64().unwrap_or(0);
                 if attachment.1.get("data").is_none() {
@@ -379,10 +387,16 @@ async fn export_revisions(
                 }
             }
             stats.revisions += 1;
-            send_line(tx, &json!({"doc": doc})).await?;
+            send_line(tx, &json!({ "doc": doc })).await?;
         }
     }
     Ok(())
+}
+
+struct Fetched {
+    docs: Vec<Value>,
+    /// Revisions that stopped being available between `_changes` and `_bulk_get`.
+    gone: u64,
 }
 
 async fn bulk_get(
@@ -390,30 +404,47 @@ async fn bulk_get(
     db: &str,
     wanted: &[Value],
     attachments: bool,
-) -> Result<Vec<Value>> {
+) -> Result<Fetched> {
     let path = Client::db_path(
         db,
         &format!("_bulk_get?revs=true&attachments={attachments}"),
     );
-    let answer = client
+    let mut answer = client
         .json(
             Method::POST,
             &path,
-            Some(json!({"docs": wanted})),
+            Some(json!({ "docs": wanted })),
             &format!("reading documents of {db:?}"),
         )
         .await?;
-    let mut docs = Vec::with_capacity(wanted.len());
-    for result in answer["results"].as_array().into_iter().flatten() {
-        for entry in result["docs"].as_array().into_iter().flatten() {
-            if let Some(doc) = entry.get("ok") {
-                docs.push(doc.clone());
+    let mut fetched = Fetched {
+        docs: Vec::with_capacity(wanted.len()),
+        gone: 0,
+    };
+    let results = answer["results"].as_array_mut().map(std::mem::take);
+    for mut result in results.into_iter().flatten() {
+        let id = result["id"].clone();
+        let entries = result["docs"].as_array_mut().map(std::mem::take);
+        for mut entry in entries.into_iter().flatten() {
+            if let Some(doc) = entry.get_mut("ok").map(Value::take) {
+                fetched.docs.push(doc);
+                continue;
+            }
+            let error = &entry["error"];
+            let kind = error["error"].as_str().unwrap_or("");
+            if kind == "not_found" || kind == "missing" {
+                // Replaced (or compacted away) after _changes listed it; its successor comes
+                // later in the feed.
+                tracing::warn!(database = db, %id, rev = %error["rev"], "a revision disappeared during the backup; its successor is backed up instead");
+                fetched.gone += 1;
             } else {
-                // The revision stopped being a leaf after _changes listed it; the newer one
-                // comes later in the feed.
-                tracing::debug!(database = db, id = %result["id"], error = %entry["error"], "revision no longer available");
+                return Err(Error::failed(format!(
+                    "CouchDB could not read document {id} ({}) in {db:?}: {kind} {}",
+                    error["rev"],
+                    error["reason"].as_str().unwrap_or("")
+                )));
             }
         }
     }
-    Ok(docs)
+    Ok(fetched)
 }

@@ -34,6 +34,13 @@ const MAX_ATTEMPTS: u32 = 6;
 /// CouchDB's default session timeout is 10 minutes; renew well before.
 const SESSION_RENEWAL: Duration = Duration::from_secs(240);
 
+/// Why a login did not produce a session.
+enum Login {
+    Rejected,
+    Transport(reqwest::Error),
+    Unavailable(StatusCode),
+}
+
 pub struct Client {
     http: reqwest::Client,
     base: Url,
@@ -99,7 +106,8 @@ impl Client {
     }
 
     /// Log in with a cookie session where the server offers one; basic auth otherwise.
-    async fn session_cookie(&self, force_new: bool) -> Result<Option<String>> {
+    /// A transport failure is `Err(Login::Transport)`, which the caller retries.
+    async fn session_cookie(&self, force_new: bool) -> std::result::Result<Option<String>, Login> {
         let (Some(user), Some(password)) = (&self.user, &self.password) else {
             return Ok(None);
         };
@@ -121,7 +129,7 @@ impl Client {
             .json(&body)
             .send()
             .await
-            .map_err(|e| self.transport_error("logging in", e))?;
+            .map_err(Login::Transport)?;
         match response.status() {
             StatusCode::OK => {
                 let cookie = response
@@ -147,7 +155,8 @@ impl Client {
                     }
                 }
             }
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(self.auth_error()),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(Login::Rejected),
+            status if status.is_server_error() => Err(Login::Unavailable(status)),
             _ => {
                 // No usable session endpoint (disabled, or a proxy in front): basic auth.
                 *self.use_session.lock().expect("session flag lock") = false;
@@ -202,15 +211,35 @@ impl Client {
         let mut relogged = false;
         loop {
             attempt += 1;
-            let cookie = self.session_cookie(false).await?;
+            let cookie = match self.session_cookie(false).await {
+                Ok(cookie) => cookie,
+                Err(Login::Rejected) => return Err(self.auth_error()),
+                Err(failure) if attempt < MAX_ATTEMPTS => {
+                    if let Login::Transport(e) = &failure {
+                        tracing::debug!(error = %e, attempt, "logging in to CouchDB failed; retrying");
+                    }
+                    tokio::time::sleep(jittered_backoff(attempt)).await;
+                    continue;
+                }
+                Err(Login::Transport(e)) => return Err(self.transport_error("logging in", e)),
+                Err(Login::Unavailable(status)) => {
+                    return Err(Error::new(
+                        ErrorKind::Database,
+                        format!(
+                            "CouchDB {} answered HTTP {status} to the login, {MAX_ATTEMPTS} times",
+                            self.shown
+                        ),
+                    ))
+                }
+            };
             let mut request = self.http.request(method.clone(), url.clone());
             match (&cookie, &self.user, &self.password) {
                 (Some(cookie), _, _) => {
-                    request = request.header(
-                        COOKIE,
-                        HeaderValue::from_str(cookie)
-                            .map_err(|_| Error::failed("the server sent an unusable cookie"))?,
-                    )
+                    let mut value = HeaderValue::from_str(cookie)
+                        .map_err(|_| Error::failed("the server sent an unusable cookie"))?;
+                    // Keeps it out of any debug output of the HTTP stack.
+                    value.set_sensitive(true);
+                    request = request.header(COOKIE, value)
                 }
                 (None, Some(user), password) => {
                     request = request.basic_auth(user, password.as_ref().map(|p| p.expose()))
@@ -227,8 +256,9 @@ impl Client {
                 Ok(response) => {
                     let status = response.status();
                     if status == StatusCode::UNAUTHORIZED && cookie.is_some() && !relogged {
+                        // The session expired early (server restart): log in again, once.
                         relogged = true;
-                        self.session_cookie(true).await?;
+                        *self.session.lock().expect("session lock") = None;
                         continue;
                     }
                     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
@@ -275,12 +305,22 @@ impl Client {
         what: &str,
     ) -> Result<Value> {
         let body = body.map(|b| Bytes::from(serde_json::to_vec(&b).expect("JSON serializes")));
-        let response = self.request(method, path, body).await?;
-        let status = response.status();
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| self.transport_error(what, e))?;
+        // A connection lost while the answer streams in is retried like one lost before it;
+        // every endpoint kura calls this way is safe to repeat.
+        let mut attempt = 0;
+        let (status, bytes) = loop {
+            attempt += 1;
+            let response = self.request(method.clone(), path, body.clone()).await?;
+            let status = response.status();
+            match response.bytes().await {
+                Ok(bytes) => break (status, bytes),
+                Err(e) if attempt < MAX_ATTEMPTS => {
+                    tracing::debug!(error = %e, attempt, "reading a CouchDB answer failed; retrying");
+                    tokio::time::sleep(jittered_backoff(attempt)).await;
+                }
+                Err(e) => return Err(self.transport_error(what, e)),
+            }
+        };
         if !status.is_success() {
             let detail = serde_json::from_slice::<Value>(&bytes)
                 .ok()

@@ -2,10 +2,12 @@
 //! document revision back with `new_edits: false`, so revision ids, conflicts and deletions
 //! are exactly those of the backup and replication peers recognise them.
 //!
-//! Order: documents in batches bounded by bytes, then design documents (so a
-//! `validate_doc_update` cannot reject restored data), then `_security` and `_revs_limit`.
-//! CouchDB has no transactions: the part's SHA-256 is checked as it streams and a corrupt part
-//! fails the restore naming it; a database kura created for the restore is deleted again.
+//! Order: `_revs_limit` (CouchDB trims histories to it as they are written), documents in
+//! batches bounded by bytes, then design documents (so a `validate_doc_update` cannot reject
+//! restored data), then `_security`.
+//! CouchDB has no transactions. Into a new database the part streams while its SHA-256 is
+//! checked, and a corrupt part fails the restore naming it and the database is deleted again;
+//! into an existing database (`--force`, or an empty one) the part is checked whole first.
 
 use std::io::{BufRead, BufReader, Read};
 use std::sync::Arc;
@@ -88,6 +90,18 @@ impl CouchRestore {
                 .await;
             let exists = match info {
                 Ok(info) => {
+                    let wanted = part.properties["partitioned"].as_bool().unwrap_or(false);
+                    let actual = info["props"]["partitioned"].as_bool().unwrap_or(false);
+                    if wanted != actual {
+                        return Err(Error::usage(format!(
+                            "database {:?} on CouchDB {} is {}partitioned but the backup of {:?} is {}: restore under another name with --database SRC:DST",
+                            mapping.target,
+                            self.target.redacted(),
+                            if actual { "" } else { "not " },
+                            part.name,
+                            if wanted { "partitioned" } else { "not partitioned" }
+                        )));
+                    }
                     let used = info["doc_count"].as_u64().unwrap_or(0)
                         + info["doc_del_count"].as_u64().unwrap_or(0);
                     if used > 0 && !self.force {
@@ -116,20 +130,28 @@ impl CouchRestore {
         for (part, target, exists) in steps {
             let started = Instant::now();
             line.progress().set_label(&target);
-            if !exists {
-                let partitioned = part.properties["partitioned"].as_bool().unwrap_or(false);
-                let path =
-                    Client::db_path(&target, if partitioned { "?partitioned=true" } else { "" });
-                self.target
-                    .json(
-                        Method::PUT,
-                        &path,
-                        None,
-                        &format!("creating database {target:?}"),
-                    )
-                    .await?;
-            }
             let key = ctx.path.object_key(&ctx.backup_id, &part.key);
+            if exists {
+                // No transactions in CouchDB: a database that already exists is only written
+                // to once the whole part is known to be intact.
+                pipeline::read_verified(
+                    ctx.store,
+                    &key,
+                    &part.digest(),
+                    None,
+                    &ctx.cancel,
+                    |input: &mut dyn Read| Ok(std::io::copy(input, &mut std::io::sink())?),
+                )
+                .await
+                .map_err(|e| {
+                    e.context(format!(
+                        "checking the backup of {:?} before writing into the existing {target:?}",
+                        part.name
+                    ))
+                })?;
+            } else {
+                self.create_database(&target, part).await?;
+            }
             let writer = Writer {
                 client: Arc::clone(&self.target),
                 db: target.clone(),
@@ -197,6 +219,30 @@ impl CouchRestore {
     }
 }
 
+impl CouchRestore {
+    async fn create_database(&self, target: &str, part: &Part) -> Result<()> {
+        let mut path = Client::db_path(target, "");
+        if part.properties["partitioned"].as_bool().unwrap_or(false) {
+            path.push_str("?partitioned=true");
+        }
+        let response = self.target.request(Method::PUT, &path, None).await?;
+        match response.status() {
+            StatusCode::CREATED | StatusCode::ACCEPTED => Ok(()),
+            // A retried PUT whose first attempt got through: it was checked missing just before.
+            StatusCode::PRECONDITION_FAILED => Ok(()),
+            status => {
+                let answer: Value = response.json().await.unwrap_or(Value::Null);
+                Err(Error::failed(format!(
+                    "creating database {target:?} on CouchDB {}: HTTP {status}: {} {}",
+                    self.target.redacted(),
+                    answer["error"].as_str().unwrap_or(""),
+                    answer["reason"].as_str().unwrap_or("")
+                )))
+            }
+        }
+    }
+}
+
 /// `_bulk_docs` batches written at the same time.
 const WRITES_IN_FLIGHT: usize = 4;
 
@@ -208,7 +254,7 @@ async fn post_bulk_docs(client: Arc<Client>, db: String, body: Bytes) -> Result<
     let answer: Value = response.json().await.unwrap_or(Value::Null);
     if status == StatusCode::PAYLOAD_TOO_LARGE {
         return Err(Error::usage(format!(
-            "CouchDB {} refused a {size} byte batch as too large: lower --batch-bytes",
+            "CouchDB {} refused a {size} byte request as too large: lower --batch-bytes, or raise the server's max_http_request_size if a single document is that large",
             client.redacted()
         )));
     }
@@ -265,7 +311,7 @@ impl Writer {
         let mut header: Option<Value> = None;
         let mut batch: Vec<Value> = Vec::new();
         let mut batch_size = 0usize;
-        let mut design: Vec<Value> = Vec::new();
+        let mut design: Vec<(usize, Value)> = Vec::new();
         let mut revisions = 0u64;
         loop {
             line.clear();
@@ -284,6 +330,16 @@ impl Writer {
                         "the part does not start with a kura CouchDB header",
                     ));
                 }
+                // Before any document: CouchDB trims each restored history to the limit in
+                // force when it is written.
+                if let Some(limit) = value["revs_limit"].as_u64() {
+                    self.call(
+                        Method::PUT,
+                        "_revs_limit",
+                        Some(json!(limit)),
+                        "restoring _revs_limit",
+                    )?;
+                }
                 header = Some(value);
                 continue;
             }
@@ -295,21 +351,31 @@ impl Writer {
                 .as_str()
                 .is_some_and(|id| id.starts_with("_design/"))
             {
-                design.push(doc);
+                design.push((line.len(), doc));
                 continue;
             }
-            batch_size += line.len();
-            batch.push(doc);
-            if batch_size >= self.batch_bytes {
+            // Flush before the batch would pass the limit; a single larger document goes alone.
+            if batch_size + line.len() > self.batch_bytes && !batch.is_empty() {
                 self.write_batch(std::mem::take(&mut batch))?;
                 batch_size = 0;
             }
+            batch_size += line.len();
+            batch.push(doc);
         }
         let header = header.ok_or_else(|| Error::integrity("the part is empty"))?;
         self.write_batch(batch)?;
         self.drain()?;
         // Design documents only once every data batch is in.
-        self.write_batch(design)?;
+        let (mut batch, mut batch_size) = (Vec::new(), 0);
+        for (size, doc) in design {
+            if batch_size + size > self.batch_bytes && !batch.is_empty() {
+                self.write_batch(std::mem::take(&mut batch))?;
+                batch_size = 0;
+            }
+            batch_size += size;
+            batch.push(doc);
+        }
+        self.write_batch(batch)?;
         self.drain()?;
         let security = header["security"].clone();
         if security.as_object().is_some_and(|s| !s.is_empty()) {
@@ -318,14 +384,6 @@ impl Writer {
                 "_security",
                 Some(security),
                 "restoring _security",
-            )?;
-        }
-        if let Some(limit) = header["revs_limit"].as_u64() {
-            self.call(
-                Method::PUT,
-                "_revs_limit",
-                Some(json!(limit)),
-                "restoring _revs_limit",
             )?;
         }
         Ok(revisions)

@@ -171,6 +171,7 @@ impl PostgresBackup {
         let key = ctx.path.object_key(id, name);
         let mut child = ChildProcess::spawn(command, tool, false, true)?;
         let mut stdout = child.take_stdout().expect("stdout is piped");
+        crate::process::enlarge_pipe(&stdout);
         // pg_dump waiting on a lock writes nothing, so the pipeline alone would not notice a
         // SIGTERM; stop it directly.
         let stopper = child.terminator(ctx.cancel.clone());
@@ -181,7 +182,7 @@ impl PostgresBackup {
             &ctx.cancel,
             Some(line.progress()),
             move |out: &mut dyn Write| {
-                let copied = std::io::copy(&mut stdout, out);
+                let copied = pipeline::copy_large(&mut stdout, out);
                 // A dump tool that dies closes its stdout (the copy ends) and its exit status
                 // says why; a copy error is ours: compression failed, or the upload stopped.
                 if let Err(e) = copied {

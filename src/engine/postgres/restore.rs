@@ -450,7 +450,7 @@ fn run_restore_tools(
     let forwarder =
         std::thread::spawn(move || forward_script(restore_stdout, psql_stdin, &preamble));
 
-    let fed = std::io::copy(input, &mut restore_stdin);
+    let fed = pipeline::copy_large(input, &mut restore_stdin);
     drop(restore_stdin);
     let restored = restore.wait_success();
     // A selective restore (--table) stops reading once it has its data. The rest of the object
