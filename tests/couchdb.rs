@@ -421,22 +421,10 @@ async fn server_stopping_mid_backup_leaves_no_manifest_and_no_upload() {
         .stderr(std::process::Stdio::piped());
     let child = command.spawn().unwrap();
     let client = common::s3_client(&moto, "testing", "testing");
-    let waiting = std::time::Instant::now();
-    while common::open_uploads(&client, &bucket).await.is_empty() {
-        assert!(
-            waiting.elapsed().as_secs() < 60,
-            "no multipart upload started"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    common::wait_for_open_upload(&client, &bucket).await;
     server.kill().unwrap();
     server.wait().unwrap();
-    let output = child.wait_with_output().unwrap();
-    let result = Run {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    };
+    let result = Run::from_output(child.wait_with_output().unwrap());
     assert_ne!(result.code, 0, "{}", result.all());
     assert!(
         result.error_line()["message"]

@@ -12,7 +12,8 @@
 
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::SourcePath;
+use crate::catalog::{Manifest, Part, SourcePath};
+use crate::error::{Error, Result};
 use crate::pipeline::PipelineOptions;
 use crate::storage::ObjectStore;
 
@@ -58,6 +59,41 @@ impl DatabaseMapping {
             },
         }
     }
+}
+
+/// The database parts of `kind` to restore, each with its target name: all of them under
+/// their own names when `mappings` is empty. A source database the backup lacks is an error
+/// that lists what the backup has.
+pub fn select_parts<'m>(
+    manifest: &'m Manifest,
+    kind: &str,
+    mappings: &[DatabaseMapping],
+) -> Result<Vec<(&'m Part, String)>> {
+    let available: Vec<&Part> = manifest.parts.iter().filter(|p| p.kind == kind).collect();
+    if mappings.is_empty() {
+        return Ok(available.into_iter().map(|p| (p, p.name.clone())).collect());
+    }
+    mappings
+        .iter()
+        .map(|mapping| {
+            let part = available
+                .iter()
+                .find(|p| p.name == mapping.source)
+                .ok_or_else(|| {
+                    Error::not_found(format!(
+                        "database {:?} is not in backup {}; it has: {}",
+                        mapping.source,
+                        manifest.backup_id,
+                        available
+                            .iter()
+                            .map(|p| format!("{:?}", p.name))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })?;
+            Ok((*part, mapping.target.clone()))
+        })
+        .collect()
 }
 
 /// Include/exclude lists for backup.

@@ -99,15 +99,28 @@ impl Run {
 }
 
 pub fn run(command: &mut Command) -> Run {
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = command.output().expect("kura runs");
-    Run {
-        code: status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    Run::from_output(command.output().expect("kura runs"))
+}
+
+impl Run {
+    pub fn from_output(output: Output) -> Run {
+        Run {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+}
+
+/// Wait (at most a minute) until kura has a multipart upload open in `bucket`.
+pub async fn wait_for_open_upload(client: &aws_sdk_s3::Client, bucket: &str) {
+    let started = std::time::Instant::now();
+    while open_uploads(client, bucket).await.is_empty() {
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "no multipart upload started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 

@@ -19,7 +19,7 @@ use serde_json::{json, Map, Value};
 
 use super::{Client, DATABASE_KIND};
 use crate::catalog::{Manifest, Part};
-use crate::engine::{DatabaseMapping, RestoreContext};
+use crate::engine::{select_parts, DatabaseMapping, RestoreContext};
 use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline;
 use crate::progress::{human_bytes, ProgressLine};
@@ -45,45 +45,15 @@ impl CouchRestore {
         ctx: &RestoreContext<'_>,
         manifest: &Manifest,
     ) -> Result<RestoreSummary> {
-        let available: Vec<&Part> = manifest
-            .parts
-            .iter()
-            .filter(|p| p.kind == DATABASE_KIND)
-            .collect();
-        let wanted: Vec<DatabaseMapping> = if self.databases.is_empty() {
-            available
-                .iter()
-                .map(|p| DatabaseMapping {
-                    source: p.name.clone(),
-                    target: p.name.clone(),
-                })
-                .collect()
-        } else {
-            self.databases.clone()
-        };
+        let selected = select_parts(manifest, DATABASE_KIND, &self.databases)?;
         let mut steps = Vec::new();
         let mut occupied = Vec::new();
-        for mapping in wanted {
-            let part = *available
-                .iter()
-                .find(|p| p.name == mapping.source)
-                .ok_or_else(|| {
-                    Error::not_found(format!(
-                        "database {:?} is not in backup {}; it has: {}",
-                        mapping.source,
-                        manifest.backup_id,
-                        available
-                            .iter()
-                            .map(|p| format!("{:?}", p.name))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ))
-                })?;
+        for (part, target) in selected {
             let info = self
                 .target
                 .json(
                     Method::GET,
-                    &Client::db_path(&mapping.target, ""),
+                    &Client::db_path(&target, ""),
                     None,
                     "checking the target database",
                 )
@@ -95,7 +65,7 @@ impl CouchRestore {
                     if wanted != actual {
                         return Err(Error::usage(format!(
                             "database {:?} on CouchDB {} is {}partitioned but the backup of {:?} is {}: restore under another name with --database SRC:DST",
-                            mapping.target,
+                            target,
                             self.target.redacted(),
                             if actual { "" } else { "not " },
                             part.name,
@@ -105,14 +75,14 @@ impl CouchRestore {
                     let used = info["doc_count"].as_u64().unwrap_or(0)
                         + info["doc_del_count"].as_u64().unwrap_or(0);
                     if used > 0 && !self.force {
-                        occupied.push(mapping.target.clone());
+                        occupied.push(target.clone());
                     }
                     true
                 }
                 Err(e) if e.kind() == ErrorKind::NotFound => false,
                 Err(e) => return Err(e),
             };
-            steps.push((part, mapping.target, exists));
+            steps.push((part, target, exists));
         }
         if !occupied.is_empty() {
             return Err(Error::new(

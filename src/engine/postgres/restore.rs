@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use super::preflight::{query_error, DatabaseProps};
 use super::{quote_ident, Connection, Tools, DATABASE_KIND, GLOBALS_KIND};
 use crate::catalog::{Manifest, Part};
-use crate::engine::{DatabaseMapping, RestoreContext};
+use crate::engine::{select_parts, DatabaseMapping, RestoreContext};
 use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline;
 use crate::process::ChildProcess;
@@ -220,22 +220,7 @@ impl PostgresRestore {
         client: &tokio_postgres::Client,
         manifest: &'m Manifest,
     ) -> Result<Vec<Step<'m>>> {
-        let available: Vec<&Part> = manifest
-            .parts
-            .iter()
-            .filter(|p| p.kind == DATABASE_KIND)
-            .collect();
-        let wanted: Vec<DatabaseMapping> = if self.databases.is_empty() {
-            available
-                .iter()
-                .map(|p| DatabaseMapping {
-                    source: p.name.clone(),
-                    target: p.name.clone(),
-                })
-                .collect()
-        } else {
-            self.databases.clone()
-        };
+        let selected = select_parts(manifest, DATABASE_KIND, &self.databases)?;
         let existing: Vec<String> = client
             .query("SELECT datname FROM pg_database", &[])
             .await
@@ -244,22 +229,7 @@ impl PostgresRestore {
             .map(|r| r.get(0))
             .collect();
         let mut steps = Vec::new();
-        for mapping in wanted {
-            let part = available
-                .iter()
-                .find(|p| p.name == mapping.source)
-                .ok_or_else(|| {
-                    Error::not_found(format!(
-                        "database {:?} is not in backup {}; it has: {}",
-                        mapping.source,
-                        manifest.backup_id,
-                        available
-                            .iter()
-                            .map(|p| format!("{:?}", p.name))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ))
-                })?;
+        for (part, target) in selected {
             let props: DatabaseProps =
                 serde_json::from_value(part.properties.clone()).map_err(|e| {
                     Error::integrity(format!(
@@ -270,8 +240,8 @@ impl PostgresRestore {
             steps.push(Step {
                 part,
                 props,
-                exists: existing.contains(&mapping.target),
-                target: mapping.target,
+                exists: existing.contains(&target),
+                target,
             });
         }
         Ok(steps)
