@@ -291,14 +291,14 @@ async fn export_into(
         let path = Client::db_path(
             db,
             &format!(
-                "_changes?style=all_docs&limit={BATCH}&since={}",
+                "_changes?style=all_docs&include_docs=true&limit={BATCH}&since={}",
                 percent_encoding::utf8_percent_encode(
                     &since_text,
                     percent_encoding::NON_ALPHANUMERIC
                 )
             ),
         );
-        let page = client
+        let mut page = client
             .json(
                 Method::GET,
                 &path,
@@ -306,32 +306,66 @@ async fn export_into(
                 &format!("reading the changes of {db:?}"),
             )
             .await?;
-        let results = page["results"].as_array().cloned().unwrap_or_default();
+        let results = page["results"]
+            .as_array_mut()
+            .map(std::mem::take)
+            .unwrap_or_default();
         if results.is_empty() {
             break;
         }
+        let count = results.len();
         let mut wanted = Vec::new();
-        for change in &results {
-            let Some(id) = change["id"].as_str() else {
+        for mut change in results {
+            let Some(id) = change["id"].as_str().map(str::to_string) else {
                 continue;
             };
             if id.starts_with("_local/") {
                 continue;
             }
             stats.documents_in_changes += 1;
-            for rev in change["changes"].as_array().into_iter().flatten() {
-                if let Some(rev) = rev["rev"].as_str() {
-                    wanted.push(json!({"id": id, "rev": rev}));
-                }
+            let revs: Vec<String> = change["changes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r["rev"].as_str().map(str::to_string))
+                .collect();
+            if let Some(doc) = first_generation_only(&revs, change["doc"].take()) {
+                stats.revisions += 1;
+                send_line(tx, &json!({ "doc": doc })).await?;
+                continue;
+            }
+            for rev in revs {
+                wanted.push(json!({"id": id, "rev": rev}));
             }
         }
         export_revisions(client, db, wanted, tx, &mut stats).await?;
         since = page["last_seq"].clone();
-        if results.len() < BATCH || since.is_null() {
+        if count < BATCH || since.is_null() {
             break;
         }
     }
     Ok((database_properties(&header, &stats), stats))
+}
+
+/// A document whose only leaf is its first revision has that revision as its whole history,
+/// so the body `_changes?include_docs=true` returned is complete once `_revisions` is added:
+/// no `_bulk_get` needed. Anything else (edited, conflicted, deleted, with attachments) is
+/// fetched revision by revision.
+fn first_generation_only(revs: &[String], mut doc: Value) -> Option<Value> {
+    let [rev] = revs else { return None };
+    let hash = rev.strip_prefix("1-")?;
+    let has_attachments = doc["_attachments"]
+        .as_object()
+        .is_some_and(|a| !a.is_empty());
+    if doc["_rev"].as_str() != Some(rev.as_str())
+        || has_attachments
+        || doc.get("_deleted").is_some()
+    {
+        return None;
+    }
+    doc.as_object_mut()?
+        .insert("_revisions".into(), json!({"start": 1, "ids": [hash]}));
+    Some(doc)
 }
 
 /// Fetch the given revisions (with history) and write them; revisions with attachments are
@@ -447,4 +481,26 @@ async fn bulk_get(
         }
     }
     Ok(fetched)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_unedited_documents_skip_the_revision_fetch() {
+        let doc = json!({"_id": "a", "_rev": "1-abc", "v": 1});
+        let revs = |r: &[&str]| r.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let whole = first_generation_only(&revs(&["1-abc"]), doc.clone()).unwrap();
+        assert_eq!(whole["_revisions"], json!({"start": 1, "ids": ["abc"]}));
+        assert!(
+            first_generation_only(&revs(&["2-def"]), json!({"_id": "a", "_rev": "2-def"}))
+                .is_none()
+        );
+        assert!(first_generation_only(&revs(&["1-abc", "1-xyz"]), doc.clone()).is_none());
+        let deleted = json!({"_id": "a", "_rev": "1-abc", "_deleted": true});
+        assert!(first_generation_only(&revs(&["1-abc"]), deleted).is_none());
+        let attached = json!({"_id": "a", "_rev": "1-abc", "_attachments": {"f": {"stub": true}}});
+        assert!(first_generation_only(&revs(&["1-abc"]), attached).is_none());
+    }
 }
