@@ -31,14 +31,12 @@ pub struct Options {
     pub exclude_databases: Vec<String>,
 }
 
-enum Engine {
-    Postgres(PostgresBackup),
-    Couchdb(CouchBackup),
-}
-
-enum Plan {
-    Postgres(crate::engine::postgres::backup::Plan),
-    Couchdb(crate::engine::couchdb::backup::Plan),
+/// An engine with the plan its preflight produced. One exists per source and run, so the
+/// size difference between the variants costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
+enum Planned {
+    Postgres(PostgresBackup, crate::engine::postgres::backup::Plan),
+    Couchdb(CouchBackup, crate::engine::couchdb::backup::Plan),
 }
 
 pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
@@ -74,25 +72,29 @@ async fn backup_source(
         include: options.databases.clone(),
         exclude: options.exclude_databases.clone(),
     };
-    let engine = match source.kind {
-        SourceKind::Postgres => Engine::Postgres(PostgresBackup {
-            connection: Connection::new(source.url.clone())?,
-            selection,
-            bin_dir: settings.pg_bin_dir.clone(),
-        }),
-        SourceKind::Couchdb => Engine::Couchdb(CouchBackup {
-            client: std::sync::Arc::new(CouchClient::new(&source.url)?),
-            selection,
-        }),
-    };
     // Preflight: everything that can be checked before an upload starts.
-    let plan = match &engine {
-        Engine::Postgres(engine) => Plan::Postgres(engine.plan().await?),
-        Engine::Couchdb(engine) => Plan::Couchdb(engine.plan().await?),
+    let planned = match source.kind {
+        SourceKind::Postgres => {
+            let engine = PostgresBackup {
+                connection: Connection::new(source.url.clone())?,
+                selection,
+                bin_dir: settings.pg_bin_dir.clone(),
+            };
+            let plan = engine.plan().await?;
+            Planned::Postgres(engine, plan)
+        }
+        SourceKind::Couchdb => {
+            let engine = CouchBackup {
+                client: std::sync::Arc::new(CouchClient::new(&source.url)?),
+                selection,
+            };
+            let plan = engine.plan().await?;
+            Planned::Couchdb(engine, plan)
+        }
     };
-    let databases = match &plan {
-        Plan::Postgres(plan) => plan.databases.len(),
-        Plan::Couchdb(plan) => plan.databases.len(),
+    let databases = match &planned {
+        Planned::Postgres(_, plan) => plan.databases.len(),
+        Planned::Couchdb(_, plan) => plan.databases.len(),
     };
     let started_at = Utc::now();
     let clock = Instant::now();
@@ -111,19 +113,19 @@ async fn backup_source(
         cancel: settings.cancel.clone(),
         show_progress: settings.show_progress(),
     };
-    let ran =
-        match (&engine, plan) {
-            (Engine::Postgres(engine), Plan::Postgres(plan)) => engine.run(&ctx, &id, plan).await,
-            (Engine::Couchdb(engine), Plan::Couchdb(plan)) => engine
+    let ran = match planned {
+        Planned::Postgres(engine, plan) => engine.run(&ctx, &id, plan).await,
+        Planned::Couchdb(engine, plan) => {
+            engine
                 .run(&ctx, &id, plan)
                 .await
                 .map(|outcome| BackupOutcome {
                     server_version: outcome.server_version,
                     tool_version: format!("kura {} (CouchDB HTTP API)", env!("CARGO_PKG_VERSION")),
                     parts: outcome.parts,
-                }),
-            _ => unreachable!("plan and engine are of the same kind"),
-        };
+                })
+        }
+    };
     let outcome = match ran {
         Ok(outcome) if !settings.cancel.is_cancelled() => outcome,
         Ok(_) => {

@@ -213,6 +213,66 @@ impl CouchRestore {
     }
 }
 
+/// Documents per `_bulk_docs` request at most (besides `--batch-bytes`): servers process a
+/// request's documents one after another, so several moderate requests in flight beat one
+/// huge one.
+const DOCS_PER_BATCH: usize = 500;
+
+/// One stored document revision, as the JSON text it was backed up as.
+struct RawDoc {
+    id: String,
+    rev: Option<String>,
+    json: String,
+}
+
+impl RawDoc {
+    /// Parse a `{"doc": …}` line, reading only `_id` and `_rev` out of the document.
+    fn parse(line: &[u8]) -> serde_json::Result<RawDoc> {
+        #[derive(serde::Deserialize)]
+        struct Line<'a> {
+            #[serde(borrow)]
+            doc: &'a serde_json::value::RawValue,
+        }
+        #[derive(serde::Deserialize)]
+        struct Head {
+            #[serde(rename = "_id")]
+            id: String,
+            #[serde(rename = "_rev")]
+            rev: Option<String>,
+        }
+        let line: Line = serde_json::from_slice(line)?;
+        let head: Head = serde_json::from_str(line.doc.get())?;
+        Ok(RawDoc {
+            id: head.id,
+            rev: head.rev,
+            json: line.doc.get().to_string(),
+        })
+    }
+}
+
+/// Documents gathered for one `_bulk_docs` request.
+#[derive(Default)]
+struct Batch {
+    docs: Vec<RawDoc>,
+    bytes: usize,
+}
+
+impl Batch {
+    /// Add a document; returns the full batch to send first when this one would overflow it
+    /// (a single document larger than the limit goes alone).
+    fn add(&mut self, doc: RawDoc, max_bytes: usize) -> Option<Vec<RawDoc>> {
+        let full = !self.docs.is_empty()
+            && (self.bytes + doc.json.len() > max_bytes || self.docs.len() >= DOCS_PER_BATCH);
+        let sent = full.then(|| {
+            self.bytes = 0;
+            std::mem::take(&mut self.docs)
+        });
+        self.bytes += doc.json.len();
+        self.docs.push(doc);
+        sent
+    }
+}
+
 /// `_bulk_docs` batches written at the same time.
 const WRITES_IN_FLIGHT: usize = 4;
 
@@ -279,22 +339,23 @@ impl Writer {
         let mut reader = BufReader::with_capacity(1 << 20, input);
         let mut line = Vec::new();
         let mut header: Option<Value> = None;
-        let mut batch: Vec<Value> = Vec::new();
-        let mut batch_size = 0usize;
-        let mut design: Vec<(usize, Value)> = Vec::new();
+        let mut batch = Batch::default();
+        let mut design = Batch::default();
+        let mut design_docs = Vec::new();
         let mut revisions = 0u64;
         loop {
             line.clear();
             if reader.read_until(b'\n', &mut line)? == 0 {
                 break;
             }
-            let value: Value = serde_json::from_slice(&line).map_err(|e| {
+            let malformed = |e: serde_json::Error| {
                 Error::integrity(format!(
-                    "the backup of {:?} holds a line that is not JSON: {e}",
+                    "the backup of {:?} holds a line that is not a document: {e}",
                     self.db
                 ))
-            })?;
+            };
             if header.is_none() {
+                let value: Value = serde_json::from_slice(&line).map_err(malformed)?;
                 if value["kura"] != "couchdb-database" {
                     return Err(Error::integrity(
                         "the part does not start with a kura CouchDB header",
@@ -313,39 +374,28 @@ impl Writer {
                 header = Some(value);
                 continue;
             }
-            let Some(doc) = value.get("doc").cloned() else {
-                continue;
-            };
+            // Documents stay the JSON text they were stored as: parsing them into values
+            // would cost several times their size in memory for nothing.
+            let doc = RawDoc::parse(&line).map_err(malformed)?;
             revisions += 1;
-            if doc["_id"]
-                .as_str()
-                .is_some_and(|id| id.starts_with("_design/"))
-            {
-                design.push((line.len(), doc));
+            if doc.id.starts_with("_design/") {
+                design_docs.push(doc);
                 continue;
             }
-            // Flush before the batch would pass the limit; a single larger document goes alone.
-            if batch_size + line.len() > self.batch_bytes && !batch.is_empty() {
-                self.write_batch(std::mem::take(&mut batch))?;
-                batch_size = 0;
+            if let Some(full) = batch.add(doc, self.batch_bytes) {
+                self.write_batch(full)?;
             }
-            batch_size += line.len();
-            batch.push(doc);
         }
         let header = header.ok_or_else(|| Error::integrity("the part is empty"))?;
-        self.write_batch(batch)?;
+        self.write_batch(batch.docs)?;
         self.drain()?;
         // Design documents only once every data batch is in.
-        let (mut batch, mut batch_size) = (Vec::new(), 0);
-        for (size, doc) in design {
-            if batch_size + size > self.batch_bytes && !batch.is_empty() {
-                self.write_batch(std::mem::take(&mut batch))?;
-                batch_size = 0;
+        for doc in design_docs {
+            if let Some(full) = design.add(doc, self.batch_bytes) {
+                self.write_batch(full)?;
             }
-            batch_size += size;
-            batch.push(doc);
         }
-        self.write_batch(batch)?;
+        self.write_batch(design.docs)?;
         self.drain()?;
         let security = header["security"].clone();
         if security.as_object().is_some_and(|s| !s.is_empty()) {
@@ -367,7 +417,7 @@ impl Writer {
 
     /// Send one `_bulk_docs` batch; up to [`WRITES_IN_FLIGHT`] run at once. Revisions carry
     /// their own history, so batches may land in any order.
-    fn write_batch(&mut self, mut docs: Vec<Value>) -> Result<()> {
+    fn write_batch(&mut self, mut docs: Vec<RawDoc>) -> Result<()> {
         if docs.is_empty() {
             return Ok(());
         }
@@ -377,8 +427,17 @@ impl Writer {
                 return Ok(());
             }
         }
-        let body = json!({"docs": docs, "new_edits": false});
-        let bytes = Bytes::from(serde_json::to_vec(&body).expect("JSON serializes"));
+        let size: usize = docs.iter().map(|d| d.json.len() + 1).sum();
+        let mut body = Vec::with_capacity(size + 32);
+        body.extend_from_slice(br#"{"new_edits":false,"docs":["#);
+        for (i, doc) in docs.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(doc.json.as_bytes());
+        }
+        body.extend_from_slice(b"]}");
+        let bytes = Bytes::from(body);
         while self.in_flight.len() >= WRITES_IN_FLIGHT {
             self.wait_one()?;
         }
@@ -406,11 +465,11 @@ impl Writer {
     }
 
     /// Keep only the revisions the target lacks (`_revs_diff`), for `--force` restores.
-    fn missing_only(&self, docs: Vec<Value>) -> Result<Vec<Value>> {
+    fn missing_only(&self, docs: Vec<RawDoc>) -> Result<Vec<RawDoc>> {
         let mut asked: Map<String, Value> = Map::new();
         for doc in &docs {
-            if let (Some(id), Some(rev)) = (doc["_id"].as_str(), doc["_rev"].as_str()) {
-                let entry = asked.entry(id.to_string()).or_insert_with(|| json!([]));
+            if let Some(rev) = &doc.rev {
+                let entry = asked.entry(doc.id.clone()).or_insert_with(|| json!([]));
                 entry.as_array_mut().expect("array").push(json!(rev));
             }
         }
@@ -422,13 +481,11 @@ impl Writer {
         )?;
         Ok(docs
             .into_iter()
-            .filter(|doc| {
-                let (Some(id), Some(rev)) = (doc["_id"].as_str(), doc["_rev"].as_str()) else {
-                    return true;
-                };
-                diff[id]["missing"]
+            .filter(|doc| match &doc.rev {
+                None => true,
+                Some(rev) => diff[doc.id.as_str()]["missing"]
                     .as_array()
-                    .is_some_and(|m| m.iter().any(|r| r == rev))
+                    .is_some_and(|m| m.iter().any(|r| r == rev)),
             })
             .collect())
     }

@@ -445,7 +445,7 @@ fn run_restore_tools(
             restored?;
             fed.map_err(|e| Error::with_source(ErrorKind::Failed, "reading the backup", e))?;
             forwarded.map_err(|e| Error::with_source(ErrorKind::Failed, "feeding psql", e))?;
-            unreachable!("one of the steps failed")
+            Err(Error::failed("the restore tools failed"))
         }
     }
 }
