@@ -490,3 +490,46 @@ impl Writer {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(id: &str, padding: usize) -> RawDoc {
+        let line = format!(
+            "{{\"doc\":{{\"_id\":\"{id}\",\"_rev\":\"1-a\",\"pad\":\"{}\"}}}}\n",
+            "x".repeat(padding)
+        );
+        RawDoc::parse(line.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn raw_documents_keep_their_text() {
+        let parsed = doc("a/b?c", 3);
+        assert_eq!(parsed.id, "a/b?c");
+        assert_eq!(parsed.rev.as_deref(), Some("1-a"));
+        assert_eq!(parsed.json, r#"{"_id":"a/b?c","_rev":"1-a","pad":"xxx"}"#);
+        assert!(RawDoc::parse(b"{\"doc\":{\"no_id\":1}}\n").is_err());
+    }
+
+    #[test]
+    fn batches_stop_before_the_byte_limit_and_at_the_document_cap() {
+        let mut batch = Batch::default();
+        assert!(batch.add(doc("a", 40), 100).is_none());
+        let sent = batch
+            .add(doc("b", 40), 100)
+            .expect("the second would pass 100 bytes");
+        assert_eq!(sent.len(), 1);
+        // A document larger than the limit still goes, alone.
+        let sent = batch.add(doc("huge", 500), 100).unwrap();
+        assert_eq!(sent[0].id, "b");
+        assert_eq!(batch.add(doc("c", 1), 100).unwrap()[0].id, "huge");
+
+        let mut batch = Batch::default();
+        let full: Vec<_> = (0..=DOCS_PER_BATCH)
+            .filter_map(|i| batch.add(doc(&i.to_string(), 1), usize::MAX))
+            .collect();
+        assert_eq!(full.len(), 1);
+        assert_eq!(full[0].len(), DOCS_PER_BATCH);
+    }
+}
