@@ -198,24 +198,14 @@ async fn build_fixture(couch: &Couch, db: &str) {
         .await;
 }
 
-fn with_couch(command: &mut Command, url: &str, storage: &std::path::Path) {
+/// Run kura against a CouchDB URL with backups in a local directory.
+fn kura_couch(url: &str, storage: &std::path::Path, args: &[&str]) -> Run {
+    let mut command = kura();
     command
         .env("KURA_COUCHDB_URL", url)
-        .env("KURA_STORAGE", format!("file://{}", storage.display()));
-}
-
-fn backup_id(result: &Run) -> String {
-    result
-        .stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find_map(|v| {
-            v["backup_id"]
-                .as_str()
-                .filter(|_| v["message"].as_str().unwrap_or("").contains("complete"))
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| panic!("no backup id in:\n{}", result.all()))
+        .env("KURA_STORAGE", format!("file://{}", storage.display()))
+        .args(args);
+    run(&mut command)
 }
 
 #[tokio::test]
@@ -240,34 +230,37 @@ async fn round_trip_keeps_revisions_conflicts_deletions_attachments_and_security
             .await;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut command = kura();
-    with_couch(&mut command, &url, dir.path());
-    command.args([
-        "backup",
-        "couchdb",
-        "--database",
-        &source,
-        "--database",
-        &second,
-    ]);
-    let result = run(&mut command);
+    let result = kura_couch(
+        &url,
+        dir.path(),
+        &[
+            "backup",
+            "couchdb",
+            "--database",
+            &source,
+            "--database",
+            &second,
+        ],
+    );
     result.assert_ok();
-    let id = backup_id(&result);
+    let id = result.backup_id();
 
     let target = format!("{source}_copy");
     let second_target = format!("{second}_copy");
-    let mut command = kura();
-    with_couch(&mut command, &url, dir.path());
-    command.args([
-        "restore",
-        "couchdb",
-        &id,
-        "--database",
-        &format!("{source}:{target}"),
-        "--database",
-        &format!("{second}:{second_target}"),
-    ]);
-    run(&mut command).assert_ok();
+    kura_couch(
+        &url,
+        dir.path(),
+        &[
+            "restore",
+            "couchdb",
+            &id,
+            "--database",
+            &format!("{source}:{target}"),
+            "--database",
+            &format!("{second}:{second_target}"),
+        ],
+    )
+    .assert_ok();
 
     let (source_docs, source_security) = couch.snapshot(&source).await;
     let (target_docs, target_security) = couch.snapshot(&target).await;
@@ -291,28 +284,31 @@ async fn round_trip_keeps_revisions_conflicts_deletions_attachments_and_security
     );
 
     // Non-empty target: refused without --force; with --force nothing is duplicated.
-    let mut command = kura();
-    with_couch(&mut command, &url, dir.path());
-    command.args([
-        "restore",
-        "couchdb",
-        &id,
-        "--database",
-        &format!("{source}:{target}"),
-    ]);
-    let refused = run(&mut command);
+    let refused = kura_couch(
+        &url,
+        dir.path(),
+        &[
+            "restore",
+            "couchdb",
+            &id,
+            "--database",
+            &format!("{source}:{target}"),
+        ],
+    );
     assert_eq!(refused.code, 7, "{}", refused.all());
-    let mut command = kura();
-    with_couch(&mut command, &url, dir.path());
-    command.args([
-        "restore",
-        "couchdb",
-        &id,
-        "--database",
-        &format!("{source}:{target}"),
-        "--force",
-    ]);
-    run(&mut command).assert_ok();
+    kura_couch(
+        &url,
+        dir.path(),
+        &[
+            "restore",
+            "couchdb",
+            &id,
+            "--database",
+            &format!("{source}:{target}"),
+            "--force",
+        ],
+    )
+    .assert_ok();
     let (again, _) = couch.snapshot(&target).await;
     assert_eq!(
         again, target_docs,
@@ -330,16 +326,17 @@ async fn round_trip_keeps_revisions_conflicts_deletions_attachments_and_security
     bytes[middle] ^= 0x10;
     std::fs::write(&part, &bytes).unwrap();
     let fresh = format!("{source}_fresh");
-    let mut command = kura();
-    with_couch(&mut command, &url, dir.path());
-    command.args([
-        "restore",
-        "couchdb",
-        &id,
-        "--database",
-        &format!("{source}:{fresh}"),
-    ]);
-    let failed = run(&mut command);
+    let failed = kura_couch(
+        &url,
+        dir.path(),
+        &[
+            "restore",
+            "couchdb",
+            &id,
+            "--database",
+            &format!("{source}:{fresh}"),
+        ],
+    );
     assert_eq!(failed.code, 5, "{}", failed.all());
     assert!(failed.error_line()["message"]
         .as_str()
@@ -359,10 +356,7 @@ fn wrong_password_is_a_clear_error() {
     let url = require!("KURA_TEST_COUCH_URL");
     let wrong = url.replace("kura-couch-pw", "not-it");
     let dir = tempfile::tempdir().unwrap();
-    let mut command = kura();
-    with_couch(&mut command, &wrong, dir.path());
-    command.args(["backup", "couchdb"]);
-    let result = run(&mut command);
+    let result = kura_couch(&wrong, dir.path(), &["backup", "couchdb"]);
     assert_eq!(result.code, 4, "{}", result.all());
     assert!(result.error_line()["message"]
         .as_str()

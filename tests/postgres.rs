@@ -122,21 +122,7 @@ fn backup(configure: impl Fn(&mut std::process::Command), pg_url: &str, extra: &
         .args(extra);
     let result = run(&mut command);
     result.assert_ok();
-    backup_id(&result)
-}
-
-fn backup_id(result: &Run) -> String {
-    result
-        .stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find_map(|v| {
-            v["backup_id"]
-                .as_str()
-                .filter(|_| v["message"].as_str().unwrap_or("").contains("complete"))
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| panic!("no backup id in:\n{}", result.all()))
+    result.backup_id()
 }
 
 fn restore(

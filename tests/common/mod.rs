@@ -88,6 +88,20 @@ impl Run {
         assert_eq!(self.code, 0, "kura failed:\n{}", self.all());
         self
     }
+    /// The id a successful `kura backup` logged (JSON logs).
+    pub fn backup_id(&self) -> String {
+        self.stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find_map(|v| {
+                v["backup_id"]
+                    .as_str()
+                    .filter(|_| v["message"].as_str().unwrap_or("").contains("complete"))
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| panic!("no backup id in:\n{}", self.all()))
+    }
+
     /// The `error` log line kura ends a failure with.
     pub fn error_line(&self) -> serde_json::Value {
         self.stdout
