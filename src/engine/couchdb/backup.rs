@@ -234,7 +234,7 @@ async fn send_line(tx: &mpsc::Sender<Result<Chunk>>, value: &Value) -> Result<()
 }
 
 async fn export_into(
-    client: &Client,
+    client: &Arc<Client>,
     db: &str,
     tx: &mpsc::Sender<Result<Chunk>>,
 ) -> Result<(Value, DatabaseStats)> {
@@ -282,30 +282,26 @@ async fn export_into(
     send_line(tx, &header).await?;
 
     let mut stats = DatabaseStats::default();
-    let mut since = Value::from(0);
-    loop {
-        let since_text = match &since {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
-        let path = Client::db_path(
-            db,
-            &format!(
-                "_changes?style=all_docs&include_docs=true&limit={BATCH}&since={}",
-                percent_encoding::utf8_percent_encode(
-                    &since_text,
-                    percent_encoding::NON_ALPHANUMERIC
-                )
-            ),
-        );
-        let mut page = client
-            .json(
-                Method::GET,
-                &path,
-                None,
-                &format!("reading the changes of {db:?}"),
-            )
-            .await?;
+    // The next page is requested as soon as this one's last_seq is known, so the server
+    // reads it while kura fetches revisions and writes this one.
+    let mut next = Some(tokio::spawn(changes_page(
+        Arc::clone(client),
+        db.to_string(),
+        Value::from(0),
+    )));
+    while let Some(pending) = next.take() {
+        let mut page = pending
+            .await
+            .map_err(|e| Error::failed(format!("reading the changes of {db:?} stopped: {e}")))??;
+        let since = page["last_seq"].clone();
+        let full_page = page["results"].as_array().is_some_and(|r| r.len() >= BATCH);
+        if full_page && !since.is_null() {
+            next = Some(tokio::spawn(changes_page(
+                Arc::clone(client),
+                db.to_string(),
+                since,
+            )));
+        }
         let results = page["results"]
             .as_array_mut()
             .map(std::mem::take)
@@ -313,7 +309,6 @@ async fn export_into(
         if results.is_empty() {
             break;
         }
-        let count = results.len();
         let mut wanted = Vec::new();
         for mut change in results {
             let Some(id) = change["id"].as_str().map(str::to_string) else {
@@ -339,12 +334,32 @@ async fn export_into(
             }
         }
         export_revisions(client, db, wanted, tx, &mut stats).await?;
-        since = page["last_seq"].clone();
-        if count < BATCH || since.is_null() {
-            break;
-        }
     }
     Ok((database_properties(&header, &stats), stats))
+}
+
+/// One page of `_changes` (all leaf revisions, winners' bodies) after `since`, which is passed
+/// back exactly as the server sent it (CouchDB: opaque string, pouchdb-server: integer).
+async fn changes_page(client: Arc<Client>, db: String, since: Value) -> Result<Value> {
+    let since_text = match &since {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let path = Client::db_path(
+        &db,
+        &format!(
+            "_changes?style=all_docs&include_docs=true&limit={BATCH}&since={}",
+            percent_encoding::utf8_percent_encode(&since_text, percent_encoding::NON_ALPHANUMERIC)
+        ),
+    );
+    client
+        .json(
+            Method::GET,
+            &path,
+            None,
+            &format!("reading the changes of {db:?}"),
+        )
+        .await
 }
 
 /// A document whose only leaf is its first revision has that revision as its whole history,
