@@ -137,6 +137,16 @@ impl Error {
         }
     }
 
+    /// After a signal every stage of a pipeline fails in its own way (a broken pipe, a killed
+    /// child); the cause to report is the signal.
+    pub fn or_interrupted(self, cancel: &tokio_util::sync::CancellationToken) -> Self {
+        if cancel.is_cancelled() {
+            Error::interrupted()
+        } else {
+            self
+        }
+    }
+
     /// The message followed by every cause, deduplicated, on one line.
     pub fn chain(&self) -> String {
         let mut out = self.message.clone();

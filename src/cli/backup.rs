@@ -134,12 +134,7 @@ async fn backup_source(
         }
         Err(err) => {
             discard(store, &path, &id).await;
-            // After a signal every stage fails in its own way; the cause is the signal.
-            return Err(if settings.cancel.is_cancelled() {
-                Error::interrupted()
-            } else {
-                err
-            });
+            return Err(err.or_interrupted(&settings.cancel));
         }
     };
     let manifest = Manifest {

@@ -160,12 +160,7 @@ impl CouchRestore {
                             tracing::warn!(database = %target, error = %e, "could not delete the database created for the failed restore");
                         }
                     }
-                    let err = if ctx.cancel.is_cancelled() {
-                        Error::interrupted()
-                    } else {
-                        err
-                    };
-                    return Err(err.context(format!(
+                    return Err(err.or_interrupted(&ctx.cancel).context(format!(
                         "restoring CouchDB database {:?} into {target:?}",
                         part.name
                     )));

@@ -180,12 +180,7 @@ impl PostgresRestore {
                         tracing::warn!(database = %step.target, error = %e, "could not drop the database created for the failed restore");
                     }
                 }
-                let err = if ctx.cancel.is_cancelled() {
-                    Error::interrupted()
-                } else {
-                    err
-                };
-                return Err(err.context(format!(
+                return Err(err.or_interrupted(&ctx.cancel).context(format!(
                     "restoring database {:?} into {:?} (left as it was)",
                     step.part.name, step.target
                 )));
