@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use url::Url;
@@ -345,9 +346,77 @@ pub fn parse_size(raw: &str) -> Result<u64> {
         .ok_or_else(|| Error::usage(format!("size {raw:?} is too large")))
 }
 
+/// Parses durations like `36h`, `7d`, `2w`, `1d12h`, `90s`, `15m`.
+pub fn parse_duration(raw: &str) -> Result<Duration> {
+    let text = raw.trim();
+    let invalid = || {
+        Error::usage(format!(
+            "invalid duration {raw:?}: expected a number with a unit, e.g. 30m, 36h, 7d, 2w (units s, m, h, d, w)"
+        ))
+    };
+    if text.is_empty() {
+        return Err(invalid());
+    }
+    let mut total: u64 = 0;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(invalid)?;
+        if digits == 0 {
+            return Err(invalid());
+        }
+        let number: u64 = rest[..digits].parse().map_err(|_| invalid())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let seconds: u64 = match &rest[..unit_len] {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            "w" => 7 * 86_400,
+            _ => return Err(invalid()),
+        };
+        rest = &rest[unit_len..];
+        total = number
+            .checked_mul(seconds)
+            .and_then(|s| total.checked_add(s))
+            .ok_or_else(invalid)?;
+    }
+    Ok(Duration::from_secs(total))
+}
+
+/// The inverse of [`parse_duration`], largest units first: `1d12h`, `90s` → `1m30s`.
+pub fn format_duration(duration: Duration) -> String {
+    let mut secs = duration.as_secs();
+    if secs == 0 {
+        return "0s".into();
+    }
+    let mut out = String::new();
+    for (unit, size) in [("d", 86_400), ("h", 3600), ("m", 60), ("s", 1)] {
+        if secs >= size {
+            out.push_str(&format!("{}{unit}", secs / size));
+            secs %= size;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("36h").unwrap(), Duration::from_secs(36 * 3600));
+        assert_eq!(parse_duration("1d12h").unwrap(), Duration::from_secs(36 * 3600));
+        assert_eq!(parse_duration("2w").unwrap(), Duration::from_secs(14 * 86_400));
+        for bad in ["", "7", "d", "7x", "-1d", "1.5h", "7 d"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(format_duration(Duration::from_secs(36 * 3600)), "1d12h");
+        assert_eq!(format_duration(Duration::from_secs(90)), "1m30s");
+    }
 
     #[test]
     fn password_is_decoded_and_never_shown() {

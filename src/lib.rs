@@ -1,6 +1,7 @@
 //! kura backs up PostgreSQL and CouchDB to IBM Cloud Object Storage (S3) or a local directory
 //! and restores them. The binary (`src/main.rs`) is a thin shell around [`cli::run`].
 
+pub mod calendar;
 pub mod catalog;
 pub mod cli;
 pub mod config;
@@ -10,6 +11,7 @@ pub mod logging;
 pub mod pipeline;
 pub mod process;
 pub mod progress;
+pub mod retention;
 pub mod storage;
 
 pub use error::{Error, ErrorKind, Result};
