@@ -96,7 +96,11 @@ fn to_quartz(expression: &str) -> std::result::Result<String, String> {
         return Err(format!("it has {} fields", fields.len()));
     }
     let [minute, hour, day_of_month, month, day_of_week] = [0, 1, 2, 3, 4].map(|i| fields[i]);
-    for (name, field) in [("minute", minute), ("hour", hour), ("day-of-month", day_of_month)] {
+    for (name, field) in [
+        ("minute", minute),
+        ("hour", hour),
+        ("day-of-month", day_of_month),
+    ] {
         if field.chars().any(|c| c.is_ascii_alphabetic() || c == '?') {
             return Err(format!("the {name} field {field:?} must be numeric"));
         }
@@ -116,7 +120,9 @@ fn to_quartz(expression: &str) -> std::result::Result<String, String> {
         // Quartz numbers Sunday 1 … Saturday 7; crontab's 7 is Sunday again.
         Some(days) => join(&days.iter().map(|d| d % 7 + 1).collect()),
     };
-    Ok(format!("0 {minute} {hour} {day_of_month} {month} {day_of_week}"))
+    Ok(format!(
+        "0 {minute} {hour} {day_of_month} {month} {day_of_week}"
+    ))
 }
 
 fn join(values: &BTreeSet<u32>) -> String {
@@ -191,32 +197,63 @@ mod tests {
         // 2026-11-28 is a Saturday; crontab 0 and 7 are Sunday.
         for sunday in ["0 2 * * 0", "0 2 * * 7", "0 2 * * SUN", "0 2 * * sun"] {
             let s = CronSchedule::parse(sunday, None).unwrap();
-            assert_eq!(s.next_after(utc(2026, 11, 28, 12, 0)), Some(utc(2026, 11, 29, 2, 0)), "{sunday}");
+            assert_eq!(
+                s.next_after(utc(2026, 11, 28, 12, 0)),
+                Some(utc(2026, 11, 29, 2, 0)),
+                "{sunday}"
+            );
         }
         let weekdays = CronSchedule::parse("30 1 * * 1-5", None).unwrap();
-        assert_eq!(weekdays.next_after(utc(2026, 11, 28, 12, 0)), Some(utc(2026, 11, 30, 1, 30)));
+        assert_eq!(
+            weekdays.next_after(utc(2026, 11, 28, 12, 0)),
+            Some(utc(2026, 11, 30, 1, 30))
+        );
         let weekend = CronSchedule::parse("0 3 * * 6-7", None).unwrap();
-        assert_eq!(weekend.next_after(utc(2026, 11, 28, 12, 0)), Some(utc(2026, 11, 29, 3, 0)));
+        assert_eq!(
+            weekend.next_after(utc(2026, 11, 28, 12, 0)),
+            Some(utc(2026, 11, 29, 3, 0))
+        );
     }
 
     #[test]
     fn previous_is_inclusive_and_next_is_exclusive() {
         let daily = CronSchedule::parse("17 2 * * *", None).unwrap();
-        assert_eq!(daily.previous(utc(2026, 11, 28, 2, 17)), Some(utc(2026, 11, 28, 2, 17)));
-        assert_eq!(daily.previous(utc(2026, 11, 28, 2, 16)), Some(utc(2026, 11, 27, 2, 17)));
-        assert_eq!(daily.next_after(utc(2026, 11, 28, 2, 17)), Some(utc(2026, 11, 29, 2, 17)));
+        assert_eq!(
+            daily.previous(utc(2026, 11, 28, 2, 17)),
+            Some(utc(2026, 11, 28, 2, 17))
+        );
+        assert_eq!(
+            daily.previous(utc(2026, 11, 28, 2, 16)),
+            Some(utc(2026, 11, 27, 2, 17))
+        );
+        assert_eq!(
+            daily.next_after(utc(2026, 11, 28, 2, 17)),
+            Some(utc(2026, 11, 29, 2, 17))
+        );
     }
 
     #[test]
     fn time_zones_and_macros() {
         let berlin = CronSchedule::parse("0 2 * * *", Some("Europe/Berlin")).unwrap();
-        assert_eq!(berlin.next_after(utc(2026, 11, 28, 12, 0)), Some(utc(2026, 11, 29, 1, 0)));
+        assert_eq!(
+            berlin.next_after(utc(2026, 11, 28, 12, 0)),
+            Some(utc(2026, 11, 29, 1, 0))
+        );
         let daily = CronSchedule::parse("@daily", None).unwrap();
-        assert_eq!(daily.previous(utc(2026, 11, 28, 12, 0)), Some(utc(2026, 11, 28, 0, 0)));
+        assert_eq!(
+            daily.previous(utc(2026, 11, 28, 12, 0)),
+            Some(utc(2026, 11, 28, 0, 0))
+        );
         let steps = CronSchedule::parse("*/15 * * * *", None).unwrap();
-        assert_eq!(steps.next_after(utc(2026, 11, 28, 12, 1)), Some(utc(2026, 11, 28, 12, 15)));
+        assert_eq!(
+            steps.next_after(utc(2026, 11, 28, 12, 1)),
+            Some(utc(2026, 11, 28, 12, 15))
+        );
         let months = CronSchedule::parse("0 0 1 jan,jul *", None).unwrap();
-        assert_eq!(months.next_after(utc(2026, 11, 28, 12, 0)), Some(utc(2027, 1, 1, 0, 0)));
+        assert_eq!(
+            months.next_after(utc(2026, 11, 28, 12, 0)),
+            Some(utc(2027, 1, 1, 0, 0))
+        );
     }
 
     #[test]

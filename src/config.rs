@@ -213,7 +213,24 @@ pub struct FileConfig {
     #[serde(default)]
     pub pipeline: PipelineFile,
     #[serde(default)]
+    pub retention: RetentionFile,
+    #[serde(default)]
     pub sources: BTreeMap<String, SourceFile>,
+}
+
+/// `[retention]`: the policy of `prune` and `backup --prune`; flags and KURA_KEEP_* override.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionFile {
+    pub keep_last: Option<u32>,
+    pub keep_hourly: Option<u32>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
+    pub keep_yearly: Option<u32>,
+    pub keep_within: Option<String>,
+    /// How long an incomplete backup may be a running one, e.g. "24h".
+    pub grace: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -360,7 +377,9 @@ pub fn parse_duration(raw: &str) -> Result<Duration> {
     let mut total: u64 = 0;
     let mut rest = text;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(invalid)?;
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(invalid)?;
         if digits == 0 {
             return Err(invalid());
         }
@@ -408,9 +427,18 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("36h").unwrap(), Duration::from_secs(36 * 3600));
-        assert_eq!(parse_duration("1d12h").unwrap(), Duration::from_secs(36 * 3600));
-        assert_eq!(parse_duration("2w").unwrap(), Duration::from_secs(14 * 86_400));
+        assert_eq!(
+            parse_duration("36h").unwrap(),
+            Duration::from_secs(36 * 3600)
+        );
+        assert_eq!(
+            parse_duration("1d12h").unwrap(),
+            Duration::from_secs(36 * 3600)
+        );
+        assert_eq!(
+            parse_duration("2w").unwrap(),
+            Duration::from_secs(14 * 86_400)
+        );
         for bad in ["", "7", "d", "7x", "-1d", "1.5h", "7 d"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }

@@ -80,6 +80,9 @@ impl fmt::Display for Policy {
     }
 }
 
+/// The calendar period a backup falls in, as a label (`2026-11-28`, `2026-W48`).
+type PeriodOf = fn(DateTime<Utc>) -> String;
+
 /// What retention needs to know about one backup folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
@@ -130,21 +133,27 @@ pub fn apply(
             .push("newest complete backup (always kept)".into());
     }
     for (index, c) in complete.iter().enumerate().take(policy.keep_last as usize) {
-        reasons
-            .entry(&c.id)
-            .or_default()
-            .push(format!("last {} ({} of {})", policy.keep_last, index + 1, policy.keep_last));
+        reasons.entry(&c.id).or_default().push(format!(
+            "last {} ({} of {})",
+            policy.keep_last,
+            index + 1,
+            policy.keep_last
+        ));
     }
-    let periods: [(&str, u32, fn(DateTime<Utc>) -> String); 5] = [
+    let periods: [(&str, u32, PeriodOf); 5] = [
         ("hourly", policy.keep_hourly, |t| {
             format!("{} {:02}h", t.format("%Y-%m-%d"), t.hour())
         }),
-        ("daily", policy.keep_daily, |t| t.format("%Y-%m-%d").to_string()),
+        ("daily", policy.keep_daily, |t| {
+            t.format("%Y-%m-%d").to_string()
+        }),
         ("weekly", policy.keep_weekly, |t| {
             let week = t.iso_week();
             format!("{}-W{:02}", week.year(), week.week())
         }),
-        ("monthly", policy.keep_monthly, |t| t.format("%Y-%m").to_string()),
+        ("monthly", policy.keep_monthly, |t| {
+            t.format("%Y-%m").to_string()
+        }),
         ("yearly", policy.keep_yearly, |t| t.year().to_string()),
     ];
     for (rule, count, period_of) in periods {
@@ -256,7 +265,12 @@ mod tests {
     /// One backup a day at 02:00 for `days` days up to the day of `now`.
     fn nightly(days: i64) -> Vec<Candidate> {
         (0..days)
-            .map(|i| complete(at(2026, 11, 28, 2, 0, 0) - chrono::Duration::days(i), "aaaaaa"))
+            .map(|i| {
+                complete(
+                    at(2026, 11, 28, 2, 0, 0) - chrono::Duration::days(i),
+                    "aaaaaa",
+                )
+            })
             .collect()
     }
 
@@ -285,19 +299,28 @@ mod tests {
             Case {
                 name: "keep-last 3 of 10 nightly",
                 candidates: nightly(10),
-                policy: Policy { keep_last: 3, ..p() },
+                policy: Policy {
+                    keep_last: 3,
+                    ..p()
+                },
                 kept: vec!["20261128T020000", "20261127T020000", "20261126T020000"],
             },
             Case {
                 name: "keep-last larger than the number of backups keeps all",
                 candidates: nightly(3),
-                policy: Policy { keep_last: 30, ..p() },
+                policy: Policy {
+                    keep_last: 30,
+                    ..p()
+                },
                 kept: vec!["20261128T020000", "20261127T020000", "20261126T020000"],
             },
             Case {
                 name: "keep-last 1 keeps only the newest",
                 candidates: nightly(5),
-                policy: Policy { keep_last: 1, ..p() },
+                policy: Policy {
+                    keep_last: 1,
+                    ..p()
+                },
                 kept: vec!["20261128T020000"],
             },
             Case {
@@ -309,7 +332,10 @@ mod tests {
                     complete(at(2026, 11, 27, 2, 0, 0), "a"),
                     complete(at(2026, 11, 26, 14, 0, 0), "a"),
                 ],
-                policy: Policy { keep_daily: 2, ..p() },
+                policy: Policy {
+                    keep_daily: 2,
+                    ..p()
+                },
                 kept: vec!["20261128T140000", "20261127T140000"],
             },
             Case {
@@ -319,15 +345,26 @@ mod tests {
                     complete(at(2026, 11, 10, 2, 0, 0), "a"),
                     complete(at(2026, 10, 1, 2, 0, 0), "a"),
                 ],
-                policy: Policy { keep_daily: 2, ..p() },
+                policy: Policy {
+                    keep_daily: 2,
+                    ..p()
+                },
                 kept: vec!["20261128T020000", "20261110T020000"],
             },
             Case {
                 name: "keep-hourly 3 over one night of half-hourly backups",
                 candidates: (0..8)
-                    .map(|i| complete(at(2026, 11, 28, 3, 30, 0) - chrono::Duration::minutes(30 * i), "a"))
+                    .map(|i| {
+                        complete(
+                            at(2026, 11, 28, 3, 30, 0) - chrono::Duration::minutes(30 * i),
+                            "a",
+                        )
+                    })
                     .collect(),
-                policy: Policy { keep_hourly: 3, ..p() },
+                policy: Policy {
+                    keep_hourly: 3,
+                    ..p()
+                },
                 kept: vec!["20261128T033000", "20261128T023000", "20261128T013000"],
             },
             Case {
@@ -338,7 +375,10 @@ mod tests {
                     complete(at(2026, 11, 16, 2, 0, 0), "a"), // Monday, week 47
                     complete(at(2026, 11, 15, 2, 0, 0), "a"), // Sunday, week 46
                 ],
-                policy: Policy { keep_weekly: 2, ..p() },
+                policy: Policy {
+                    keep_weekly: 2,
+                    ..p()
+                },
                 kept: vec!["20261123T020000", "20261122T020000"],
             },
             Case {
@@ -349,7 +389,10 @@ mod tests {
                     complete(at(2026, 12, 31, 2, 0, 0), "a"), // 2026-W53
                     complete(at(2026, 12, 27, 2, 0, 0), "a"), // 2026-W52
                 ],
-                policy: Policy { keep_weekly: 2, ..p() },
+                policy: Policy {
+                    keep_weekly: 2,
+                    ..p()
+                },
                 kept: vec!["20270104T020000", "20270102T020000"],
             },
             Case {
@@ -360,7 +403,10 @@ mod tests {
                     complete(at(2026, 10, 1, 0, 0, 0), "a"),
                     complete(at(2026, 9, 30, 23, 59, 59), "a"),
                 ],
-                policy: Policy { keep_monthly: 2, ..p() },
+                policy: Policy {
+                    keep_monthly: 2,
+                    ..p()
+                },
                 kept: vec!["20261101T000000", "20261031T235959"],
             },
             Case {
@@ -370,7 +416,10 @@ mod tests {
                     complete(at(2026, 11, 30, 23, 59, 59), "a"),
                     complete(at(2026, 11, 30, 1, 0, 0), "a"),
                 ],
-                policy: Policy { keep_monthly: 5, ..p() },
+                policy: Policy {
+                    keep_monthly: 5,
+                    ..p()
+                },
                 kept: vec!["20261201T000000", "20261130T235959"],
             },
             Case {
@@ -380,7 +429,10 @@ mod tests {
                     complete(at(2028, 2, 29, 1, 0, 0), "a"),
                     complete(at(2028, 2, 28, 1, 0, 0), "a"),
                 ],
-                policy: Policy { keep_daily: 2, ..p() },
+                policy: Policy {
+                    keep_daily: 2,
+                    ..p()
+                },
                 kept: vec!["20280301T010000", "20280229T010000"],
             },
             Case {
@@ -391,13 +443,19 @@ mod tests {
                     complete(at(2026, 6, 1, 0, 0, 0), "a"),
                     complete(at(2025, 6, 1, 0, 0, 0), "a"),
                 ],
-                policy: Policy { keep_yearly: 2, ..p() },
+                policy: Policy {
+                    keep_yearly: 2,
+                    ..p()
+                },
                 kept: vec!["20270101T000000", "20261231T235959"],
             },
             Case {
                 name: "keep-within 3d keeps everything younger and nothing older",
                 candidates: nightly(10),
-                policy: Policy { keep_within: Some(Duration::from_secs(3 * DAY)), ..p() },
+                policy: Policy {
+                    keep_within: Some(Duration::from_secs(3 * DAY)),
+                    ..p()
+                },
                 // 11-25 02:00 is 3d10h before now.
                 kept: vec!["20261128T020000", "20261127T020000", "20261126T020000"],
             },
@@ -408,31 +466,58 @@ mod tests {
                     complete(at(2026, 11, 27, 12, 0, 0), "a"),
                     complete(at(2026, 11, 27, 11, 59, 59), "a"),
                 ],
-                policy: Policy { keep_within: Some(Duration::from_secs(DAY)), ..p() },
+                policy: Policy {
+                    keep_within: Some(Duration::from_secs(DAY)),
+                    ..p()
+                },
                 kept: vec!["20261128T110000", "20261127T120000"],
             },
             Case {
                 name: "keep-within with nothing recent still keeps the newest",
-                candidates: vec![complete(at(2026, 1, 1, 0, 0, 0), "a"), complete(at(2025, 1, 1, 0, 0, 0), "a")],
-                policy: Policy { keep_within: Some(Duration::from_secs(DAY)), ..p() },
+                candidates: vec![
+                    complete(at(2026, 1, 1, 0, 0, 0), "a"),
+                    complete(at(2025, 1, 1, 0, 0, 0), "a"),
+                ],
+                policy: Policy {
+                    keep_within: Some(Duration::from_secs(DAY)),
+                    ..p()
+                },
                 kept: vec!["20260101T000000"],
             },
             Case {
                 name: "daily 7 + weekly 4 + monthly 6 over a year of nightlies",
                 candidates: nightly(365),
-                policy: Policy { keep_daily: 7, keep_weekly: 4, keep_monthly: 6, ..p() },
+                policy: Policy {
+                    keep_daily: 7,
+                    keep_weekly: 4,
+                    keep_monthly: 6,
+                    ..p()
+                },
                 kept: vec![
-                    "20261128T020000", "20261127T020000", "20261126T020000", "20261125T020000",
-                    "20261124T020000", "20261123T020000", "20261122T020000", // daily; 22nd ends W47
-                    "20261115T020000", "20261108T020000", // weekly W46, W45
-                    "20261031T020000", "20260930T020000", "20260831T020000", "20260731T020000",
+                    "20261128T020000",
+                    "20261127T020000",
+                    "20261126T020000",
+                    "20261125T020000",
+                    "20261124T020000",
+                    "20261123T020000",
+                    "20261122T020000", // daily; 22nd ends W47
+                    "20261115T020000",
+                    "20261108T020000", // weekly W46, W45
+                    "20261031T020000",
+                    "20260930T020000",
+                    "20260831T020000",
+                    "20260731T020000",
                     "20260630T020000", // monthly
                 ],
             },
             Case {
                 name: "last 2 + within 3d: union, overlaps counted once",
                 candidates: nightly(6),
-                policy: Policy { keep_last: 2, keep_within: Some(Duration::from_secs(3 * DAY)), ..p() },
+                policy: Policy {
+                    keep_last: 2,
+                    keep_within: Some(Duration::from_secs(3 * DAY)),
+                    ..p()
+                },
                 kept: vec!["20261128T020000", "20261127T020000", "20261126T020000"],
             },
             Case {
@@ -444,7 +529,11 @@ mod tests {
                     complete(at(2025, 12, 31, 9, 0, 0), "a"),
                     complete(at(2025, 3, 1, 9, 0, 0), "a"),
                 ],
-                policy: Policy { keep_hourly: 2, keep_yearly: 2, ..p() },
+                policy: Policy {
+                    keep_hourly: 2,
+                    keep_yearly: 2,
+                    ..p()
+                },
                 kept: vec!["20261128T110000", "20261128T100000", "20251231T090000"],
             },
             Case {
@@ -454,7 +543,10 @@ mod tests {
                     complete(at(2026, 11, 28, 2, 0, 0), "bbbbbb"),
                     complete(at(2026, 11, 27, 2, 0, 0), "aaaaaa"),
                 ],
-                policy: Policy { keep_last: 1, ..p() },
+                policy: Policy {
+                    keep_last: 1,
+                    ..p()
+                },
                 kept: vec!["20261128T020000"],
             },
             Case {
@@ -463,7 +555,10 @@ mod tests {
                     complete(at(2026, 11, 28, 2, 0, 0), "aaaaaa"),
                     complete(at(2026, 11, 28, 2, 0, 0), "bbbbbb"),
                 ],
-                policy: Policy { keep_daily: 3, ..p() },
+                policy: Policy {
+                    keep_daily: 3,
+                    ..p()
+                },
                 kept: vec!["20261128T020000"],
             },
             Case {
@@ -474,16 +569,25 @@ mod tests {
                     complete(at(2026, 11, 18, 2, 0, 0), "a"),
                     complete(at(2026, 11, 17, 2, 0, 0), "a"),
                 ],
-                policy: Policy { keep_last: 2, ..p() },
+                policy: Policy {
+                    keep_last: 2,
+                    ..p()
+                },
                 kept: vec!["20261119T020000", "20261118T020000"],
             },
             Case {
                 name: "an incomplete backup within the grace is kept (may be running)",
                 candidates: vec![
-                    incomplete(at(2026, 11, 28, 11, 0, 0), Some(at(2026, 11, 28, 11, 50, 0))),
+                    incomplete(
+                        at(2026, 11, 28, 11, 0, 0),
+                        Some(at(2026, 11, 28, 11, 50, 0)),
+                    ),
                     complete(at(2026, 11, 27, 2, 0, 0), "a"),
                 ],
-                policy: Policy { keep_last: 1, ..p() },
+                policy: Policy {
+                    keep_last: 1,
+                    ..p()
+                },
                 kept: vec!["20261128T110000", "20261127T020000"],
             },
             Case {
@@ -492,7 +596,10 @@ mod tests {
                     incomplete(at(2026, 11, 26, 2, 0, 0), Some(at(2026, 11, 28, 11, 0, 0))),
                     complete(at(2026, 11, 25, 2, 0, 0), "a"),
                 ],
-                policy: Policy { keep_last: 1, ..p() },
+                policy: Policy {
+                    keep_last: 1,
+                    ..p()
+                },
                 kept: vec!["20261126T020000", "20261125T020000"],
             },
             Case {
@@ -501,7 +608,10 @@ mod tests {
                     incomplete(at(2026, 11, 27, 2, 0, 0), Some(at(2026, 11, 27, 3, 0, 0))),
                     complete(at(2026, 11, 26, 2, 0, 0), "a"),
                 ],
-                policy: Policy { keep_last: 5, ..p() },
+                policy: Policy {
+                    keep_last: 5,
+                    ..p()
+                },
                 kept: vec!["20261126T020000"],
             },
             Case {
@@ -510,7 +620,10 @@ mod tests {
                     incomplete(at(2026, 11, 28, 10, 0, 0), None),
                     incomplete(at(2026, 11, 1, 2, 0, 0), None),
                 ],
-                policy: Policy { keep_last: 5, ..p() },
+                policy: Policy {
+                    keep_last: 5,
+                    ..p()
+                },
                 kept: vec!["20261128T100000"],
             },
             Case {
@@ -520,13 +633,19 @@ mod tests {
                     complete(at(2026, 1, 1, 0, 0, 0), "a"),
                     complete(at(2025, 1, 1, 0, 0, 0), "a"),
                 ],
-                policy: Policy { keep_within: Some(Duration::from_secs(3600)), ..p() },
+                policy: Policy {
+                    keep_within: Some(Duration::from_secs(3600)),
+                    ..p()
+                },
                 kept: vec!["20261128T020000", "20260101T000000"],
             },
             Case {
                 name: "no backups at all",
                 candidates: vec![],
-                policy: Policy { keep_last: 3, ..p() },
+                policy: Policy {
+                    keep_last: 3,
+                    ..p()
+                },
                 kept: vec![],
             },
             Case {
@@ -536,23 +655,41 @@ mod tests {
                     complete(at(2026, 11, 28, 2, 0, 0), "a"),
                     complete(at(2026, 11, 1, 2, 0, 0), "a"),
                 ],
-                policy: Policy { keep_within: Some(Duration::from_secs(DAY)), ..p() },
+                policy: Policy {
+                    keep_within: Some(Duration::from_secs(DAY)),
+                    ..p()
+                },
                 kept: vec!["20261201T000000", "20261128T020000"],
             },
             Case {
                 name: "monthly 12 over three years keeps exactly twelve months",
                 candidates: nightly(3 * 365),
-                policy: Policy { keep_monthly: 12, ..p() },
+                policy: Policy {
+                    keep_monthly: 12,
+                    ..p()
+                },
                 kept: vec![
-                    "20261128T020000", "20261031T020000", "20260930T020000", "20260831T020000",
-                    "20260731T020000", "20260630T020000", "20260531T020000", "20260430T020000",
-                    "20260331T020000", "20260228T020000", "20260131T020000", "20251231T020000",
+                    "20261128T020000",
+                    "20261031T020000",
+                    "20260930T020000",
+                    "20260831T020000",
+                    "20260731T020000",
+                    "20260630T020000",
+                    "20260531T020000",
+                    "20260430T020000",
+                    "20260331T020000",
+                    "20260228T020000",
+                    "20260131T020000",
+                    "20251231T020000",
                 ],
             },
             Case {
                 name: "yearly 3 over three years of nightlies",
                 candidates: nightly(3 * 365),
-                policy: Policy { keep_yearly: 3, ..p() },
+                policy: Policy {
+                    keep_yearly: 3,
+                    ..p()
+                },
                 kept: vec!["20261128T020000", "20251231T020000", "20241231T020000"],
             },
             Case {
@@ -563,7 +700,10 @@ mod tests {
                     c.swap(1, 3);
                     c
                 },
-                policy: Policy { keep_last: 2, ..p() },
+                policy: Policy {
+                    keep_last: 2,
+                    ..p()
+                },
                 kept: vec!["20261128T020000", "20261127T020000"],
             },
         ]
@@ -583,7 +723,12 @@ mod tests {
             );
             assert_eq!(kept(&decisions), case.kept, "{}", case.name);
             for d in &decisions {
-                assert!(!d.reasons.is_empty(), "{}: {} has no reason", case.name, d.id);
+                assert!(
+                    !d.reasons.is_empty(),
+                    "{}: {} has no reason",
+                    case.name,
+                    d.id
+                );
             }
         }
     }
@@ -592,9 +737,18 @@ mod tests {
     fn the_newest_complete_backup_survives_every_policy() {
         let candidates = nightly(40);
         for policy in [
-            Policy { keep_within: Some(Duration::from_secs(1)), ..Policy::default() },
-            Policy { keep_yearly: 1, ..Policy::default() },
-            Policy { keep_last: 1, ..Policy::default() },
+            Policy {
+                keep_within: Some(Duration::from_secs(1)),
+                ..Policy::default()
+            },
+            Policy {
+                keep_yearly: 1,
+                ..Policy::default()
+            },
+            Policy {
+                keep_last: 1,
+                ..Policy::default()
+            },
         ] {
             let decisions = apply(&candidates, &policy, DEFAULT_GRACE, at(2030, 1, 1, 0, 0, 0));
             assert!(decisions[0].keep, "{policy}");
@@ -605,7 +759,11 @@ mod tests {
     fn reasons_say_which_rule_keeps_a_backup() {
         let decisions = run(
             &nightly(3),
-            Policy { keep_last: 2, keep_daily: 1, ..Policy::default() },
+            Policy {
+                keep_last: 2,
+                keep_daily: 1,
+                ..Policy::default()
+            },
         );
         assert_eq!(
             decisions[0].reasons,
@@ -615,7 +773,10 @@ mod tests {
                 "daily 2026-11-28 (1 of 1)"
             ]
         );
-        assert_eq!(decisions[2].reasons, vec!["matches no rule of: last 2, daily 1"]);
+        assert_eq!(
+            decisions[2].reasons,
+            vec!["matches no rule of: last 2, daily 1"]
+        );
         assert!(!decisions[2].keep);
     }
 
@@ -624,9 +785,17 @@ mod tests {
         let err = Policy::default().validate().unwrap_err();
         assert_eq!(err.kind(), crate::ErrorKind::Usage);
         assert!(err.to_string().contains("--keep-last"));
-        let zero_within = Policy { keep_within: Some(Duration::ZERO), ..Policy::default() };
+        let zero_within = Policy {
+            keep_within: Some(Duration::ZERO),
+            ..Policy::default()
+        };
         assert!(zero_within.validate().is_err());
-        assert!(Policy { keep_daily: 1, ..Policy::default() }.validate().is_ok());
+        assert!(Policy {
+            keep_daily: 1,
+            ..Policy::default()
+        }
+        .validate()
+        .is_ok());
     }
 
     #[test]
@@ -635,7 +804,10 @@ mod tests {
             incomplete(at(2026, 11, 28, 9, 0, 0), None),
             complete(at(2026, 11, 27, 2, 0, 0), "a"),
         ];
-        let policy = Policy { keep_last: 3, ..Policy::default() };
+        let policy = Policy {
+            keep_last: 3,
+            ..Policy::default()
+        };
         let short = apply(&candidates, &policy, Duration::from_secs(3600), now());
         assert_eq!(kept(&short), vec!["20261127T020000"]);
         let long = apply(&candidates, &policy, Duration::from_secs(6 * 3600), now());

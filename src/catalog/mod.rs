@@ -19,13 +19,16 @@ use crate::config::SourceKind;
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::ObjectStore;
 
+pub mod lock;
+pub mod prune;
+
 pub const MANIFEST_NAME: &str = "manifest.json";
 pub const MANIFEST_FORMAT: &str = "kura-backup-manifest";
 /// Bump when a reader of the previous version would misread a new manifest.
 pub const MANIFEST_VERSION: u32 = 1;
 
-/// `20261128T020304Z-a1b2c3`: UTC time to the second, then a random suffix so two runs in the
-/// same second never collide. Lexical order is time order.
+/// `20261128T020304Z-a1b2c3`: UTC time to the second, then a suffix of the millisecond and
+/// random bits so two runs in the same second never collide. Lexical order is time order.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BackupId(String);
 
@@ -33,11 +36,11 @@ const ID_TIME_FORMAT: &str = "%Y%m%dT%H%M%SZ";
 
 impl BackupId {
     pub fn new(at: DateTime<Utc>) -> Self {
-        BackupId(format!(
-            "{}-{:06x}",
-            at.format(ID_TIME_FORMAT),
-            rand::random::<u32>() & 0xff_ffff
-        ))
+        // The suffix starts with the millisecond (10 bits) and ends with 14 random bits, so
+        // two backups in one second still sort in the order they started.
+        let millis = at.timestamp_subsec_millis().min(999);
+        let suffix = (millis << 14) | (rand::random::<u32>() & 0x3fff);
+        BackupId(format!("{}-{suffix:06x}", at.format(ID_TIME_FORMAT)))
     }
 
     pub fn parse(text: &str) -> Result<Self> {
@@ -125,6 +128,11 @@ pub struct Part {
     /// Engine-specific facts needed to restore (encoding, owner, …).
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub properties: serde_json::Value,
+    /// What the part held when it was taken, for `verify --deep` to compare a restore with:
+    /// rows per table (`schema.table`, PostgreSQL) or `documents` / `deleted_documents`
+    /// (CouchDB). Empty in backups made before kura recorded them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub counts: BTreeMap<String, u64>,
 }
 
 impl Part {
@@ -336,6 +344,18 @@ mod tests {
         );
         assert!(BackupId::parse("latest").is_err());
         assert!(BackupId::parse("20261302T030405Z-abcdef").is_err());
+    }
+
+    #[test]
+    fn ids_within_one_second_sort_by_millisecond() {
+        let base = Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap();
+        let mut previous = BackupId::new(base);
+        for ms in [1, 2, 500, 999] {
+            let next = BackupId::new(base + chrono::Duration::milliseconds(ms));
+            assert!(next > previous, "{next} after {previous}");
+            assert_eq!(BackupId::parse(next.as_str()).unwrap().time(), base);
+            previous = next;
+        }
     }
 
     #[test]

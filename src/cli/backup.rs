@@ -5,7 +5,8 @@ use std::time::Instant;
 use chrono::Utc;
 use clap::Args;
 
-use super::Settings;
+use super::{RetentionArgs, Settings};
+use crate::catalog::lock::Lock;
 use crate::catalog::{self, BackupId, Manifest, SourcePath, MANIFEST_FORMAT, MANIFEST_VERSION};
 use crate::config::SourceKind;
 use crate::engine::couchdb::backup::CouchBackup;
@@ -15,6 +16,7 @@ use crate::engine::postgres::Connection;
 use crate::engine::{BackupContext, Selection};
 use crate::error::{Error, Result};
 use crate::progress::human_bytes;
+use crate::retention::Policy;
 use crate::storage::ObjectStore;
 
 #[derive(Debug, Args)]
@@ -29,6 +31,11 @@ pub struct Options {
     /// Skip this database (repeatable).
     #[arg(long = "exclude-database", value_name = "NAME")]
     pub exclude_databases: Vec<String>,
+    /// After each successful backup, prune that source with the retention policy.
+    #[arg(long)]
+    pub prune: bool,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
 }
 
 /// An engine with the plan its preflight produced. One exists per source and run, so the
@@ -40,11 +47,26 @@ enum Planned {
 }
 
 pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
+    // A missing retention policy is a configuration error: report it before dumping anything.
+    let prune = match options.prune {
+        true => Some(options.retention.resolve(&settings.retention)?),
+        false => None,
+    };
     let store = settings.open_store().await?;
     let mut first_error = None;
     // Each source is independent: one unreachable server must not cost the others their backup.
     for name in &options.sources {
-        if let Err(err) = backup_source(settings, options, store.as_ref(), name).await {
+        let locked = async {
+            let path = settings.source_path(name)?;
+            // Validate the source before taking its lock, so a typo does not touch storage.
+            settings.source(name)?;
+            let lock = Lock::acquire(store.clone(), &path, "backup").await?;
+            let result =
+                backup_then_prune(settings, options, store.as_ref(), name, prune.as_ref()).await;
+            lock.release(store.as_ref()).await;
+            result
+        };
+        if let Err(err) = locked.await {
             if options.sources.len() > 1 {
                 tracing::error!(source = %name, error_kind = err.kind().as_str(), "{}", err.chain());
             }
@@ -58,6 +80,27 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
         Some(err) => Err(err),
         None => Ok(()),
     }
+}
+
+async fn backup_then_prune(
+    settings: &Settings,
+    options: &Options,
+    store: &dyn ObjectStore,
+    name: &str,
+    prune: Option<&(Policy, std::time::Duration)>,
+) -> Result<()> {
+    backup_source(settings, options, store, name).await?;
+    if let Some((policy, grace)) = prune {
+        let path = settings.source_path(name)?;
+        super::prune::prune_locked(store, &path, policy, *grace, Utc::now())
+            .await
+            .map_err(|e| {
+                e.context(format!(
+                    "the backup of {name:?} succeeded, but pruning failed"
+                ))
+            })?;
+    }
+    Ok(())
 }
 
 async fn backup_source(
@@ -193,7 +236,17 @@ async fn discard(store: &dyn ObjectStore, path: &SourcePath, id: &BackupId) {
             return;
         }
     };
-    if let Err(e) = store.delete(&keys).await {
+    if let Err(e) = store
+        .delete(&keys)
+        .await
+        .and_then(|refused| match refused.first() {
+            None => Ok(()),
+            Some(r) => Err(Error::new(
+                crate::ErrorKind::Storage,
+                format!("the store refused to delete {}: {}", r.key, r.reason),
+            )),
+        })
+    {
         tracing::warn!(error = %e.chain(), "could not delete the parts of the failed backup; prune will remove them");
     }
     if let Ok(uploads) = store.list_uploads(&prefix).await {

@@ -103,19 +103,10 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
 }
 
 fn table(rows: &[Row]) -> String {
-    let header = [
-        "SOURCE",
-        "BACKUP ID",
-        "STATUS",
-        "STARTED (UTC)",
-        "DURATION",
-        "PARTS",
-        "SIZE",
-    ];
-    let cells: Vec<[String; 7]> = rows
+    let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            [
+            vec![
                 r.source.clone(),
                 r.backup_id.clone(),
                 r.status.to_string(),
@@ -131,25 +122,16 @@ fn table(rows: &[Row]) -> String {
             ]
         })
         .collect();
-    let mut widths = header.map(str::len);
-    for row in &cells {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |fields: Vec<&str>| {
-        let text: Vec<String> = fields
-            .iter()
-            .zip(widths)
-            .map(|(f, w)| format!("{f:<w$}"))
-            .collect();
-        out.push_str(text.join("  ").trim_end());
-        out.push('\n');
-    };
-    line(header.to_vec());
-    for row in &cells {
-        line(row.iter().map(String::as_str).collect());
-    }
-    out
+    super::table::render(
+        &[
+            "SOURCE",
+            "BACKUP ID",
+            "STATUS",
+            "STARTED (UTC)",
+            "DURATION",
+            "PARTS",
+            "SIZE",
+        ],
+        &cells,
+    )
 }

@@ -2,22 +2,31 @@
 //! flags, environment and config file into validated [`Settings`].
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::SourcePath;
-use crate::config::{self, FileConfig, Source, SourceKind, SourceUrl};
+use crate::config::{self, FileConfig, RetentionFile, Secret, Source, SourceKind, SourceUrl};
 use crate::error::{Error, Result};
 use crate::logging::{self, LogFormat};
 use crate::pipeline::PipelineOptions;
+use crate::retention::{Policy, DEFAULT_GRACE};
 use crate::storage::{self, ObjectStore, S3Options};
 
 pub mod backup;
 pub mod list;
+pub mod prune;
 pub mod restore;
+pub mod schedule;
 pub mod show;
+pub mod status;
+pub mod table;
+pub mod unlock;
+pub mod verify;
+pub mod wait_for;
 
 /// Where backups go when no storage is configured: a directory in the working directory.
 pub const DEFAULT_STORAGE: &str = "kura-backups";
@@ -100,6 +109,77 @@ pub enum Command {
     List(list::Options),
     /// Show one backup's manifest.
     Show(show::Options),
+    /// Delete backups the retention policy no longer keeps, and abandoned uploads.
+    Prune(prune::Options),
+    /// Check a backup: every part's size and SHA-256, and that it decompresses.
+    Verify(verify::Options),
+    /// Freshness of the newest complete backup per source; exit 1 when one is too old.
+    Status(status::Options),
+    /// Wait until a database or the object store answers (for initContainers).
+    WaitFor(wait_for::Options),
+    /// Run a kura command on a cron schedule (for hosts without Kubernetes).
+    Schedule(schedule::Options),
+    /// Remove the backup/prune lock of a source left behind by a run that died.
+    Unlock(unlock::Options),
+}
+
+/// Retention rules shared by `prune` and `backup --prune`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct RetentionArgs {
+    /// Keep the N newest complete backups.
+    #[arg(long, env = "KURA_KEEP_LAST", value_name = "N")]
+    pub keep_last: Option<u32>,
+    /// Keep the newest backup of each of the N most recent hours that have one.
+    #[arg(long, env = "KURA_KEEP_HOURLY", value_name = "N")]
+    pub keep_hourly: Option<u32>,
+    /// Keep the newest backup of each of the N most recent days (UTC) that have one.
+    #[arg(long, env = "KURA_KEEP_DAILY", value_name = "N")]
+    pub keep_daily: Option<u32>,
+    /// Keep the newest backup of each of the N most recent ISO weeks that have one.
+    #[arg(long, env = "KURA_KEEP_WEEKLY", value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    /// Keep the newest backup of each of the N most recent months that have one.
+    #[arg(long, env = "KURA_KEEP_MONTHLY", value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    /// Keep the newest backup of each of the N most recent years that have one.
+    #[arg(long, env = "KURA_KEEP_YEARLY", value_name = "N")]
+    pub keep_yearly: Option<u32>,
+    /// Keep every backup younger than this, e.g. 7d, 36h.
+    #[arg(long, env = "KURA_KEEP_WITHIN", value_name = "DURATION")]
+    pub keep_within: Option<String>,
+    /// Incomplete backups and unfinished uploads younger than this may belong to a running
+    /// backup and are left alone [default: 24h]
+    #[arg(
+        long = "prune-grace",
+        env = "KURA_PRUNE_GRACE",
+        value_name = "DURATION"
+    )]
+    pub grace: Option<String>,
+}
+
+impl RetentionArgs {
+    /// Flags and environment over the config file's `[retention]`.
+    pub fn resolve(&self, file: &RetentionFile) -> Result<(Policy, Duration)> {
+        let within = match self.keep_within.as_ref().or(file.keep_within.as_ref()) {
+            Some(text) => Some(config::parse_duration(text)?),
+            None => None,
+        };
+        let policy = Policy {
+            keep_last: self.keep_last.or(file.keep_last).unwrap_or(0),
+            keep_hourly: self.keep_hourly.or(file.keep_hourly).unwrap_or(0),
+            keep_daily: self.keep_daily.or(file.keep_daily).unwrap_or(0),
+            keep_weekly: self.keep_weekly.or(file.keep_weekly).unwrap_or(0),
+            keep_monthly: self.keep_monthly.or(file.keep_monthly).unwrap_or(0),
+            keep_yearly: self.keep_yearly.or(file.keep_yearly).unwrap_or(0),
+            keep_within: within,
+        };
+        policy.validate()?;
+        let grace = match self.grace.as_ref().or(file.grace.as_ref()) {
+            Some(text) => config::parse_duration(text)?,
+            None => DEFAULT_GRACE,
+        };
+        Ok((policy, grace))
+    }
 }
 
 /// Validated settings: flags > environment > config file > defaults.
@@ -112,6 +192,8 @@ pub struct Settings {
     pub pipeline: PipelineOptions,
     pub sources: Vec<Source>,
     pub pg_bin_dir: Option<PathBuf>,
+    /// The config file's `[retention]`, under the retention flags.
+    pub retention: RetentionFile,
     pub cancel: CancellationToken,
 }
 
@@ -165,6 +247,15 @@ impl Settings {
                 });
             }
         }
+        // A password apart from the URL (KURA_<SOURCE>_PASSWORD, e.g. from a Kubernetes
+        // Secret), so the URL can live in a ConfigMap and needs no percent-encoding.
+        for source in &mut sources {
+            if source.url.password().is_none() {
+                if let Some(password) = source_password_from_env(&source.name) {
+                    source.url.set_password(password);
+                }
+            }
+        }
         Ok(Settings {
             storage: args
                 .storage
@@ -181,6 +272,7 @@ impl Settings {
             pipeline,
             sources,
             pg_bin_dir: args.pg_bin_dir.clone(),
+            retention: file.retention,
             cancel: CancellationToken::new(),
         })
     }
@@ -207,16 +299,41 @@ impl Settings {
     }
 
     /// Open the store and check it is usable before any work starts.
-    pub async fn open_store(&self) -> Result<Box<dyn ObjectStore>> {
+    pub async fn open_store(&self) -> Result<Arc<dyn ObjectStore>> {
         let store = storage::open(&self.storage, &self.s3).await?;
         store.check().await?;
-        Ok(store)
+        Ok(Arc::from(store))
+    }
+
+    /// The sources a command acts on: those named, else every configured one.
+    pub fn source_names(&self, named: &[String]) -> Result<Vec<String>> {
+        if !named.is_empty() {
+            return Ok(named.to_vec());
+        }
+        if self.sources.is_empty() {
+            return Err(Error::usage(
+                "no source given and none configured: name sources, or declare them with --postgres-url, --couchdb-url or [sources.NAME] in the config file",
+            ));
+        }
+        Ok(self.sources.iter().map(|s| s.name.clone()).collect())
     }
 
     /// Progress lines only make sense for people reading text logs.
     pub fn show_progress(&self) -> bool {
         self.log_format == LogFormat::Text
     }
+}
+
+/// `KURA_<NAME>_PASSWORD` for the source NAME (`-` becomes `_`).
+pub fn source_password_from_env(name: &str) -> Option<Secret> {
+    let var = format!(
+        "KURA_{}_PASSWORD",
+        name.to_ascii_uppercase().replace('-', "_")
+    );
+    std::env::var(var)
+        .ok()
+        .filter(|p| !p.is_empty())
+        .map(Secret::new)
 }
 
 /// How long a command may take to roll back after SIGTERM/SIGINT.
@@ -245,6 +362,12 @@ pub async fn run(cli: Cli) -> i32 {
             Command::Restore(options) => restore::run(&settings, options).await,
             Command::List(options) => list::run(&settings, options).await,
             Command::Show(options) => show::run(&settings, options).await,
+            Command::Prune(options) => prune::run(&settings, options).await,
+            Command::Verify(options) => verify::run(&settings, options).await,
+            Command::Status(options) => status::run(&settings, options).await,
+            Command::WaitFor(options) => wait_for::run(&settings, options).await,
+            Command::Schedule(options) => schedule::run(&settings, &cli.global, options).await,
+            Command::Unlock(options) => unlock::run(&settings, options).await,
         }
     };
     tokio::pin!(work);
@@ -253,13 +376,18 @@ pub async fn run(cli: Cli) -> i32 {
         _ = settings.cancel.cancelled() => {
             // Give the command time to abort uploads and roll back, within Kubernetes' default
             // 30 s grace period; what it returns is the truth (it may even have finished).
-            match tokio::time::timeout(CLEANUP_GRACE, &mut work).await {
+            // The scheduler waits for its child, which has a grace of its own to roll back.
+            let grace = match cli.command {
+                Command::Schedule(_) => CLEANUP_GRACE + Duration::from_secs(5),
+                _ => CLEANUP_GRACE,
+            };
+            match tokio::time::timeout(grace, &mut work).await {
                 Ok(result) => result,
                 Err(_) => Err(Error::new(
                     crate::ErrorKind::Interrupted,
                     format!(
                         "interrupted, and cleanup did not finish within {}s: an unfinished multipart upload may remain until prune removes it; no manifest was written",
-                        CLEANUP_GRACE.as_secs()
+                        grace.as_secs()
                     ),
                 )),
             }

@@ -16,7 +16,10 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 
-use super::{validate_key, GetResult, MultipartUpload, ObjectMeta, ObjectStore, PendingUpload};
+use super::{
+    validate_key, Created, GetResult, MultipartUpload, ObjectMeta, ObjectStore, PendingUpload,
+    Refused,
+};
 use crate::error::{Error, ErrorKind, Result};
 
 const UPLOAD_MARK: &str = ".kura-upload-";
@@ -99,6 +102,30 @@ fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
+    result
+}
+
+/// A complete temporary file is hard-linked into place: `link` fails when the name exists,
+/// so the check and the write are one atomic step, and no reader sees a partial object.
+fn write_if_absent(path: &Path, data: &[u8]) -> std::io::Result<Created> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir)?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("object");
+    let tmp = dir.join(format!("{name}{TMP_MARK}{}", random_suffix()));
+    let result = (|| {
+        let mut file = File::create(&tmp)?;
+        file.write_all(data)?;
+        file.sync_all()?;
+        match fs::hard_link(&tmp, path) {
+            Ok(()) => sync_dir(dir).map(|_| Created::Created),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(Created::AlreadyExists),
+            Err(e) => Err(e),
+        }
+    })();
+    let _ = fs::remove_file(&tmp);
     result
 }
 
@@ -215,12 +242,28 @@ impl ObjectStore for LocalStore {
         Ok(objects)
     }
 
-    async fn delete(&self, keys: &[String]) -> Result<()> {
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<Created> {
+        let path = self.path(key)?;
+        tokio::task::spawn_blocking(move || write_if_absent(&path, &data))
+            .await
+            .map_err(|e| Error::failed(format!("storage task failed: {e}")))?
+            .map_err(|e| self.io_error("cannot write", key, e))
+    }
+
+    async fn delete(&self, keys: &[String]) -> Result<Vec<Refused>> {
+        let mut refused = Vec::new();
         for key in keys {
             let path = self.path(key)?;
             match tokio::fs::remove_file(&path).await {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    refused.push(Refused {
+                        key: key.clone(),
+                        reason: e.to_string(),
+                    });
+                    continue;
+                }
                 Err(e) => return Err(self.io_error("cannot delete", key, e)),
             }
             // Leave no empty backup directories behind; failure here is harmless.
@@ -232,7 +275,7 @@ impl ObjectStore for LocalStore {
                 dir = d.parent();
             }
         }
-        Ok(())
+        Ok(refused)
     }
 
     async fn list_uploads(&self, prefix: &str) -> Result<Vec<PendingUpload>> {
@@ -252,7 +295,7 @@ impl ObjectStore for LocalStore {
 
     async fn abort_upload(&self, upload: &PendingUpload) -> Result<()> {
         let staging = format!("{}{UPLOAD_MARK}{}", upload.key, upload.upload_id);
-        self.delete(&[staging]).await
+        self.delete(&[staging]).await.map(|_| ())
     }
 }
 

@@ -19,7 +19,13 @@
 //! - **`head`** of a missing key is `Ok(None)`.
 //! - **`list`** returns every complete object whose key starts with the prefix, sorted by key,
 //!   across as many pages as the store needs. Unfinished multipart uploads are not objects.
-//! - **`delete`** of a key that does not exist succeeds (deletes are idempotent).
+//! - **`put_if_absent`** writes only when no object exists at the key, atomically where the
+//!   store supports conditional writes (`If-None-Match: *`); it never replaces an object that
+//!   existed before the call.
+//! - **`delete`** of a key that does not exist succeeds (deletes are idempotent). A key the
+//!   store refuses to delete (object lock, retention, permissions on that one object) is
+//!   returned as [`Refused`] and the other keys are still deleted; only a failure of the store
+//!   as a whole is an `Err`.
 //! - **Errors**: unreachable store, rejected credentials and missing bucket are
 //!   [`ErrorKind::Storage`]; each message names the store location and the key.
 //! - **Retries** of transient failures (5xx, throttling, timeouts, connection resets) happen
@@ -56,6 +62,20 @@ pub struct PendingUpload {
     pub initiated: Option<DateTime<Utc>>,
 }
 
+/// Whether [`ObjectStore::put_if_absent`] wrote the object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    Created,
+    AlreadyExists,
+}
+
+/// A key `delete` could not remove, and the store's reason (e.g. object lock retention).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub key: String,
+    pub reason: String,
+}
+
 pub struct GetResult {
     pub size: u64,
     pub stream: BoxStream<'static, Result<Bytes>>,
@@ -80,7 +100,10 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
 
-    async fn delete(&self, keys: &[String]) -> Result<()>;
+    /// Create the object unless one exists at the key.
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<Created>;
+
+    async fn delete(&self, keys: &[String]) -> Result<Vec<Refused>>;
 
     /// Unfinished multipart uploads under the prefix (for prune and for tests of the abort rule).
     async fn list_uploads(&self, prefix: &str) -> Result<Vec<PendingUpload>>;

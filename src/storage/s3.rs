@@ -26,8 +26,8 @@ use futures::{FutureExt, StreamExt};
 use md5::{Digest, Md5};
 
 use super::{
-    join_key, validate_key, GetResult, MultipartUpload, ObjectMeta, ObjectStore, PendingUpload,
-    S3Options,
+    join_key, validate_key, Created, GetResult, MultipartUpload, ObjectMeta, ObjectStore,
+    PendingUpload, Refused, S3Options,
 };
 use crate::error::{Error, ErrorKind, Result};
 
@@ -105,6 +105,119 @@ impl S3Store {
         }
     }
 
+    /// One DeleteObjects request; per-key errors come back as refusals.
+    async fn delete_batch(
+        &self,
+        batch: &[String],
+    ) -> std::result::Result<Vec<Refused>, BatchDelete> {
+        let mut identifiers = Vec::with_capacity(batch.len());
+        for key in batch {
+            let full = self.full_key(key).map_err(BatchDelete::Failed)?;
+            identifiers.push(ObjectIdentifier::builder().key(full).build().map_err(|e| {
+                BatchDelete::Failed(Error::failed(format!("building delete request: {e}")))
+            })?);
+        }
+        let delete = Delete::builder()
+            .set_objects(Some(identifiers))
+            .quiet(true)
+            .build()
+            .map_err(|e| {
+                BatchDelete::Failed(Error::failed(format!("building delete request: {e}")))
+            })?;
+        let output = self
+            .client
+            .delete_objects()
+            .bucket(&self.bucket)
+            .delete(delete)
+            .customize()
+            .mutate_request(|request| {
+                // ICOS requires Content-MD5 on DeleteObjects and rejects the CRC32 the SDK
+                // computes for it even in "when required" mode.
+                let md5 = request.body().bytes().map(content_md5);
+                let headers = request.headers_mut();
+                let checksum_headers: Vec<String> = headers
+                    .iter()
+                    .map(|(name, _)| name.to_ascii_lowercase())
+                    .filter(|name| {
+                        name.starts_with("x-amz-checksum-")
+                            || name == "x-amz-sdk-checksum-algorithm"
+                    })
+                    .collect();
+                for name in checksum_headers {
+                    headers.remove(name);
+                }
+                if let Some(md5) = md5 {
+                    headers.insert("content-md5", md5);
+                }
+            })
+            .send()
+            .await;
+        let output = match output {
+            Ok(output) => output,
+            Err(err) => {
+                let status = err.raw_response().map(|r| r.status().as_u16());
+                return Err(match (err.code(), status) {
+                    // Gateways and some S3 implementations do not offer the batch API.
+                    (Some("NotImplemented" | "MethodNotAllowed"), _) | (_, Some(501 | 405)) => {
+                        BatchDelete::Unsupported(err.code().unwrap_or("HTTP 501/405").to_string())
+                    }
+                    _ => BatchDelete::Failed(self.error(
+                        "cannot delete",
+                        &format!("{} objects", batch.len()),
+                        err,
+                    )),
+                });
+            }
+        };
+        Ok(output
+            .errors()
+            .iter()
+            .map(|failed| {
+                let key = failed.key().unwrap_or("?");
+                Refused {
+                    key: self.relative_key(key),
+                    reason: format!(
+                        "{} {}",
+                        failed.code().unwrap_or(""),
+                        failed.message().unwrap_or("")
+                    )
+                    .trim()
+                    .to_string(),
+                }
+            })
+            .collect())
+    }
+
+    async fn delete_one(&self, key: &str) -> Result<Option<Refused>> {
+        let full = self.full_key(key)?;
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(None),
+            Err(err) => {
+                let status = err.raw_response().map(|r| r.status().as_u16());
+                match (err.code(), status) {
+                    (Some("NoSuchKey"), _) | (_, Some(404)) => Ok(None),
+                    // Object lock / retention answers 403 on the object, not on the store.
+                    (Some(code @ ("AccessDenied" | "ObjectLocked" | "InvalidRequest")), _) => {
+                        Ok(Some(Refused {
+                            key: key.to_string(),
+                            reason: format!("{code} {}", err.message().unwrap_or(""))
+                                .trim()
+                                .to_string(),
+                        }))
+                    }
+                    _ => Err(self.error("cannot delete", &full, err)),
+                }
+            }
+        }
+    }
+
     /// Turn an SDK error into one that says what failed and what to do about it.
     fn error<E>(&self, action: &str, key: &str, err: SdkError<E>) -> Error
     where
@@ -149,6 +262,11 @@ impl S3Store {
             std::io::Error::other(cause),
         )
     }
+}
+
+enum BatchDelete {
+    Unsupported(String),
+    Failed(Error),
 }
 
 fn to_utc(time: Option<&aws_smithy_types::DateTime>) -> Option<DateTime<Utc>> {
@@ -309,66 +427,58 @@ impl ObjectStore for S3Store {
         Ok(objects)
     }
 
-    async fn delete(&self, keys: &[String]) -> Result<()> {
-        for batch in keys.chunks(DELETE_BATCH) {
-            let mut identifiers = Vec::with_capacity(batch.len());
-            for key in batch {
-                let full = self.full_key(key)?;
-                identifiers.push(
-                    ObjectIdentifier::builder()
-                        .key(full)
-                        .build()
-                        .map_err(|e| Error::failed(format!("building delete request: {e}")))?,
-                );
-            }
-            let delete = Delete::builder()
-                .set_objects(Some(identifiers))
-                .quiet(true)
-                .build()
-                .map_err(|e| Error::failed(format!("building delete request: {e}")))?;
-            let output = self
-                .client
-                .delete_objects()
-                .bucket(&self.bucket)
-                .delete(delete)
-                .customize()
-                .mutate_request(|request| {
-                    // ICOS requires Content-MD5 on DeleteObjects and rejects the CRC32 the SDK
-                    // computes for it even in "when required" mode.
-                    let md5 = request.body().bytes().map(content_md5);
-                    let headers = request.headers_mut();
-                    let checksum_headers: Vec<String> = headers
-                        .iter()
-                        .map(|(name, _)| name.to_ascii_lowercase())
-                        .filter(|name| {
-                            name.starts_with("x-amz-checksum-")
-                                || name == "x-amz-sdk-checksum-algorithm"
-                        })
-                        .collect();
-                    for name in checksum_headers {
-                        headers.remove(name);
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<Created> {
+        let full = self.full_key(key)?;
+        let sent = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .if_none_match("*")
+            .content_length(data.len() as i64)
+            .body(ByteStream::from(data.clone()))
+            .send()
+            .await;
+        match sent {
+            Ok(_) => Ok(Created::Created),
+            Err(err) => {
+                let status = err.raw_response().map(|r| r.status().as_u16());
+                match (err.code(), status) {
+                    // 409 is S3's answer when a concurrent conditional write won the race.
+                    (Some("PreconditionFailed" | "ConditionalRequestConflict"), _)
+                    | (_, Some(412 | 409)) => Ok(Created::AlreadyExists),
+                    // Stores without conditional writes: check, then write. The caller (the
+                    // lock) reads its object back, which catches the rare lost race.
+                    (Some("NotImplemented"), _) | (_, Some(501)) => {
+                        tracing::debug!(store = %self.location(), "no conditional writes: falling back to HEAD then PUT");
+                        if self.head(key).await?.is_some() {
+                            return Ok(Created::AlreadyExists);
+                        }
+                        self.put(key, data).await.map(|_| Created::Created)
                     }
-                    if let Some(md5) = md5 {
-                        headers.insert("content-md5", md5);
-                    }
-                })
-                .send()
-                .await
-                .map_err(|e| self.error("cannot delete", &format!("{} objects", batch.len()), e))?;
-            if let Some(failed) = output.errors().first() {
-                return Err(Error::new(
-                    ErrorKind::Storage,
-                    format!(
-                        "cannot delete {} in bucket {}: {} {}",
-                        failed.key().unwrap_or("?"),
-                        self.bucket,
-                        failed.code().unwrap_or(""),
-                        failed.message().unwrap_or("")
-                    ),
-                ));
+                    _ => Err(self.error("cannot write", &full, err)),
+                }
             }
         }
-        Ok(())
+    }
+
+    async fn delete(&self, keys: &[String]) -> Result<Vec<Refused>> {
+        let mut refused = Vec::new();
+        for batch in keys.chunks(DELETE_BATCH) {
+            match self.delete_batch(batch).await {
+                Ok(mut batch_refused) => refused.append(&mut batch_refused),
+                Err(BatchDelete::Unsupported(why)) => {
+                    tracing::debug!(store = %self.location(), reason = %why, "batch delete rejected: deleting one object at a time");
+                    for key in batch {
+                        if let Some(r) = self.delete_one(key).await? {
+                            refused.push(r);
+                        }
+                    }
+                }
+                Err(BatchDelete::Failed(e)) => return Err(e),
+            }
+        }
+        Ok(refused)
     }
 
     async fn list_uploads(&self, prefix: &str) -> Result<Vec<PendingUpload>> {

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
-use super::{GetResult, MultipartUpload, ObjectMeta, ObjectStore, PendingUpload};
+use super::{Created, GetResult, MultipartUpload, ObjectMeta, ObjectStore, PendingUpload, Refused};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Delegates everything to `inner`, but the `fail_at_part`-th part put through any multipart
@@ -58,7 +58,10 @@ impl<S: ObjectStore> ObjectStore for FailingStore<S> {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
         self.inner.list(prefix).await
     }
-    async fn delete(&self, keys: &[String]) -> Result<()> {
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<Created> {
+        self.inner.put_if_absent(key, data).await
+    }
+    async fn delete(&self, keys: &[String]) -> Result<Vec<Refused>> {
         self.inner.delete(keys).await
     }
     async fn list_uploads(&self, prefix: &str) -> Result<Vec<PendingUpload>> {

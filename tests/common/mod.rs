@@ -164,7 +164,7 @@ fn urlencode(text: &str) -> String {
     percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
-fn pg_tool(name: &str) -> PathBuf {
+pub fn pg_tool(name: &str) -> PathBuf {
     match std::env::var("KURA_TEST_PG_BIN") {
         Ok(dir) => Path::new(&dir).join(name),
         Err(_) => PathBuf::from(name),

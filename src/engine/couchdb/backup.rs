@@ -58,6 +58,11 @@ enum Chunk {
 pub struct DatabaseStats {
     pub revisions: u64,
     pub documents_in_changes: u64,
+    /// Documents whose winning revision is not deleted: CouchDB's `doc_count` of a restore.
+    #[serde(default)]
+    pub live_documents: u64,
+    #[serde(default)]
+    pub deleted_documents: u64,
     pub attachment_bytes: u64,
     pub skipped_revisions: u64,
 }
@@ -186,6 +191,12 @@ impl CouchBackup {
                 compression: compression.clone(),
                 encryption: None,
                 properties,
+                counts: [
+                    ("documents".to_string(), stats.live_documents),
+                    ("deleted_documents".to_string(), stats.deleted_documents),
+                ]
+                .into_iter()
+                .collect(),
             });
         }
         line.finish().await;
@@ -318,6 +329,11 @@ async fn export_into(
                 continue;
             }
             stats.documents_in_changes += 1;
+            if change["deleted"].as_bool() == Some(true) {
+                stats.deleted_documents += 1;
+            } else {
+                stats.live_documents += 1;
+            }
             let revs: Vec<String> = change["changes"]
                 .as_array()
                 .into_iter()

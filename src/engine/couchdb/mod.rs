@@ -49,6 +49,8 @@ pub struct Client {
     password: Option<Secret>,
     session: Mutex<Option<(String, Instant)>>,
     use_session: Mutex<bool>,
+    /// Attempts per request including the first; see [`Client::without_retries`].
+    max_attempts: u32,
 }
 
 impl std::fmt::Debug for Client {
@@ -87,7 +89,15 @@ impl Client {
             password: url.password().cloned(),
             session: Mutex::new(None),
             use_session: Mutex::new(true),
+            max_attempts: MAX_ATTEMPTS,
         })
+    }
+
+    /// One attempt per request: for callers with a retry loop of their own (`wait-for`),
+    /// where hidden retries would only delay and blur each attempt's outcome.
+    pub fn without_retries(mut self) -> Self {
+        self.max_attempts = 1;
+        self
     }
 
     pub fn redacted(&self) -> &str {
@@ -214,7 +224,7 @@ impl Client {
             let cookie = match self.session_cookie(false).await {
                 Ok(cookie) => cookie,
                 Err(Login::Rejected) => return Err(self.auth_error()),
-                Err(failure) if attempt < MAX_ATTEMPTS => {
+                Err(failure) if attempt < self.max_attempts => {
                     if let Login::Transport(e) = &failure {
                         tracing::debug!(error = %e, attempt, "logging in to CouchDB failed; retrying");
                     }
@@ -226,8 +236,8 @@ impl Client {
                     return Err(Error::new(
                         ErrorKind::Database,
                         format!(
-                            "CouchDB {} answered HTTP {status} to the login, {MAX_ATTEMPTS} times",
-                            self.shown
+                            "CouchDB {} answered HTTP {status} to the login, {} times",
+                            self.shown, self.max_attempts
                         ),
                     ))
                 }
@@ -284,7 +294,7 @@ impl Client {
                 Err(_) => None,
             };
             match (retry_after, outcome) {
-                (Some(wait), outcome) if attempt < MAX_ATTEMPTS => {
+                (Some(wait), outcome) if attempt < self.max_attempts => {
                     let backoff = wait.unwrap_or_else(|| jittered_backoff(attempt));
                     tracing::debug!(path, attempt, ?backoff, "retrying a CouchDB request");
                     drop(outcome);
@@ -314,7 +324,7 @@ impl Client {
             let status = response.status();
             match response.bytes().await {
                 Ok(bytes) => break (status, bytes),
-                Err(e) if attempt < MAX_ATTEMPTS => {
+                Err(e) if attempt < self.max_attempts => {
                     tracing::debug!(error = %e, attempt, "reading a CouchDB answer failed; retrying");
                     tokio::time::sleep(jittered_backoff(attempt)).await;
                 }

@@ -120,15 +120,25 @@ impl PostgresBackup {
         for (index, database) in databases.iter().enumerate() {
             let started = Instant::now();
             line.progress().set_label(&database.name);
+            let snapshot = Snapshot::export(&self.connection, &database.name).await?;
             let mut dump = self.connection.command(&tools.pg_dump, &database.name);
             // Custom format: one snapshot per database, restorable table by table. pg_dump's own
             // compression is off because zstd does it better and faster downstream.
             dump.args(["--format=custom", "--compress=0", "--no-password"]);
+            dump.arg(format!("--snapshot={}", snapshot.id));
             let name = format!("db-{:04}.pgdump.zst", index + 1);
-            let stored = self
-                .dump(ctx, id, &name, dump, "pg_dump", &line)
-                .await
+            // Rows are counted in pg_dump's own snapshot while it runs, so `verify --deep` can
+            // compare a restore with exactly what was dumped. The exporting transaction stays
+            // open until pg_dump is done: its snapshot must outlive pg_dump's import of it.
+            let (stored, counts) = tokio::join!(
+                self.dump(ctx, id, &name, dump, "pg_dump", &line),
+                snapshot.count_rows()
+            );
+            let stored = stored
                 .map_err(|e| e.context(format!("backing up database {:?}", database.name)))?;
+            let counts = counts.map_err(|e| {
+                e.context(format!("counting the rows of database {:?}", database.name))
+            })?;
             tracing::info!(
                 database = %database.name,
                 raw_bytes = stored.raw_bytes,
@@ -141,7 +151,7 @@ impl PostgresBackup {
             );
             let properties = serde_json::to_value(database)
                 .map_err(|e| Error::failed(format!("encoding database properties: {e}")))?;
-            parts.push(part(
+            let mut database_part = part(
                 &name,
                 &database.name,
                 DATABASE_KIND,
@@ -149,7 +159,9 @@ impl PostgresBackup {
                 &stored,
                 &compression,
                 properties,
-            ));
+            );
+            database_part.counts = counts;
+            parts.push(database_part);
         }
         line.finish().await;
         Ok(BackupOutcome {
@@ -225,5 +237,40 @@ fn part(
         compression: compression.clone(),
         encryption: None,
         properties,
+        counts: Default::default(),
+    }
+}
+
+/// A transaction whose snapshot pg_dump imports (`--snapshot`), kept open while in use.
+struct Snapshot {
+    client: tokio_postgres::Client,
+    id: String,
+}
+
+impl Snapshot {
+    async fn export(connection: &Connection, database: &str) -> Result<Snapshot> {
+        let client = connection.connect(database).await?;
+        let failed = |e: tokio_postgres::Error| {
+            Error::with_source(
+                ErrorKind::Database,
+                format!("cannot export a snapshot of database {database:?} for pg_dump"),
+                e,
+            )
+        };
+        client
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(failed)?;
+        let id: String = client
+            .query_one("SELECT pg_export_snapshot()", &[])
+            .await
+            .map_err(failed)?
+            .get(0);
+        Ok(Snapshot { client, id })
+    }
+
+    /// Counted in the snapshot; the transaction stays open until the value is dropped.
+    async fn count_rows(&self) -> Result<std::collections::BTreeMap<String, u64>> {
+        super::count_rows(&self.client).await
     }
 }

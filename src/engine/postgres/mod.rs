@@ -276,6 +276,50 @@ fn parse_tool_major(text: &str) -> Option<u32> {
 }
 
 /// Quote an identifier for SQL (what `quote_ident` does server-side).
+/// Rows of every table whose data pg_dump writes: ordinary and partition tables outside the
+/// system schemas, not owned by an extension (pg_dump skips those), not temporary. Backup
+/// records these in the manifest; `verify --deep` counts a restore the same way.
+pub async fn count_rows(client: &Client) -> Result<std::collections::BTreeMap<String, u64>> {
+    let tables = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind = 'r' AND c.relpersistence <> 't'
+                AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%'
+                AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                                 WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                                   AND d.deptype = 'e')
+              ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::with_source(ErrorKind::Database, "listing tables", e))?;
+    let mut counts = std::collections::BTreeMap::new();
+    for row in tables {
+        let (schema, table): (String, String) = (row.get(0), row.get(1));
+        let count: i64 = client
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM ONLY {}.{}",
+                    quote_ident(&schema),
+                    quote_ident(&table)
+                ),
+                &[],
+            )
+            .await
+            .map_err(|e| {
+                Error::with_source(
+                    ErrorKind::Database,
+                    format!("counting the rows of {schema}.{table}"),
+                    e,
+                )
+            })?
+            .get(0);
+        counts.insert(format!("{schema}.{table}"), count as u64);
+    }
+    Ok(counts)
+}
+
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }

@@ -1,0 +1,164 @@
+//! `kura prune [<source>...] [--dry-run] [--keep-* ...]`
+
+use chrono::{DateTime, NaiveDate, Utc};
+use clap::Args;
+
+use super::{RetentionArgs, Settings};
+use crate::catalog::lock::Lock;
+use crate::catalog::prune::{self, Plan};
+use crate::catalog::SourcePath;
+use crate::error::{Error, Result};
+use crate::progress::human_bytes;
+use crate::retention::Policy;
+use crate::storage::ObjectStore;
+
+#[derive(Debug, Args)]
+pub struct Options {
+    /// Sources to prune (default: every configured source). Only `<tenant>/<source>/` is
+    /// listed and deleted.
+    pub sources: Vec<String>,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+    /// Show every decision and its reasons; delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the decisions as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Evaluate the policy as if it were this time (RFC 3339 or YYYY-MM-DD), to rehearse.
+    #[arg(long, value_name = "TIME", value_parser = parse_now)]
+    pub now: Option<DateTime<Utc>>,
+}
+
+pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
+    let (policy, grace) = options.retention.resolve(&settings.retention)?;
+    let names = settings.source_names(&options.sources)?;
+    let store = settings.open_store().await?;
+    let now = options.now.unwrap_or_else(Utc::now);
+    let mut plans = Vec::new();
+    for name in &names {
+        let path = settings.source_path(name)?;
+        if options.dry_run {
+            plans.push(prune::plan(store.as_ref(), &path, &policy, grace, now).await?);
+            continue;
+        }
+        let lock = Lock::acquire(store.clone(), &path, "prune").await?;
+        let result = prune_locked(store.as_ref(), &path, &policy, grace, now).await;
+        lock.release(store.as_ref()).await;
+        plans.push(result?);
+    }
+    if options.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&plans).expect("plans serialize")
+        );
+    } else if options.dry_run || settings.log_format == crate::logging::LogFormat::Text {
+        for plan in &plans {
+            print!("{}", table(plan));
+        }
+    }
+    Ok(())
+}
+
+/// Plan and delete for one source; the caller holds its lock.
+pub async fn prune_locked(
+    store: &dyn ObjectStore,
+    path: &SourcePath,
+    policy: &Policy,
+    grace: std::time::Duration,
+    now: DateTime<Utc>,
+) -> Result<Plan> {
+    let plan = prune::plan(store, path, policy, grace, now).await?;
+    for backup in plan.to_delete() {
+        tracing::info!(
+            source = %path.source,
+            backup_id = %backup.backup_id,
+            reasons = %backup.reasons.join("; "),
+            "deleting backup {}: {}",
+            backup.backup_id,
+            backup.reasons.join("; ")
+        );
+    }
+    for upload in &plan.stale_uploads {
+        tracing::info!(source = %path.source, object = %upload.key, "aborting abandoned upload {}", upload.key);
+    }
+    let outcome = prune::execute(store, path, &plan).await?;
+    let kept = plan.backups.iter().filter(|b| b.action == "keep").count();
+    tracing::info!(
+        source = %path.source,
+        deleted = outcome.deleted_backups.len(),
+        kept,
+        deleted_bytes = outcome.deleted_bytes,
+        aborted_uploads = outcome.aborted_uploads,
+        refused_objects = outcome.refused.len(),
+        "prune of {}/{} ({policy}): deleted {} backup(s), {}, kept {kept}, aborted {} upload(s){}",
+        path.tenant,
+        path.source,
+        outcome.deleted_backups.len(),
+        human_bytes(outcome.deleted_bytes),
+        outcome.aborted_uploads,
+        if outcome.refused.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; {} object(s) are protected by the store (object lock/retention) and stay",
+                outcome.refused.len()
+            )
+        }
+    );
+    Ok(plan)
+}
+
+fn table(plan: &Plan) -> String {
+    let mut rows: Vec<Vec<String>> = plan
+        .backups
+        .iter()
+        .map(|b| {
+            vec![
+                format!("{}/{}", plan.tenant, plan.source),
+                b.backup_id.clone(),
+                if b.complete { "complete" } else { "incomplete" }.into(),
+                b.action.to_uppercase(),
+                human_bytes(b.bytes),
+                b.reasons.join("; "),
+            ]
+        })
+        .collect();
+    for upload in &plan.stale_uploads {
+        rows.push(vec![
+            format!("{}/{}", plan.tenant, plan.source),
+            upload.key.clone(),
+            "unfinished upload".into(),
+            "ABORT".into(),
+            "-".into(),
+            match upload.initiated {
+                Some(t) => format!(
+                    "started {}, older than the grace",
+                    t.format("%Y-%m-%d %H:%M:%SZ")
+                ),
+                None => "older than the grace".into(),
+            },
+        ]);
+    }
+    if rows.is_empty() {
+        return format!("{}/{}: no backups\n", plan.tenant, plan.source);
+    }
+    super::table::render(
+        &["SOURCE", "BACKUP ID", "STATUS", "ACTION", "SIZE", "REASONS"],
+        &rows,
+    )
+}
+
+fn parse_now(text: &str) -> std::result::Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .map(|d| d.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc())
+        .map_err(|_| {
+            Error::usage(format!(
+                "invalid time {text:?}: expected RFC 3339 (2026-11-28T02:00:00Z) or a date (2026-11-28)"
+            ))
+            .to_string()
+        })
+}

@@ -1,0 +1,193 @@
+//! `kura wait-for postgres|couchdb|s3 URL [--timeout DURATION]`: for initContainers, so an app
+//! starts only once its database really answers (a query, not an open port).
+
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+
+use super::Settings;
+use crate::config::{self, SourceUrl};
+use crate::engine::couchdb::Client as CouchClient;
+use crate::engine::postgres::Connection;
+use crate::error::{Error, ErrorKind, Result};
+use crate::storage;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Service {
+    Postgres,
+    Couchdb,
+    S3,
+}
+
+// No Debug: the URL may hold a password.
+#[derive(Args)]
+pub struct Options {
+    /// What to wait for.
+    #[arg(value_enum)]
+    pub service: Service,
+    /// postgres://user@host:5432/db, http://user@host:5984, or s3://bucket. A password missing
+    /// from the URL comes from KURA_POSTGRES_PASSWORD / KURA_COUCHDB_PASSWORD.
+    pub url: String,
+    /// Give up after this long.
+    #[arg(long, value_name = "DURATION", default_value = "5m")]
+    pub timeout: String,
+}
+
+const FIRST_DELAY: Duration = Duration::from_millis(250);
+const MAX_DELAY: Duration = Duration::from_secs(5);
+/// One attempt may not eat the whole budget on a black-holed connection.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
+    let timeout = config::parse_duration(&options.timeout)?;
+    let probe = Probe::new(settings, options).await?;
+    let started = Instant::now();
+    let mut delay = FIRST_DELAY;
+    for attempt in 1.. {
+        let outcome = match tokio::time::timeout(ATTEMPT_TIMEOUT, probe.attempt()).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(Error::new(
+                probe.failure_kind(),
+                format!("no answer within {}s", ATTEMPT_TIMEOUT.as_secs()),
+            )),
+        };
+        let err = match outcome {
+            Ok(what) => {
+                tracing::info!(
+                    service = %probe.name(),
+                    attempt,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "{} answers: {what}",
+                    probe.target()
+                );
+                return Ok(());
+            }
+            Err(err) => err,
+        };
+        let elapsed = started.elapsed();
+        if elapsed + delay > timeout {
+            return Err(Error::new(
+                probe.failure_kind(),
+                format!(
+                    "{} did not answer within {} ({attempt} attempts); last error: {}",
+                    probe.target(),
+                    config::format_duration(timeout),
+                    err.chain()
+                ),
+            ));
+        }
+        tracing::info!(
+            service = %probe.name(),
+            attempt,
+            retry_in_ms = delay.as_millis() as u64,
+            "waiting for {}: {}",
+            probe.target(),
+            err.chain()
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = settings.cancel.cancelled() => return Err(Error::interrupted()),
+        }
+        delay = (delay * 2).min(MAX_DELAY);
+    }
+    unreachable!("the loop returns")
+}
+
+enum Probe {
+    Postgres(Connection),
+    Couchdb(CouchClient, String),
+    S3(String, storage::S3Options),
+}
+
+impl Probe {
+    async fn new(settings: &Settings, options: &Options) -> Result<Probe> {
+        Ok(match options.service {
+            Service::Postgres | Service::Couchdb => {
+                let mut url = SourceUrl::parse(&options.url)?;
+                let source = match options.service {
+                    Service::Postgres => "postgres",
+                    _ => "couchdb",
+                };
+                if url.password().is_none() {
+                    if let Some(password) = super::source_password_from_env(source) {
+                        url.set_password(password);
+                    }
+                }
+                match options.service {
+                    Service::Postgres => Probe::Postgres(Connection::new(url)?),
+                    _ => {
+                        let shown = url.redacted();
+                        Probe::Couchdb(CouchClient::new(&url)?.without_retries(), shown)
+                    }
+                }
+            }
+            Service::S3 => {
+                if !options.url.starts_with("s3://") && !options.url.starts_with("file://") {
+                    return Err(Error::usage(format!(
+                        "{:?} is not a storage URL: expected s3://bucket[/prefix]",
+                        options.url
+                    )));
+                }
+                Probe::S3(options.url.clone(), settings.s3.clone())
+            }
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Probe::Postgres(_) => "postgres",
+            Probe::Couchdb(..) => "couchdb",
+            Probe::S3(..) => "s3",
+        }
+    }
+
+    fn target(&self) -> String {
+        match self {
+            Probe::Postgres(c) => c.redacted(),
+            Probe::Couchdb(_, shown) => shown.clone(),
+            Probe::S3(url, _) => url.clone(),
+        }
+    }
+
+    fn failure_kind(&self) -> ErrorKind {
+        match self {
+            Probe::S3(..) => ErrorKind::Storage,
+            _ => ErrorKind::Database,
+        }
+    }
+
+    async fn attempt(&self) -> Result<String> {
+        match self {
+            Probe::Postgres(connection) => {
+                let client = connection
+                    .connect(&connection.maintenance_database())
+                    .await?;
+                let row = client
+                    .query_one("SELECT current_setting('server_version')", &[])
+                    .await
+                    .map_err(|e| {
+                        Error::with_source(ErrorKind::Database, "the test query failed", e)
+                    })?;
+                let version: String = row.get(0);
+                Ok(format!("PostgreSQL {version}"))
+            }
+            Probe::Couchdb(client, _) => {
+                let welcome = client
+                    .json(reqwest::Method::GET, "/", None, "the welcome page")
+                    .await?;
+                Ok(format!(
+                    "CouchDB-compatible {}",
+                    welcome
+                        .get("version")
+                        .and_then(|v| v.as_str())
+                        .unwrap_or("(unknown version)")
+                ))
+            }
+            Probe::S3(url, options) => {
+                let store = storage::open(url, options).await?;
+                store.check().await?;
+                Ok(format!("bucket reachable at {}", store.location()))
+            }
+        }
+    }
+}
