@@ -649,3 +649,192 @@ async fn wait_for_returns_once_a_late_server_answers_and_times_out_clearly() {
         "{message}"
     );
 }
+
+/// A bucket with retention refuses some deletes: prune reports them, deletes the rest, and a
+/// backup whose manifest cannot go stays complete rather than losing its parts.
+#[tokio::test]
+async fn objects_the_store_refuses_to_delete_are_reported_not_fatal() {
+    use bytes::Bytes;
+    use kura::catalog::{prune, SourcePath};
+    use kura::retention::Policy;
+    use kura::storage::local::LocalStore;
+    use kura::storage::testing::FailingStore;
+    use kura::storage::ObjectStore;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = FailingStore::new(
+        LocalStore::new(dir.path().to_str().unwrap()).unwrap(),
+        u64::MAX,
+    )
+    .protecting("20260101T000000Z-aaaaaa");
+    let path = SourcePath {
+        tenant: "t".into(),
+        source: "postgres".into(),
+    };
+    let manifest = |id: &str| {
+        serde_json::json!({
+            "format": "kura-backup-manifest", "format_version": 1, "kura_version": "0.1.0",
+            "backup_id": id, "tenant": "t", "source": "postgres", "kind": "postgres",
+            "server_version": "15", "tool_version": "pg_dump 15",
+            "started_at": "2026-01-01T00:00:00Z", "finished_at": "2026-01-01T00:00:01Z", "parts": [],
+        })
+    };
+    for id in [
+        "20260101T000000Z-aaaaaa",
+        "20260102T000000Z-bbbbbb",
+        "20260103T000000Z-cccccc",
+    ] {
+        store
+            .put(
+                &format!("t/postgres/{id}/db-0001.pgdump.zst"),
+                Bytes::from_static(b"x"),
+            )
+            .await
+            .unwrap();
+        store
+            .put(
+                &format!("t/postgres/{id}/manifest.json"),
+                Bytes::from(serde_json::to_vec(&manifest(id)).unwrap()),
+            )
+            .await
+            .unwrap();
+    }
+    let policy = Policy {
+        keep_last: 1,
+        ..Policy::default()
+    };
+    let now = "2026-02-01T00:00:00Z".parse().unwrap();
+    let plan = prune::plan(&store, &path, &policy, Duration::from_secs(3600), now)
+        .await
+        .unwrap();
+    assert_eq!(plan.to_delete().count(), 2);
+    let outcome = prune::execute(&store, &path, &plan).await.unwrap();
+    assert_eq!(
+        outcome.deleted_backups,
+        vec!["20260102T000000Z-bbbbbb".to_string()]
+    );
+    assert_eq!(outcome.refused.len(), 1);
+    assert!(outcome.refused[0]
+        .key
+        .ends_with("20260101T000000Z-aaaaaa/manifest.json"));
+    let left: Vec<String> = store
+        .list("t/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert!(
+        left.contains(&"t/postgres/20260101T000000Z-aaaaaa/db-0001.pgdump.zst".to_string()),
+        "{left:?}"
+    );
+    assert!(
+        left.contains(&"t/postgres/20260101T000000Z-aaaaaa/manifest.json".to_string()),
+        "{left:?}"
+    );
+    assert!(!left.iter().any(|k| k.contains("bbbbbb")), "{left:?}");
+}
+
+/// Lines of a child's stdout as they come, on a thread, so a test can wait for one.
+fn line_reader(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_for_line(
+    lines: &std::sync::mpsc::Receiver<String>,
+    needle: &str,
+    within: Duration,
+) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        let found = line.contains(needle);
+        seen.push(line);
+        if found {
+            return seen;
+        }
+    }
+    panic!(
+        "no line with {needle:?} within {within:?}:\n{}",
+        seen.join("\n")
+    );
+}
+
+fn sigterm(child: &std::process::Child) {
+    // SAFETY: kill(2) on our own child process.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+}
+
+#[test]
+fn schedule_runs_the_command_and_passes_sigterm_on() {
+    let bad = run(kura().args(["schedule", "0 2 * *", "--", "list"]));
+    assert_eq!(bad.code, 2, "{}", bad.all());
+    assert!(bad.error_line()["message"]
+        .as_str()
+        .unwrap()
+        .contains("five fields"));
+
+    // Idle: a stop signal ends the scheduler at once, successfully.
+    let mut idle = kura()
+        .args(["schedule", "0 3 1 1 *", "--", "list"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = line_reader(&mut idle);
+    wait_for_line(&lines, "next run", Duration::from_secs(10));
+    sigterm(&idle);
+    assert_eq!(idle.wait().unwrap().code(), Some(0));
+
+    // Busy: the running command gets the signal, rolls back, and its exit is reported. A
+    // wait-for on a closed port keeps the command running until then.
+    let closed = format!(
+        "postgres://nobody@127.0.0.1:{}/postgres",
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    );
+    let mut busy = kura()
+        .args([
+            "schedule",
+            "* * * * *",
+            "--",
+            "wait-for",
+            "postgres",
+            &closed,
+            "--timeout",
+            "5m",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = line_reader(&mut busy);
+    wait_for_line(&lines, "waiting for", Duration::from_secs(75));
+    sigterm(&busy);
+    let rest: Vec<String> = lines.iter().collect();
+    let status = busy.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{}", rest.join("\n"));
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("the running command exited with 130")),
+        "{}",
+        rest.join("\n")
+    );
+    assert!(!rest.join("\n").contains("nobody:"), "no secrets in logs");
+}

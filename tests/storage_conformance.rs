@@ -37,8 +37,11 @@ fn pattern(len: usize, seed: u8) -> Bytes {
 }
 
 /// `lists_uploads`: whether the server implements ListMultipartUploads (s3s-fs does not; ICOS,
-/// AWS, MinIO and moto do).
-async fn conformance(store: &dyn ObjectStore, lists_uploads: bool) {
+/// AWS, MinIO and moto do). `atomic_create`: whether concurrent `If-None-Match: *` writes
+/// have exactly one winner. AWS S3 guarantees it; moto and s3s-fs check the condition and
+/// then write without holding a lock, so racing writers all "win" there (the lock module
+/// reads its object back for exactly such stores).
+async fn conformance(store: &dyn ObjectStore, lists_uploads: bool, atomic_create: bool) {
     store.check().await.expect("check passes on a usable store");
 
     // put / get / head / overwrite
@@ -139,12 +142,48 @@ async fn conformance(store: &dyn ObjectStore, lists_uploads: bool) {
     assert!(all.iter().any(|o| o.key == "t/a/one.json"));
     assert!(store.list("t/zzz/").await.unwrap().is_empty());
 
-    // delete: batches, idempotent
-    store.delete(&keys).await.unwrap();
-    store
+    // delete: batches, idempotent, nothing refused on a plain bucket
+    assert!(store.delete(&keys).await.unwrap().is_empty());
+    assert!(store
         .delete(&keys)
         .await
-        .expect("deleting missing keys succeeds");
+        .expect("deleting missing keys succeeds")
+        .is_empty());
+
+    // put_if_absent: creates once, never replaces, and the loser of a race sees AlreadyExists
+    use kura::storage::Created;
+    let lock = "t/e/lock.json";
+    assert_eq!(
+        store
+            .put_if_absent(lock, Bytes::from_static(b"first"))
+            .await
+            .unwrap(),
+        Created::Created
+    );
+    assert_eq!(
+        store
+            .put_if_absent(lock, Bytes::from_static(b"second"))
+            .await
+            .unwrap(),
+        Created::AlreadyExists
+    );
+    assert_eq!(read_all(store, lock).await, b"first");
+    store.delete(&[lock.to_string()]).await.unwrap();
+    if atomic_create {
+        let racers = futures::future::join_all(
+            (0..8u8).map(|i| store.put_if_absent("t/e/race.json", Bytes::from(vec![b'0' + i]))),
+        )
+        .await;
+        let winners = racers
+            .iter()
+            .filter(|r| matches!(r, Ok(Created::Created)))
+            .count();
+        assert_eq!(
+            winners, 1,
+            "exactly one conditional create wins: {racers:?}"
+        );
+        store.delete(&["t/e/race.json".to_string()]).await.unwrap();
+    }
     assert!(store.list("t/d/").await.unwrap().is_empty());
 
     // invalid keys never escape the prefix
@@ -218,7 +257,7 @@ async fn failed_producer_aborts(store: &dyn ObjectStore) {
 async fn local_store_conforms() {
     let dir = tempfile::tempdir().unwrap();
     let store = LocalStore::new(dir.path()).unwrap();
-    conformance(&store, true).await;
+    conformance(&store, true, true).await;
     failed_producer_aborts(&store).await;
     failed_part_aborts(store).await;
 }
@@ -256,14 +295,14 @@ async fn s3_stores_conform() {
     let bucket = common::unique("conf").replace('_', "-");
     common::create_bucket(&moto, "testing", "testing", &bucket).await;
     let store = s3_store(&moto, "testing", "testing", &bucket).await;
-    conformance(&store, true).await;
+    conformance(&store, true, false).await;
     failed_producer_aborts(&store).await;
     failed_part_aborts(store).await;
 
     let bucket = common::unique("conf").replace('_', "-");
     common::create_bucket(&s3s, &access, &secret, &bucket).await;
     let store = s3_store(&s3s, &access, &secret, &bucket).await;
-    conformance(&store, false).await;
+    conformance(&store, false, false).await;
 
     // Wrong secret: the signature check fails with a clear, non-retried error.
     let wrong = s3_store(&s3s, &access, "not-the-secret", &bucket).await;

@@ -1,5 +1,6 @@
 //! Fault injection for tests (restic's `BackendTestHook`): a wrapper that fails a chosen
-//! multipart part, so tests can prove every failure path aborts the upload and commits nothing.
+//! multipart part, so tests can prove every failure path aborts the upload and commits nothing,
+//! and that refuses to delete chosen keys the way a bucket with object lock / retention does.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,6 +20,7 @@ pub struct FailingStore<S> {
     inner: S,
     fail_at_part: u64,
     parts_seen: Arc<AtomicU64>,
+    protected: Option<String>,
 }
 
 impl<S: ObjectStore> FailingStore<S> {
@@ -27,7 +29,14 @@ impl<S: ObjectStore> FailingStore<S> {
             inner,
             fail_at_part,
             parts_seen: Arc::new(AtomicU64::new(0)),
+            protected: None,
         }
+    }
+
+    /// Refuse to delete every key containing `pattern`, as a retention policy would.
+    pub fn protecting(mut self, pattern: &str) -> Self {
+        self.protected = Some(pattern.to_string());
+        self
     }
 }
 
@@ -62,7 +71,17 @@ impl<S: ObjectStore> ObjectStore for FailingStore<S> {
         self.inner.put_if_absent(key, data).await
     }
     async fn delete(&self, keys: &[String]) -> Result<Vec<Refused>> {
-        self.inner.delete(keys).await
+        let (refused, allowed): (Vec<String>, Vec<String>) = keys.iter().cloned().partition(|k| {
+            self.protected
+                .as_ref()
+                .is_some_and(|p| k.contains(p.as_str()))
+        });
+        let mut out = self.inner.delete(&allowed).await?;
+        out.extend(refused.into_iter().map(|key| Refused {
+            key,
+            reason: "AccessDenied object is protected by a retention policy (injected)".into(),
+        }));
+        Ok(out)
     }
     async fn list_uploads(&self, prefix: &str) -> Result<Vec<PendingUpload>> {
         self.inner.list_uploads(prefix).await

@@ -1,0 +1,133 @@
+"""The chart renders with the real Helm engine, lints clean, and every object it renders is valid
+Kubernetes; values.schema.json turns mistakes into errors."""
+
+from __future__ import annotations
+
+import helm_python as helm
+import pytest
+
+import chartlib
+from chartlib import KUBE_MAX, KUBE_MIN, KubeValidator, render
+from conftest import MANY_TENANTS, VALUES_DIR, many_tenant_values, one_tenant_values, values_file
+
+
+@pytest.fixture(scope="session", params=[KUBE_MIN, KUBE_MAX])
+def validator(request) -> KubeValidator:
+    return KubeValidator(request.param)
+
+
+def test_defaults_render_only_what_needs_no_tenant(defaults):
+    # No tenants and Fluent Bit off: nothing is created, and NOTES says how to add a tenant.
+    assert defaults.objects == []
+    assert "tenants.acme" in defaults.notes
+
+
+def test_every_object_is_valid_kubernetes(each_render, validator):
+    errors = [e for obj in each_render.objects for e in validator.errors(obj)]
+    assert errors == []
+
+
+def test_long_tenant_names_render_valid_kubernetes(long_name, validator):
+    errors = [e for obj in long_name.objects for e in validator.errors(obj)]
+    assert errors == []
+
+
+@pytest.mark.parametrize(
+    "values",
+    [None, one_tenant_values(), values_file("three-tenants.yaml")],
+    ids=["defaults", "one", "three"],
+)
+def test_lint_strict_is_clean(values):
+    report = chartlib.lint(values)
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert report["errors"] == [] and problems == [], report
+
+
+def test_many_tenants_render_every_tenant(many):
+    namespaces = {o["metadata"]["name"] for o in many.of_kind("Namespace")}
+    assert namespaces == {f"tenant-{name}" for name in MANY_TENANTS}
+    assert len(many.of_kind("CronJob")) == 2 * len(MANY_TENANTS)  # backup + restore template
+
+
+def test_every_values_file_renders():
+    files = sorted(VALUES_DIR.glob("*.yaml"))
+    assert files
+    for path in files:
+        assert render(values_file(path.name)).objects, path
+
+
+def test_set_flags_address_one_tenant():
+    # `helm upgrade --set tenants.acme.postgres.persistence.size=50Gi` is how a customer changes.
+    values = chartlib.merge(
+        many_tenant_values(["acme", "globex"]),
+        helm.parse_set_string("tenants.acme.postgres.persistence.size=50Gi,tenants.globex.backup.suspend=true"),
+    )
+    rendered = render(values)
+    assert rendered.get("PersistentVolumeClaim", "acme-postgres-data")["spec"]["resources"]["requests"]["storage"] == "50Gi"
+    assert rendered.get("PersistentVolumeClaim", "globex-postgres-data")["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    assert rendered.get("CronJob", "globex-backup")["spec"]["suspend"] is True
+    assert rendered.get("CronJob", "acme-backup")["spec"]["suspend"] is False
+
+
+def schema_error(values: dict) -> str:
+    with pytest.raises(helm.HelmValuesError) as failure:
+        render(values)
+    return str(failure.value)
+
+
+@pytest.mark.parametrize(
+    "values, where",
+    [
+        ({"tenants": {"acme": {"postgress": {}}}}, "postgress"),
+        ({"tenants": {"acme": {"backup": {"retention": {"keepDialy": 7}}}}}, "keepDialy"),
+        ({"tenantDefaults": {"couchdb": {"persistence": {"sise": "5Gi"}}}}, "sise"),
+        ({"objectStorage": {"bukket": "x"}}, "bukket"),
+        ({"fluentBit": {"lokiUrl": "https://x"}}, "lokiUrl"),
+    ],
+    ids=["tenant", "retention", "defaults", "storage", "fluent-bit"],
+)
+def test_schema_rejects_a_misspelled_key(values, where):
+    assert where in schema_error(values)
+
+
+@pytest.mark.parametrize("schedule", ["0 2 * *", "every night", "0 2 * * * *", "CRON_TZ=UTC 0 2 * * *"])
+def test_schema_rejects_a_bad_schedule(schedule):
+    assert "schedule" in schema_error({"tenants": {"acme": {"backup": {"schedule": schedule}}}})
+
+
+@pytest.mark.parametrize(
+    "values, where",
+    [
+        ({"image": {"tag": "latest"}}, "/image/tag"),
+        ({"tenants": {"Acme": {}}}, "Acme"),
+        ({"tenants": {"acme": {"postgres": {"podSecurityContext": {"runAsUser": 0}}}}}, "runAsUser"),
+        ({"tenants": {"acme": {"backup": {"resources": {"requests": {"cpu": "1"}}}}}}, "limits"),
+        ({"tenants": {"acme": {"apps": {"postgres": {"image": {"repository": "x"}}}}}}, "postgres"),
+        ({"tenants": {"acme": {"restore": {"backup": "yesterday"}}}}, "backup"),
+    ],
+    ids=["latest-tag", "tenant-name", "root", "no-limits", "reserved-app-name", "backup-id"],
+)
+def test_schema_rejects_unsafe_values(values, where):
+    assert where in schema_error(values)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"tenants": {"acme": {}}}, "objectStorage.credentials"),
+        (
+            {"objectStorage": chartlib.STORAGE_CREDENTIALS, "tenants": {"acme": {"backup": {"retention": {"keepDaily": 0, "keepWeekly": 0, "keepMonthly": 0}}}}},
+            "at least one keep rule",
+        ),
+        ({"objectStorage": chartlib.STORAGE_CREDENTIALS, "fluentBit": {"enabled": True}}, "fluentBit.loki.url"),
+        (
+            {"objectStorage": chartlib.STORAGE_CREDENTIALS, "tenants": {"acme": {"apps": {"web": {"image": {"repository": "x", "tag": "1"}}}}}},
+            "readinessProbe",
+        ),
+    ],
+    ids=["no-credentials", "no-retention", "no-loki", "no-probe"],
+)
+def test_templates_refuse_incomplete_values(values, message):
+    with pytest.raises(helm.HelmRenderError) as failure:
+        render(values)
+    assert message in str(failure.value)
