@@ -89,14 +89,22 @@ impl Lock {
         };
         let body = encode(&info)?;
         let mut took_over = false;
+        let mut attempts = 0;
         loop {
+            attempts += 1;
             match store.put_if_absent(&key, body.clone()).await? {
                 Created::Created => break,
                 Created::AlreadyExists => {}
             }
             let held = match read(store.as_ref(), &key).await? {
-                // Released between our write and our read: try again.
-                None => continue,
+                // Released between our write and our read: try again, a few times.
+                None if attempts < 5 => continue,
+                None => return Err(Error::new(
+                    ErrorKind::Locked,
+                    format!(
+                        "lock {key} keeps changing hands: other kura runs are starting; try again"
+                    ),
+                )),
                 Some(held) => held,
             };
             match held {

@@ -64,6 +64,22 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
             human_bytes(part.stored_bytes),
             &part.sha256[..16.min(part.sha256.len())]
         );
+        if let Some(summary) = contents(part) {
+            println!("  {:<22} {summary}", "");
+        }
     }
     Ok(())
+}
+
+/// What a part held, from the counts recorded at backup time.
+fn contents(part: &crate::catalog::Part) -> Option<String> {
+    if part.counts.is_empty() {
+        return None;
+    }
+    if let Some(documents) = part.counts.get("documents") {
+        let deleted = part.counts.get("deleted_documents").copied().unwrap_or(0);
+        return Some(format!("{documents} documents, {deleted} deleted"));
+    }
+    let rows: u64 = part.counts.values().sum();
+    Some(format!("{} tables, {rows} rows", part.counts.len()))
 }
