@@ -99,12 +99,14 @@ impl Lock {
             let held = match read(store.as_ref(), &key).await? {
                 // Released between our write and our read: try again, a few times.
                 None if attempts < 5 => continue,
-                None => return Err(Error::new(
-                    ErrorKind::Locked,
-                    format!(
+                None => {
+                    return Err(Error::new(
+                        ErrorKind::Locked,
+                        format!(
                         "lock {key} keeps changing hands: other kura runs are starting; try again"
                     ),
-                )),
+                    ))
+                }
                 Some(held) => held,
             };
             match held {

@@ -324,6 +324,18 @@ impl Settings {
     }
 }
 
+/// A `--to` URL; without a password of its own it takes the source's `KURA_<SOURCE>_PASSWORD`,
+/// so a restore Job can name another host without putting a password in the URL.
+pub fn target_url(raw: &str, source: &str) -> Result<SourceUrl> {
+    let mut url = SourceUrl::parse(raw).map_err(|e| e.context("--to"))?;
+    if url.password().is_none() {
+        if let Some(password) = source_password_from_env(source) {
+            url.set_password(password);
+        }
+    }
+    Ok(url)
+}
+
 /// `KURA_<NAME>_PASSWORD` for the source NAME (`-` becomes `_`).
 pub fn source_password_from_env(name: &str) -> Option<Secret> {
     let var = format!(

@@ -4,7 +4,7 @@ use clap::Args;
 
 use super::Settings;
 use crate::catalog::{self};
-use crate::config::{SourceKind, SourceUrl};
+use crate::config::SourceKind;
 use crate::engine::couchdb::restore::CouchRestore;
 use crate::engine::couchdb::Client as CouchClient;
 use crate::engine::postgres::restore::PostgresRestore;
@@ -51,7 +51,7 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
     let store = settings.open_store().await?;
     let manifest = catalog::resolve(store.as_ref(), &path, &options.backup).await?;
     let target_url = match &options.to {
-        Some(raw) => SourceUrl::parse(raw).map_err(|e| e.context("--to"))?,
+        Some(raw) => super::target_url(raw, &options.source)?,
         None => settings
             .source(&options.source)
             .map_err(|e| e.context("no --to given, so the source's own URL is needed"))?

@@ -47,7 +47,7 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
     let manifest = catalog::resolve(store.as_ref(), &path, &options.backup).await?;
     let target = if options.deep {
         Some(match &options.to {
-            Some(raw) => SourceUrl::parse(raw).map_err(|e| e.context("--to"))?,
+            Some(raw) => super::target_url(raw, &options.source)?,
             None => settings
                 .source(&options.source)
                 .map_err(|e| {

@@ -59,11 +59,6 @@ def long_name() -> Rendered:
     return render(values)
 
 
-@pytest.fixture(scope="session", params=["defaults", "one", "three", "many"])
-def each_render(request) -> Rendered:
-    return request.getfixturevalue(request.param)
-
-
-@pytest.fixture(scope="session", params=["one", "three", "many"])
+@pytest.fixture(scope="session", params=["one", "three", "long_name", "many"])
 def tenant_render(request) -> Rendered:
     return request.getfixturevalue(request.param)
