@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 
 use base64::Engine;
 use common::{kura, run, unique, Run};
@@ -376,16 +375,7 @@ async fn server_stopping_mid_backup_leaves_no_manifest_and_no_upload() {
         .local_addr()
         .unwrap()
         .port();
-    let mut server = Command::new(format!("{npm}/pouchdb-server"))
-        .args(["-o", "127.0.0.1", "-p", &port.to_string(), "-n", "-d"])
-        .arg(format!("{}/", dir.path().display()))
-        .arg("-c")
-        .arg(dir.path().join("config.json"))
-        .current_dir(dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut server = common::spawn_pouchdb(&npm, port, dir.path());
     let url = format!("http://127.0.0.1:{port}");
     let couch = Couch::new(&url);
     let started = std::time::Instant::now();

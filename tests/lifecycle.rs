@@ -595,16 +595,7 @@ async fn wait_for_returns_once_a_late_server_answers_and_times_out_clearly() {
         .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Command::new(format!("{npm}/pouchdb-server"))
-        .args(["-o", "127.0.0.1", "-p", &port.to_string(), "-n", "-d"])
-        .arg(format!("{}/", dir.path().display()))
-        .arg("-c")
-        .arg(dir.path().join("config.json"))
-        .current_dir(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut server = common::spawn_pouchdb(&npm, port, dir.path());
     let waited = Run::from_output(waiting.wait_with_output().unwrap());
     server.kill().unwrap();
     server.wait().unwrap();

@@ -306,6 +306,19 @@ pub async fn list_backups(store: &dyn ObjectStore, path: &SourcePath) -> Result<
     Ok(entries)
 }
 
+/// The names of the sources a tenant has anything stored for, sorted.
+pub async fn sources_of_tenant(store: &dyn ObjectStore, tenant: &str) -> Result<Vec<String>> {
+    let prefix = format!("{tenant}/");
+    Ok(store
+        .list(&prefix)
+        .await?
+        .iter()
+        .filter_map(|o| o.key[prefix.len()..].split('/').next().map(str::to_string))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect())
+}
+
 /// The manifest for `id`, or for the newest complete backup when `id` is `latest`.
 pub async fn resolve(store: &dyn ObjectStore, path: &SourcePath, id: &str) -> Result<Manifest> {
     if id == "latest" {

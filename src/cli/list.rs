@@ -1,7 +1,5 @@
 //! `kura list [<source>] [--json]`
 
-use std::collections::BTreeSet;
-
 use clap::Args;
 use serde::Serialize;
 
@@ -64,17 +62,7 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
     let store = settings.open_store().await?;
     let sources: Vec<String> = match &options.source {
         Some(source) => vec![source.clone()],
-        None => {
-            let prefix = format!("{}/", settings.tenant);
-            store
-                .list(&prefix)
-                .await?
-                .iter()
-                .filter_map(|o| o.key[prefix.len()..].split('/').next().map(str::to_string))
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect()
-        }
+        None => catalog::sources_of_tenant(store.as_ref(), &settings.tenant).await?,
     };
     let mut rows = Vec::new();
     for source in &sources {

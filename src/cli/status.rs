@@ -1,7 +1,6 @@
 //! `kura status [<source>...] [--max-age DURATION | --schedule CRON]`: is the newest complete
 //! backup of each source recent enough? For alerting (exit 1) and for people (a table).
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -73,15 +72,7 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
     let names = if !options.sources.is_empty() || !settings.sources.is_empty() {
         settings.source_names(&options.sources)?
     } else {
-        let prefix = format!("{}/", settings.tenant);
-        store
-            .list(&prefix)
-            .await?
-            .iter()
-            .filter_map(|o| o.key[prefix.len()..].split('/').next().map(str::to_string))
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect()
+        catalog::sources_of_tenant(store.as_ref(), &settings.tenant).await?
     };
     if names.is_empty() {
         return Err(Error::not_found(format!(

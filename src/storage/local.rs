@@ -85,29 +85,27 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, fs::Metadata)>) -> std::
 }
 
 fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir)?;
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("object");
-    let tmp = dir.join(format!("{name}{TMP_MARK}{}", random_suffix()));
-    let result = (|| {
-        let mut file = File::create(&tmp)?;
-        file.write_all(data)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        sync_dir(dir)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    publish(path, data, |tmp, path| fs::rename(tmp, path)).map(|_| ())
 }
 
 /// A complete temporary file is hard-linked into place: `link` fails when the name exists,
 /// so the check and the write are one atomic step, and no reader sees a partial object.
 fn write_if_absent(path: &Path, data: &[u8]) -> std::io::Result<Created> {
+    publish(path, data, |tmp, path| fs::hard_link(tmp, path))
+        .map(|()| Created::Created)
+        .or_else(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => Ok(Created::AlreadyExists),
+            _ => Err(e),
+        })
+}
+
+/// Write `data` to a synced temporary file beside `path`, then `place` it at `path`; the
+/// temporary name is gone afterwards whatever happened.
+fn publish(
+    path: &Path,
+    data: &[u8],
+    place: impl FnOnce(&Path, &Path) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir)?;
     let name = path
@@ -119,12 +117,10 @@ fn write_if_absent(path: &Path, data: &[u8]) -> std::io::Result<Created> {
         let mut file = File::create(&tmp)?;
         file.write_all(data)?;
         file.sync_all()?;
-        match fs::hard_link(&tmp, path) {
-            Ok(()) => sync_dir(dir).map(|_| Created::Created),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(Created::AlreadyExists),
-            Err(e) => Err(e),
-        }
+        place(&tmp, path)?;
+        sync_dir(dir)
     })();
+    // After a rename the temporary name no longer exists; after a link it must go.
     let _ = fs::remove_file(&tmp);
     result
 }

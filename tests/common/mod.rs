@@ -297,3 +297,18 @@ pub fn noise(len: usize) -> Vec<u8> {
     rand::thread_rng().fill_bytes(&mut data);
     data
 }
+
+/// A private pouchdb-server on `port` with its data in `dir`, for tests that stop or start a
+/// CouchDB-compatible server themselves without disturbing the shared one.
+pub fn spawn_pouchdb(npm_bin: &str, port: u16, dir: &Path) -> std::process::Child {
+    Command::new(format!("{npm_bin}/pouchdb-server"))
+        .args(["-o", "127.0.0.1", "-p", &port.to_string(), "-n", "-d"])
+        .arg(format!("{}/", dir.display()))
+        .arg("-c")
+        .arg(dir.join("config.json"))
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("pouchdb-server starts")
+}

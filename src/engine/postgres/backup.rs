@@ -257,8 +257,12 @@ impl Snapshot {
                 e,
             )
         };
+        // Named apart from pg_dump's own session, so a DBA looking at pg_stat_activity (or a
+        // test terminating pg_dump) can tell the two apart.
         client
-            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .batch_execute(
+                "SET application_name = 'kura snapshot'; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+            )
             .await
             .map_err(failed)?;
         let id: String = client
