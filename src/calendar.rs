@@ -105,8 +105,10 @@ fn to_quartz(expression: &str) -> std::result::Result<String, String> {
             return Err(format!("the {name} field {field:?} must be numeric"));
         }
     }
-    let month = expand(month, 1, 12, &MONTH_NAMES, 1, "month")?;
-    let days = expand(day_of_week, 0, 7, &DAY_NAMES, 0, "day-of-week")?;
+    let month = expand(month, 1, 12, 12, &MONTH_NAMES, 1, "month")?;
+    // `1/2` means Mon, Wed, Fri in crontab: a step from a start runs to Saturday (6), not to
+    // the Sunday-again 7.
+    let days = expand(day_of_week, 0, 7, 6, &DAY_NAMES, 0, "day-of-week")?;
     if day_of_month != "*" && days.is_some() {
         // crontab fires when EITHER field matches; Quartz needs one of them to be `?`.
         return Err(
@@ -138,6 +140,7 @@ fn expand(
     field: &str,
     min: u32,
     max: u32,
+    step_end: u32,
     names: &[&str],
     first_name_value: u32,
     what: &str,
@@ -171,7 +174,7 @@ fn expand(
             "*" => (min, max),
             _ => match range.split_once('-') {
                 Some((low, high)) => (value(low)?, value(high)?),
-                None if step > 1 => (value(range)?, max),
+                None if step > 1 => (value(range)?, step_end),
                 None => (value(range)?, value(range)?),
             },
         };
@@ -207,6 +210,12 @@ mod tests {
         assert_eq!(
             weekdays.next_after(utc(2026, 11, 28, 12, 0)),
             Some(utc(2026, 11, 30, 1, 30))
+        );
+        // A step from a start ends on Saturday: Mon, Wed, Fri, never Sunday.
+        let odd = CronSchedule::parse("0 4 * * 1/2", None).unwrap();
+        assert_eq!(
+            odd.next_after(utc(2026, 11, 27, 12, 0)),
+            Some(utc(2026, 11, 30, 4, 0))
         );
         let weekend = CronSchedule::parse("0 3 * * 6-7", None).unwrap();
         assert_eq!(

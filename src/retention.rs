@@ -83,6 +83,15 @@ impl fmt::Display for Policy {
 /// The calendar period a backup falls in, as a label (`2026-11-28`, `2026-W48`).
 type PeriodOf = fn(DateTime<Utc>) -> String;
 
+/// `duration` before `now`, or the beginning of time for durations beyond the calendar
+/// (`--keep-within 100000000d` means "forever", not a panic).
+pub fn before(now: DateTime<Utc>, duration: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(duration)
+        .ok()
+        .and_then(|d| now.checked_sub_signed(d))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
 /// What retention needs to know about one backup folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
@@ -92,6 +101,9 @@ pub struct Candidate {
     pub complete: bool,
     /// The newest object's modification time: a running backup keeps writing parts.
     pub last_activity: Option<DateTime<Utc>>,
+    /// A manifest exists but cannot be read (written by a newer kura, or damaged): such a
+    /// backup may well be complete, so it is never deleted and never counted.
+    pub unreadable: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,7 +187,7 @@ pub fn apply(
         }
     }
     if let Some(within) = policy.keep_within.filter(|d| !d.is_zero()) {
-        let cutoff = now - chrono::Duration::from_std(within).unwrap_or(chrono::Duration::MAX);
+        let cutoff = before(now, within);
         for c in complete.iter().filter(|c| c.time >= cutoff) {
             reasons.entry(&c.id).or_default().push(format!(
                 "within {} of {}",
@@ -185,11 +197,20 @@ pub fn apply(
         }
     }
 
-    let grace_cutoff = now - chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
+    let grace_cutoff = before(now, grace);
     sorted
         .iter()
         .map(|c| {
             let id = c.id.clone();
+            if let Some(why) = &c.unreadable {
+                return Decision {
+                    id,
+                    keep: true,
+                    reasons: vec![format!(
+                        "its manifest cannot be read ({why}): kept for a person to look at"
+                    )],
+                };
+            }
             if c.complete {
                 match reasons.remove(c.id.as_str()) {
                     Some(why) => Decision { id, keep: true, reasons: why },
@@ -250,6 +271,7 @@ mod tests {
             time: t,
             complete: true,
             last_activity: Some(t),
+            unreadable: None,
         }
     }
 
@@ -259,6 +281,7 @@ mod tests {
             time: t,
             complete: false,
             last_activity: last,
+            unreadable: None,
         }
     }
 
@@ -693,6 +716,26 @@ mod tests {
                 kept: vec!["20261128T020000", "20251231T020000", "20241231T020000"],
             },
             Case {
+                name: "a manifest a newer kura wrote is never deleted, nor counted",
+                candidates: vec![
+                    Candidate {
+                        unreadable: Some("written by a newer kura".into()),
+                        ..incomplete(at(2026, 11, 28, 2, 0, 0), None)
+                    },
+                    Candidate {
+                        unreadable: Some("manifest is malformed".into()),
+                        ..incomplete(at(2026, 1, 1, 2, 0, 0), None)
+                    },
+                    complete(at(2026, 11, 27, 2, 0, 0), "a"),
+                    complete(at(2026, 11, 26, 2, 0, 0), "a"),
+                ],
+                policy: Policy {
+                    keep_last: 1,
+                    ..p()
+                },
+                kept: vec!["20261128T020000", "20261127T020000", "20260101T020000"],
+            },
+            Case {
                 name: "input order does not matter",
                 candidates: {
                     let mut c = nightly(5);
@@ -796,6 +839,17 @@ mod tests {
         }
         .validate()
         .is_ok());
+    }
+
+    #[test]
+    fn durations_beyond_the_calendar_mean_forever() {
+        let forever = Duration::from_secs(u64::MAX / 2);
+        let policy = Policy {
+            keep_within: Some(forever),
+            ..Policy::default()
+        };
+        let decisions = apply(&nightly(3), &policy, forever, now());
+        assert!(decisions.iter().all(|d| d.keep));
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub const LOCK_NAME: &str = "lock.json";
 /// enough that the next nightly run is not blocked by a dead one.
 pub const LOCK_TTL: Duration = Duration::from_secs(15 * 60);
 const REFRESH_EVERY: Duration = Duration::from_secs(5 * 60);
+/// Long enough for a racing takeover's delete-and-create to land before we look again.
+const TAKEOVER_SETTLE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LockInfo {
@@ -92,9 +94,10 @@ impl Lock {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            match store.put_if_absent(&key, body.clone()).await? {
-                Created::Created => break,
-                Created::AlreadyExists => {}
+            // A HEAD first narrows the window on stores that ignore If-None-Match.
+            let free = store.head(&key).await?.is_none();
+            if free && store.put_if_absent(&key, body.clone()).await? == Created::Created {
+                break;
             }
             let held = match read(store.as_ref(), &key).await? {
                 // Released between our write and our read: try again, a few times.
@@ -130,18 +133,31 @@ impl Lock {
                     ));
                 }
             }
-            store.delete(std::slice::from_ref(&key)).await?;
+            delete_lock(store.as_ref(), &key).await?;
             took_over = true;
         }
         // Read back: on a store that ignored the condition, the last writer holds the lock.
-        match read(store.as_ref(), &key).await? {
-            Some(Ok(held)) if held.nonce == info.nonce => {}
-            Some(Ok(held)) => return Err(locked(path, &key, &held)),
-            _ => {
-                return Err(Error::new(
-                    ErrorKind::Locked,
-                    format!("lock {key} changed while it was being taken: another kura run is starting; try again"),
-                ))
+        // After a takeover, read again a moment later: another run that saw the same expired
+        // lock may have deleted ours and written its own (stores offer no compare-and-delete).
+        let checks = if took_over { 2 } else { 1 };
+        for check in 0..checks {
+            if check > 0 {
+                tokio::time::sleep(TAKEOVER_SETTLE).await;
+            }
+            match read(store.as_ref(), &key).await {
+                Ok(Some(Ok(held))) if held.nonce == info.nonce => {}
+                Ok(Some(Ok(held))) => return Err(locked(path, &key, &held)),
+                Ok(_) => {
+                    return Err(Error::new(
+                        ErrorKind::Locked,
+                        format!("lock {key} changed while it was being taken: another kura run is starting; try again"),
+                    ))
+                }
+                Err(e) => {
+                    // Ours or not, a lock nobody can confirm must not linger for its TTL.
+                    let _ = delete_lock(store.as_ref(), &key).await;
+                    return Err(e.context(format!("confirming lock {key}")));
+                }
             }
         }
         tracing::debug!(lock = %key, "lock taken");
@@ -154,11 +170,14 @@ impl Lock {
     }
 
     /// Delete the lock if it is still ours. Failures are logged: the lock then expires.
-    pub async fn release(self, store: &dyn ObjectStore) {
+    pub async fn release(mut self, store: &dyn ObjectStore) {
+        // The refresher must be gone before the delete, or a refresh in flight could write
+        // the lock back after it.
         self.refresher.abort();
+        let _ = (&mut self.refresher).await;
         match read(store, &self.key).await {
             Ok(Some(Ok(held))) if held.nonce == self.info.nonce => {
-                if let Err(e) = store.delete(std::slice::from_ref(&self.key)).await {
+                if let Err(e) = delete_lock(store, &self.key).await {
                     tracing::warn!(lock = %self.key, error = %e.chain(), "could not release the lock; it expires by itself");
                 }
             }
@@ -251,8 +270,23 @@ pub async fn unlock(store: &dyn ObjectStore, path: &SourcePath, force: bool) -> 
         }
         Some(Err(_)) => format!("removed the unreadable lock {key}"),
     };
-    store.delete(std::slice::from_ref(&key)).await?;
+    delete_lock(store, &key).await?;
     Ok(message)
+}
+
+/// Delete the lock object; a store that refuses (retention, permissions) is an error here,
+/// since a lock that cannot be removed blocks every later run.
+async fn delete_lock(store: &dyn ObjectStore, key: &str) -> Result<()> {
+    match store.delete(&[key.to_string()]).await?.first() {
+        None => Ok(()),
+        Some(refused) => Err(Error::new(
+            ErrorKind::Storage,
+            format!(
+                "the store refused to delete the lock {key} ({}): exclude the lock objects from retention rules and grant delete permission",
+                refused.reason
+            ),
+        )),
+    }
 }
 
 fn locked(path: &SourcePath, key: &str, held: &LockInfo) -> Error {

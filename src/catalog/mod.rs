@@ -254,6 +254,8 @@ pub struct BackupEntry {
     pub manifest: Option<Manifest>,
     /// Why an incomplete backup is not usable.
     pub problem: Option<String>,
+    /// A manifest object exists, whether or not it could be read (a newer format, damage).
+    pub has_manifest: bool,
     /// Bytes of all objects under the backup's folder.
     pub object_bytes: u64,
     pub last_modified: Option<DateTime<Utc>>,
@@ -299,6 +301,7 @@ pub async fn list_backups(store: &dyn ObjectStore, path: &SourcePath) -> Result<
             id,
             manifest,
             problem,
+            has_manifest,
             object_bytes: bytes,
             last_modified: modified,
         });

@@ -81,6 +81,10 @@ pub async fn plan(
             time: e.id.time(),
             complete: e.is_complete(),
             last_activity: e.last_modified,
+            unreadable: match (e.has_manifest, e.is_complete()) {
+                (true, false) => Some(e.problem.clone().unwrap_or_default()),
+                _ => None,
+            },
         })
         .collect();
     let decisions = retention::apply(&candidates, policy, grace, now);
@@ -97,7 +101,7 @@ pub async fn plan(
             }
         })
         .collect();
-    let grace_cutoff = now - chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
+    let grace_cutoff = retention::before(now, grace);
     let stale_uploads = store
         .list_uploads(&path.prefix())
         .await?

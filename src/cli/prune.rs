@@ -25,8 +25,8 @@ pub struct Options {
     /// Print the decisions as JSON.
     #[arg(long)]
     pub json: bool,
-    /// Evaluate the policy as if it were this time (RFC 3339 or YYYY-MM-DD), to rehearse.
-    #[arg(long, value_name = "TIME", value_parser = parse_now)]
+    /// With --dry-run: evaluate the policy as if it were this time (RFC 3339 or YYYY-MM-DD).
+    #[arg(long, value_name = "TIME", value_parser = parse_now, requires = "dry_run")]
     pub now: Option<DateTime<Utc>>,
 }
 
@@ -83,6 +83,23 @@ pub async fn prune_locked(
         tracing::info!(source = %path.source, object = %upload.key, "aborting abandoned upload {}", upload.key);
     }
     let outcome = prune::execute(store, path, &plan).await?;
+    // Some objects under retention are expected; a store refusing every delete is a
+    // credential without delete permission, and a nightly prune must not pass silently.
+    if plan.to_delete().count() > 0
+        && outcome.deleted_backups.is_empty()
+        && !outcome.refused.is_empty()
+    {
+        return Err(Error::new(
+            crate::ErrorKind::Storage,
+            format!(
+                "the store refused every delete under {}/{} (first: {} — {}): give the credentials delete permission, or, if these objects are under a retention policy, wait for it to expire",
+                path.tenant,
+                path.source,
+                outcome.refused[0].key,
+                outcome.refused[0].reason
+            ),
+        ));
+    }
     let kept = plan.backups.iter().filter(|b| b.action == "keep").count();
     tracing::info!(
         source = %path.source,

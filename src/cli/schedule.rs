@@ -49,7 +49,7 @@ pub async fn run(settings: &Settings, global: &GlobalArgs, options: &Options) ->
             );
             return Ok(());
         };
-        tracing::info!(next_run = %next.to_rfc3339(), "next run of `kura {}` at {next}", options.command.join(" "));
+        tracing::info!(next_run = %next.to_rfc3339(), "next run of `kura {}` at {next}", shown_command(&options.command));
         let wait = (next - now).to_std().unwrap_or_default();
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
@@ -96,11 +96,42 @@ pub async fn run(settings: &Settings, global: &GlobalArgs, options: &Options) ->
                 exit_code = code.unwrap_or(-1),
                 seconds,
                 "scheduled run `kura {}` failed with exit code {}; the schedule continues",
-                options.command.join(" "),
+                shown_command(&options.command),
                 code.map_or("none (killed by a signal)".to_string(), |c| c.to_string())
             ),
         }
         missed_since = next;
+    }
+}
+
+/// The command for log lines, with any password in a URL argument replaced by `***`
+/// (`-- backup --postgres-url postgres://u:pw@db/...` must not reach Loki).
+fn shown_command(command: &[String]) -> String {
+    command
+        .iter()
+        .map(|arg| redact_userinfo(arg))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn redact_userinfo(arg: &str) -> String {
+    let Some(scheme_end) = arg.find("://") else {
+        return arg.to_string();
+    };
+    let authority_start = scheme_end + 3;
+    let rest = &arg[authority_start..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return arg.to_string();
+    };
+    match rest[..at].find(':') {
+        Some(colon) => format!(
+            "{}{}:***{}",
+            &arg[..authority_start],
+            &rest[..colon],
+            &rest[at..]
+        ),
+        None => arg.to_string(),
     }
 }
 
@@ -182,4 +213,30 @@ fn child_env(global: &GlobalArgs) -> Vec<(&'static str, OsString)> {
         global.upload_concurrency.map(|v| v.to_string().into()),
     );
     env
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_in_scheduled_commands_are_not_logged() {
+        let command: Vec<String> = [
+            "backup",
+            "--postgres-url=postgres://kura:s3cr%40t@db:5432/postgres?sslmode=disable",
+            "--couchdb-url",
+            "http://admin:pw@couch:5984",
+            "postgres",
+        ]
+        .map(String::from)
+        .to_vec();
+        let shown = shown_command(&command);
+        assert!(
+            !shown.contains("s3cr") && !shown.contains(":pw@"),
+            "{shown}"
+        );
+        assert!(shown.contains("postgres://kura:***@db:5432/postgres?sslmode=disable"));
+        assert!(shown.contains("http://admin:***@couch:5984"));
+        assert_eq!(redact_userinfo("s3://bucket/a@b"), "s3://bucket/a@b");
+    }
 }

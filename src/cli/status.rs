@@ -160,8 +160,7 @@ fn judge(
             )
         }
         Rule::Schedule(schedule, slack) => {
-            let slack = chrono::Duration::from_std(*slack).unwrap_or(chrono::Duration::MAX);
-            match schedule.previous(now - slack) {
+            match schedule.previous(crate::retention::before(now, *slack)) {
                 None => (
                     true,
                     format!("no run of {:?} is due yet", schedule.expression()),
@@ -183,7 +182,7 @@ fn judge(
                                 "the run due {} ({:?}) has no backup after {} of slack; newest started {}",
                                 due.format("%Y-%m-%d %H:%M:%SZ"),
                                 schedule.expression(),
-                                config::format_duration(slack.to_std().unwrap_or(Duration::ZERO)),
+                                config::format_duration(*slack),
                                 m.started_at.format("%Y-%m-%d %H:%M:%SZ")
                             )
                         },

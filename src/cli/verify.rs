@@ -302,13 +302,32 @@ async fn drop_postgres(connection: &Connection, scratch: &str) {
         let client = connection
             .connect(&connection.maintenance_database())
             .await?;
-        client
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                postgres::quote_ident(scratch)
-            ))
+        let failed = |e| Error::with_source(ErrorKind::Database, "DROP DATABASE", e);
+        let version: i32 = client
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
             .await
-            .map_err(|e| Error::with_source(ErrorKind::Database, "DROP DATABASE", e))
+            .map_err(failed)?
+            .get(0);
+        let quoted = postgres::quote_ident(scratch);
+        if version >= 130000 {
+            client
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
+                .await
+                .map_err(failed)
+        } else {
+            // Before PostgreSQL 13 there is no FORCE: end the sessions, then drop.
+            client
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                    &[&scratch],
+                )
+                .await
+                .map_err(failed)?;
+            client
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {quoted}"))
+                .await
+                .map_err(failed)
+        }
     }
     .await;
     if let Err(e) = dropped {

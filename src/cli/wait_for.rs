@@ -62,6 +62,8 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
                 );
                 return Ok(());
             }
+            // A bad URL or setting will not fix itself while we wait.
+            Err(err) if err.kind() == ErrorKind::Usage => return Err(err),
             Err(err) => err,
         };
         let elapsed = started.elapsed();

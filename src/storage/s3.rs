@@ -169,6 +169,24 @@ impl S3Store {
                 });
             }
         };
+        // Per-key server trouble is not a refusal: the caller must see the delete failed.
+        if let Some(failed) = output.errors().iter().find(|e| {
+            matches!(
+                e.code(),
+                Some("InternalError" | "SlowDown" | "ServiceUnavailable" | "RequestTimeout")
+            )
+        }) {
+            return Err(BatchDelete::Failed(Error::new(
+                ErrorKind::Storage,
+                format!(
+                    "cannot delete {} in bucket {}: {} {}; try again later",
+                    failed.key().unwrap_or("?"),
+                    self.bucket,
+                    failed.code().unwrap_or(""),
+                    failed.message().unwrap_or("")
+                ),
+            )));
+        }
         Ok(output
             .errors()
             .iter()

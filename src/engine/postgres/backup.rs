@@ -130,10 +130,22 @@ impl PostgresBackup {
             // Rows are counted in pg_dump's own snapshot while it runs, so `verify --deep` can
             // compare a restore with exactly what was dumped. The exporting transaction stays
             // open until pg_dump is done: its snapshot must outlive pg_dump's import of it.
-            let (stored, counts) = tokio::join!(
-                self.dump(ctx, id, &name, dump, "pg_dump", &line),
-                snapshot.count_rows()
-            );
+            let dumping = self.dump(ctx, id, &name, dump, "pg_dump", &line);
+            let counting = async {
+                tokio::select! {
+                    counts = snapshot.count_rows() => counts,
+                    _ = ctx.cancel.cancelled() => Err(Error::interrupted()),
+                }
+            };
+            tokio::pin!(dumping, counting);
+            // A failed dump ends the database at once; the counts wait for nothing.
+            let (stored, counts) = tokio::select! {
+                stored = &mut dumping => match stored {
+                    Ok(stored) => (Ok(stored), counting.await),
+                    Err(e) => (Err(e), Ok(Default::default())),
+                },
+                counts = &mut counting => (dumping.await, counts),
+            };
             let stored = stored
                 .map_err(|e| e.context(format!("backing up database {:?}", database.name)))?;
             let counts = counts.map_err(|e| {
@@ -261,7 +273,11 @@ impl Snapshot {
         // test terminating pg_dump) can tell the two apart.
         client
             .batch_execute(
-                "SET application_name = 'kura snapshot'; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+                // pg_dump lifts these limits for its own session; the counts must not trip on
+                // a role's or database's statement_timeout where the dump would not.
+                "SET application_name = 'kura snapshot'; SET statement_timeout = 0; \
+                 SET lock_timeout = 0; SET idle_in_transaction_session_timeout = 0; \
+                 BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
             )
             .await
             .map_err(failed)?;
