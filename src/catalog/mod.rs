@@ -130,9 +130,10 @@ pub struct Part {
     pub properties: serde_json::Value,
     /// What the part held when it was taken, for `verify --deep` to compare a restore with:
     /// rows per table (`schema.table`, PostgreSQL) or `documents` / `deleted_documents`
-    /// (CouchDB). Empty in backups made before kura recorded them.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub counts: BTreeMap<String, u64>,
+    /// (CouchDB). `None` in backups made before kura recorded them; an empty map is a
+    /// database without tables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counts: Option<BTreeMap<String, u64>>,
 }
 
 impl Part {

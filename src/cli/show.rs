@@ -73,13 +73,11 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
 
 /// What a part held, from the counts recorded at backup time.
 fn contents(part: &crate::catalog::Part) -> Option<String> {
-    if part.counts.is_empty() {
-        return None;
-    }
-    if let Some(documents) = part.counts.get("documents") {
-        let deleted = part.counts.get("deleted_documents").copied().unwrap_or(0);
+    let counts = part.counts.as_ref()?;
+    if let Some(documents) = counts.get("documents") {
+        let deleted = counts.get("deleted_documents").copied().unwrap_or(0);
         return Some(format!("{documents} documents, {deleted} deleted"));
     }
-    let rows: u64 = part.counts.values().sum();
-    Some(format!("{} tables, {rows} rows", part.counts.len()))
+    let rows: u64 = counts.values().sum();
+    Some(format!("{} tables, {rows} rows", counts.len()))
 }

@@ -248,16 +248,18 @@ async fn deep(
                 result?
             }
         };
-        let differences = compare(&part.counts, &counted);
-        if part.counts.is_empty() {
+        let Some(recorded) = &part.counts else {
             tracing::warn!(database = %part.name, "this backup recorded no counts (made by an older kura): the restore succeeded, nothing to compare");
-        } else if differences.is_empty() {
+            continue;
+        };
+        let differences = compare(recorded, &counted);
+        if differences.is_empty() {
             tracing::info!(
                 database = %part.name,
-                compared = part.counts.len(),
+                compared = recorded.len(),
                 "database {:?} restores completely: {} counts match",
                 part.name,
-                part.counts.len()
+                recorded.len()
             );
         } else {
             tracing::error!(database = %part.name, "{}", differences.join("; "));
@@ -290,9 +292,7 @@ fn compare(recorded: &BTreeMap<String, u64>, restored: &BTreeMap<String, u64>) -
         }
     }
     for name in restored.keys().filter(|n| !recorded.contains_key(*n)) {
-        if !recorded.is_empty() {
-            out.push(format!("{name}: restored but not in the backup's counts"));
-        }
+        out.push(format!("{name}: restored but not in the backup's counts"));
     }
     out
 }

@@ -191,12 +191,14 @@ impl CouchBackup {
                 compression: compression.clone(),
                 encryption: None,
                 properties,
-                counts: [
-                    ("documents".to_string(), stats.live_documents),
-                    ("deleted_documents".to_string(), stats.deleted_documents),
-                ]
-                .into_iter()
-                .collect(),
+                counts: Some(
+                    [
+                        ("documents".to_string(), stats.live_documents),
+                        ("deleted_documents".to_string(), stats.deleted_documents),
+                    ]
+                    .into_iter()
+                    .collect(),
+                ),
             });
         }
         line.finish().await;

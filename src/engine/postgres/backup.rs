@@ -172,7 +172,7 @@ impl PostgresBackup {
                 &compression,
                 properties,
             );
-            database_part.counts = counts;
+            database_part.counts = Some(counts);
             parts.push(database_part);
         }
         line.finish().await;
@@ -249,7 +249,7 @@ fn part(
         compression: compression.clone(),
         encryption: None,
         properties,
-        counts: Default::default(),
+        counts: None,
     }
 }
 
