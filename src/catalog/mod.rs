@@ -268,6 +268,9 @@ impl BackupEntry {
     }
 }
 
+/// Concurrent manifest reads in [`list_backups`].
+const MANIFEST_READS: usize = 16;
+
 /// Every backup folder of a source, newest first; manifests are loaded for complete ones.
 pub async fn list_backups(store: &dyn ObjectStore, path: &SourcePath) -> Result<Vec<BackupEntry>> {
     let prefix = path.prefix();
@@ -287,26 +290,32 @@ pub async fn list_backups(store: &dyn ObjectStore, path: &SourcePath) -> Result<
         entry.1 += object.size;
         entry.2 = entry.2.max(object.last_modified);
     }
-    let mut entries = Vec::with_capacity(folders.len());
-    for (id, (has_manifest, bytes, modified)) in folders.into_iter().rev() {
-        let (manifest, problem) = if has_manifest {
-            match load_manifest(store, path, &id).await {
-                Ok(m) => (Some(m), None),
-                Err(e) if e.kind() == ErrorKind::Storage => return Err(e),
-                Err(e) => (None, Some(e.to_string())),
-            }
-        } else {
-            (None, Some("no manifest: unfinished or failed".to_string()))
-        };
-        entries.push(BackupEntry {
-            id,
-            manifest,
-            problem,
-            has_manifest,
-            object_bytes: bytes,
-            last_modified: modified,
-        });
-    }
+    // Manifests are read MANIFEST_READS at a time: a tenant with hourly backups has hundreds,
+    // and one round trip each, in sequence, is most of the time `list` and `prune` take.
+    use futures::{StreamExt, TryStreamExt};
+    let entries: Vec<BackupEntry> = futures::stream::iter(folders.into_iter().rev())
+        .map(|(id, (has_manifest, bytes, modified))| async move {
+            let (manifest, problem) = if has_manifest {
+                match load_manifest(store, path, &id).await {
+                    Ok(m) => (Some(m), None),
+                    Err(e) if e.kind() == ErrorKind::Storage => return Err(e),
+                    Err(e) => (None, Some(e.to_string())),
+                }
+            } else {
+                (None, Some("no manifest: unfinished or failed".to_string()))
+            };
+            Ok(BackupEntry {
+                id,
+                manifest,
+                problem,
+                has_manifest,
+                object_bytes: bytes,
+                last_modified: modified,
+            })
+        })
+        .buffered(MANIFEST_READS)
+        .try_collect()
+        .await?;
     Ok(entries)
 }
 

@@ -171,10 +171,9 @@ class ScratchPostgres:
 # --- the chart, rendered for the test ---------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def rendered(s3, couch):
+def contract_values(s3, couch) -> dict:
     _, _, bucket = s3
-    values = {
+    return {
         "objectStorage": {
             "bucket": bucket,
             "prefix": "chart-contract",
@@ -195,7 +194,11 @@ def rendered(s3, couch):
             }
         },
     }
-    return render(values)
+
+
+@pytest.fixture(scope="module")
+def rendered(s3, couch):
+    return render(contract_values(s3, couch))
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +206,8 @@ def postgres(rendered):
     secret = rendered.get("Secret", f"{TENANT}-postgres", NAMESPACE)
     server = ScratchPostgres(base64.b64decode(secret["data"]["postgres-password"]).decode())
     server.sql("CREATE DATABASE shop")
+    # A role besides the superuser, which only a restore with --globals brings to a fresh server.
+    server.sql("CREATE ROLE shop_reader LOGIN")
     server.sql("CREATE TABLE orders (id int PRIMARY KEY, total numeric); INSERT INTO orders VALUES (1, 9.5), (2, 20)", "shop")
     yield server
     server.stop()
@@ -314,6 +319,29 @@ def test_restore_template_restores_into_another_server(kura_bin, rendered, backe
         assert postgres.password not in result.stdout + result.stderr
     finally:
         other.stop()
+
+
+def test_restore_template_with_globals_restores_the_roles_into_a_fresh_server(kura_bin, rendered, backed_up, s3, couch, postgres):
+    # Disaster recovery: restore.globals, into a new server that has only its superuser.
+    _, client, bucket = s3
+    (backup_id,) = backup_ids(client, bucket, "postgres")
+    with_globals = render(chartlib.merge(contract_values(s3, couch), {"tenants": {TENANT: {"restore": {"globals": True}}}}))
+    c = container(template_named(with_globals, f"{TENANT}-restore"), "kura")
+    fresh = ScratchPostgres(postgres.password)
+    try:
+        role = "SELECT count(*) FROM pg_roles WHERE rolname = 'shop_reader'"
+        assert fresh.sql(role) == "0"
+        target = "postgres://postgres:$(KURA_POSTGRES_PASSWORD)@127.0.0.1:%d/postgres" % fresh.port
+        # Secrets resolved from the first render: its generated password is the servers'.
+        result, command = run_container(
+            kura_bin, rendered, c, s3, couch, postgres, {"KURA_RESTORE_BACKUP": backup_id, "KURA_RESTORE_TO": target}
+        )
+        assert result.returncode == 0, explain(result, command)
+        assert command[1:] == ["restore", "postgres", backup_id, "--globals"]
+        assert fresh.sql(role) == "1"
+        assert fresh.sql("SELECT count(*) FROM orders", "shop") == "2"
+    finally:
+        fresh.stop()
 
 
 def test_restore_template_refuses_a_database_that_holds_data(kura_bin, rendered, backed_up, s3, couch, postgres):

@@ -110,8 +110,10 @@ def test_schema_rejects_a_bad_schedule(schedule):
         ({"tenants": {"acme": {"backup": {"resources": {"requests": {"cpu": "1"}}}}}}, "limits"),
         ({"tenants": {"acme": {"apps": {"postgres": {"image": {"repository": "x"}}}}}}, "postgres"),
         ({"tenants": {"acme": {"restore": {"backup": "yesterday"}}}}, "backup"),
+        ({"networkPolicy": {"dns": {"extraCidrs": ["169.254.20.10"]}}}, "extraCidrs"),
+        ({"fluentBit": {"extraHostLogPaths": ["var/data/kubeletlogs"]}}, "extraHostLogPaths"),
     ],
-    ids=["latest-tag", "tenant-name", "root", "no-limits", "reserved-app-name", "backup-id"],
+    ids=["latest-tag", "tenant-name", "root", "no-limits", "reserved-app-name", "backup-id", "dns-cidr", "relative-host-path"],
 )
 def test_schema_rejects_unsafe_values(values, where):
     assert where in schema_error(values)
@@ -130,8 +132,13 @@ def test_schema_rejects_unsafe_values(values, where):
             {"objectStorage": chartlib.STORAGE_CREDENTIALS, "tenants": {"acme": {"apps": {"web": {"image": {"repository": "x", "tag": "1"}}}}}},
             "readinessProbe",
         ),
+        # kura refuses --globals for CouchDB (exit 2): the Job would fail every time.
+        (
+            {"objectStorage": chartlib.STORAGE_CREDENTIALS, "tenants": {"acme": {"restore": {"globals": True, "source": "couchdb"}}}},
+            "restore.globals",
+        ),
     ],
-    ids=["no-credentials", "no-retention", "no-loki", "no-probe"],
+    ids=["no-credentials", "no-retention", "no-loki", "no-probe", "globals-for-couchdb"],
 )
 def test_templates_refuse_incomplete_values(values, message):
     with pytest.raises(helm.HelmRenderError) as failure:

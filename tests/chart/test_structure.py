@@ -4,15 +4,19 @@ labels, names, isolation between tenants, staggered schedules, and the settings 
 from __future__ import annotations
 
 import base64
+import hashlib
 import ipaddress
 import json
 import re
 
+import helm_python as helm
 import pytest
 
 import chartlib
 from chartlib import Endpoint, PodTemplate, connection_allowed, container, pod_templates, render
 from conftest import LONG_TENANT, MANY_TENANTS, many_tenant_values, one_tenant_values, values_file
+
+STANDBY_SERVER = "10.240.0.15"  # globex's restore.extraEgress in three-tenants.yaml
 
 RECOMMENDED_LABELS = [
     "app.kubernetes.io/name",
@@ -96,12 +100,41 @@ def test_fluent_bit_departs_from_restricted_only_where_it_must(three):
     assert sorted(restricted_violations(fluent_bit)) == [
         "fluent-bit: runAsNonRoot",
         "fluent-bit: runAsUser 0",
+        "volume hostlogs-0: ['hostPath']",
         "volume state: ['hostPath']",
         "volume varlog: ['hostPath']",
     ]
     mounts = {m["name"]: m for m in fluent_bit.containers()[0]["volumeMounts"]}
     assert mounts["varlog"].get("readOnly") is True
+    assert mounts["hostlogs-0"].get("readOnly") is True
     assert fluent_bit.namespace == chartlib.RELEASE_NAMESPACE
+
+
+def fluent_bit_only(**settings) -> dict:
+    fluent_bit = {"enabled": True, "loki": {"url": "https://loki.example.com/loki/api/v1/push"}, **settings}
+    return {"objectStorage": chartlib.STORAGE_CREDENTIALS, "fluentBit": fluent_bit}
+
+
+def test_fluent_bit_reads_through_the_log_symlinks_of_iks_workers(three):
+    # IKS: /var/log/containers/x.log -> /var/log/pods/… and /var/log/pods -> /var/data/kubeletlogs.
+    # The target is mounted at its own path, so the absolute links resolve in the container too.
+    pod = three.get("DaemonSet", "kura-fluent-bit", chartlib.RELEASE_NAMESPACE)["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    # DirectoryOrCreate: a node without the directory gets an empty one, not a pod stuck starting.
+    assert volumes["hostlogs-0"]["hostPath"] == {"path": "/var/data/kubeletlogs", "type": "DirectoryOrCreate"}
+    assert mounts["hostlogs-0"] == {"name": "hostlogs-0", "mountPath": "/var/data/kubeletlogs", "readOnly": True}
+
+    rendered = render(fluent_bit_only(extraHostLogPaths=["/var/data/kubeletlogs", "/mnt/logs"]))
+    pod = rendered.get("DaemonSet", "kura-fluent-bit")["spec"]["template"]["spec"]
+    assert [v["hostPath"]["path"] for v in pod["volumes"] if v["name"].startswith("hostlogs-")] == ["/var/data/kubeletlogs", "/mnt/logs"]
+    assert [m["mountPath"] for m in pod["containers"][0]["volumeMounts"] if m["name"].startswith("hostlogs-")] == ["/var/data/kubeletlogs", "/mnt/logs"]
+
+    pod = render(fluent_bit_only(extraHostLogPaths=[])).get("DaemonSet", "kura-fluent-bit")["spec"]["template"]["spec"]
+    assert not [v for v in pod["volumes"] if v["name"].startswith("hostlogs-")]
+
+    with pytest.raises(helm.HelmRenderError, match="extraHostLogPaths"):
+        render(fluent_bit_only(extraHostLogPaths=["/var/log/"]))
 
 
 def test_tenant_namespaces_enforce_restricted(three):
@@ -260,6 +293,14 @@ def test_policies_let_the_stack_work_and_nothing_else(three):
     assert allowed(globex["verify"], globex["postgres"], 5432)
     assert not allowed(globex["status"], globex["postgres"], 5432)
 
+    # restore.extraEgress: the restore pods, and only they, reach the standby server.
+    standby = Endpoint.address(STANDBY_SERVER)
+    assert allowed(globex["restore"], standby, 5432)
+    assert not allowed(globex["restore"], standby, 22)
+    assert not allowed(globex["backup"], standby, 5432)
+    assert not allowed(globex["postgres"], standby, 5432)
+    assert not allowed(acme["restore"], standby, 5432)
+
     assert allowed(acme["web"], acme["postgres"], 5432)
     assert allowed(acme["worker"], acme["couchdb"], 5984)
     assert allowed(acme["web"], acme["worker"], 8080)
@@ -289,6 +330,58 @@ def test_policies_let_the_stack_work_and_nothing_else(three):
                 for dst in b.values():
                     for port in (5432, 5984, 8080, 9090):
                         assert not allowed(src, dst, port), (src, dst, port)
+
+
+def test_database_policies_use_the_container_port_not_the_service_port():
+    # A NetworkPolicy sees a connection after the Service has translated its port: with the
+    # Service on 6432, the packet that reaches the pod is still for 5432.
+    values = chartlib.merge(
+        one_tenant_values(),
+        {"tenants": {"acme": {
+            "postgres": {"port": 6432},
+            "couchdb": {"port": 6984},
+            "apps": {"web": {"image": {"repository": "icr.io/acme/web", "tag": "1.0.0"}, "ports": {"http": 8080},
+                             "waitFor": ["postgres", "couchdb"]}},
+        }}},
+    )
+    rendered = render(values)
+    policies = rendered.of_kind("NetworkPolicy")
+    acme = endpoints(rendered, "tenant-acme")
+    for db, service_port, pod_port in (("postgres", 6432, 5432), ("couchdb", 6984, 5984)):
+        (port,) = rendered.get("Service", f"acme-{db}")["spec"]["ports"]
+        assert port["port"] == service_port
+        server = container(next(t for t in pod_templates(rendered.objects) if t.owner["metadata"]["name"] == f"acme-{db}"), db)
+        assert {p["name"]: p["containerPort"] for p in server["ports"]}[port["targetPort"]] == pod_port
+        for client in ("web", "backup", "restore", "test"):
+            assert connection_allowed(policies, acme[client], acme[db], pod_port), (client, db)
+            assert not connection_allowed(policies, acme[client], acme[db], service_port), (client, db)
+        named = [p for p in policies if f"kura.io/{db}-client" in json.dumps(p["spec"])]
+        assert named and all(r["ports"] == [{"port": pod_port, "protocol": "TCP"}] for p in named for r in p["spec"].get("ingress", []) + p["spec"].get("egress", []))
+    # Clients still dial the Service.
+    web = next(t for t in pod_templates(rendered.objects) if t.owner["metadata"]["name"] == "acme-web")
+    assert [c["args"][2] for c in web.spec["initContainers"]] == [
+        "postgres://postgres@acme-postgres.tenant-acme.svc:6432/postgres",
+        "http://admin@acme-couchdb.tenant-acme.svc:6984",
+    ]
+
+
+def test_dns_extra_cidrs_reach_a_node_local_dns_cache(one):
+    # NodeLocal DNS cache answers on the kube-dns ClusterIP and 169.254.20.10, on the node: the
+    # kube-dns pod selector never sees those queries.
+    cache_addresses = ("172.21.0.10", "169.254.20.10")
+    values = chartlib.merge(one_tenant_values(), {"networkPolicy": {"dns": {"extraCidrs": [f"{a}/32" for a in cache_addresses]}}})
+    rendered = render(values)
+    policies = rendered.of_kind("NetworkPolicy")
+    pods = endpoints(rendered, "tenant-acme")
+    for pod in pods.values():
+        for address in cache_addresses:
+            for protocol in ("UDP", "TCP"):
+                assert connection_allowed(policies, pod, Endpoint.address(address), 53, protocol)
+            assert not connection_allowed(policies, pod, Endpoint.address(address), 443)
+        assert connection_allowed(policies, pod, KUBE_DNS, 53, "UDP")
+    defaults = one.of_kind("NetworkPolicy")
+    for pod in endpoints(one, "tenant-acme").values():
+        assert not connection_allowed(defaults, pod, Endpoint.address("169.254.20.10"), 53, "UDP")
 
 
 # --- schedules --------------------------------------------------------------------------------
@@ -401,6 +494,8 @@ def test_optional_jobs_follow_the_tenant(three):
     assert status["args"] == ["status", "postgres", "--schedule", "30 23 * * *", "--timezone", "Europe/Berlin", "--slack", "2h"]
     verify = container(next(t for t in pod_templates(three.objects) if t.owner["metadata"]["name"] == "globex-verify-postgres"), "kura")
     assert verify["args"] == ["verify", "postgres", "latest", "--deep"]
+    restore = container(next(t for t in pod_templates(three.objects) if t.owner["metadata"]["name"] == "globex-restore"), "kura")
+    assert restore["args"] == ["restore", "$(KURA_RESTORE_SOURCE)", "$(KURA_RESTORE_BACKUP)", "--globals"]
     backup = container(next(t for t in pod_templates(three.objects) if t.owner["metadata"]["name"] == "globex-backup"), "kura")
     assert backup["args"] == ["backup", "--prune", "postgres"]
     assert "KURA_COUCHDB_URL" not in env_of(backup)
@@ -546,10 +641,32 @@ def test_generated_passwords_are_random_and_read_back_on_upgrade():
     assert len(password(first)) == 32 and password(first) != password(second)
     # Offline there is no cluster to read from; on a real upgrade `lookup` returns the live
     # Secret, and kura.secretValue takes the value from there (checked here as text only).
-    secrets = (chartlib.CHART / "templates" / "tenant" / "secrets.yaml").read_text()
-    assert secrets.count('lookup "v1" "Secret" $t.ns $name') == 2
+    helpers = (chartlib.CHART / "templates" / "_helpers.tpl").read_text()
+    assert helpers.count('lookup "v1" "Secret" $t.ns (include "kura.') == 2
     explicit = render(chartlib.merge(one_tenant_values(), {"tenants": {"acme": {"postgres": {"auth": {"password": "given"}}}}}))
     assert password(explicit) == "given"
+
+
+def test_couchdb_restarts_when_its_credentials_change():
+    def render_with(**auth):
+        return render(chartlib.merge(one_tenant_values(), {"tenants": {"acme": {"couchdb": {"auth": auth}}}}))
+
+    def checksum(rendered, name="acme-couchdb"):
+        return rendered.get("Deployment", name)["spec"]["template"]["metadata"].get("annotations", {}).get("checksum/credentials")
+
+    first, second = render_with(password="first"), render_with(password="second")
+    assert checksum(first) != checksum(second)
+    # The hash is of exactly what the Secret holds (toJson: sorted keys, no spaces), generated
+    # cookie secrets included: the same values the render put into the Secret.
+    secret = first.get("Secret", "acme-couchdb")
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert data["admin-password"] == "first" and len(data) == 3
+    expected = hashlib.sha256(json.dumps([data], separators=(",", ":"), sort_keys=True).encode()).hexdigest()[:16]
+    assert checksum(first) == expected
+    # An existing Secret can only be read on a cluster; offline the hash stays put.
+    assert checksum(render_with(existingSecret="acme-couch")) == checksum(render_with(existingSecret="acme-couch"))
+    # PostgreSQL takes its password only at initdb: a restart would change nothing.
+    assert checksum(first, "acme-postgres") is None
 
 
 def test_data_outlives_the_release(one):
@@ -586,6 +703,21 @@ def test_quota_fits_the_tenant_it_constrains(three):
         assert three.get("LimitRange", quota["metadata"]["name"].replace("-quota", "-limits"), ns)
 
 
+def test_notes_on_upgrade_show_how_to_set_a_changed_postgres_password(one):
+    notes = render(one_tenant_values(), is_upgrade=True).notes
+    command = [line.strip() for line in notes.splitlines() if "ALTER ROLE" in line or "kubectl -n tenant-acme get secret" in line or "exec -i" in line]
+    assert command == [
+        "kubectl -n tenant-acme get secret acme-postgres -o jsonpath='{.data.postgres-password}' | base64 -d \\",
+        """| sed "s/'/''/g; s/.*/ALTER ROLE CURRENT_USER PASSWORD '&';/" \\""",
+        "| kubectl -n tenant-acme exec -i deployment/acme-postgres -c postgres -- psql -v ON_ERROR_STOP=1 -U postgres -d postgres",
+    ]
+    # The README shows the same command.
+    readme = [line.strip() for line in (chartlib.CHART / "README.md").read_text().splitlines()]
+    start = readme.index(command[0])
+    assert readme[start : start + 3] == command
+    assert "ALTER ROLE" not in one.notes  # a fresh install has no password to change
+
+
 def test_notes_show_how_to_restore(one, many):
     assert "--from=cronjob/acme-restore" in one.notes
     assert "kubectl set env --local -f - KURA_RESTORE_SOURCE=postgres KURA_RESTORE_BACKUP=" in one.notes
@@ -613,3 +745,16 @@ def test_fluent_bit_ships_to_loki_and_archives_to_object_storage(three):
     assert env["LOKI_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "kura-fluent-bit-loki"
     (binding,) = three.of_kind("ClusterRoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kura-fluent-bit", "namespace": chartlib.RELEASE_NAMESPACE}]
+
+
+def test_hash_annotations_are_quoted_strings():
+    # A truncated SHA-256 like "123456e789012345" or "8412339054117213" is a number to YAML, and
+    # Kubernetes rejects a non-string annotation. With generated passwords in the hashed data
+    # that happened at random (about one render of 200 tenants in four), so the templates must
+    # quote every hash they print.
+    offenders = []
+    for path in chartlib.CHART.joinpath("templates").rglob("*.yaml"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r":\s*\{\{[^}]*sha256sum[^}]*\}\}", line) and "| quote" not in line:
+                offenders.append(f"{path.name}:{number}: {line.strip()}")
+    assert offenders == []

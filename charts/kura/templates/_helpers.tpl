@@ -183,6 +183,7 @@ over appDefaults, enabled only), and schedules.backup/status/verify.
 {{- if not (or $t.postgres.enabled $t.couchdb.enabled) -}}
 {{- fail (printf "tenant %q: enable postgres or couchdb (or both)" $name) -}}
 {{- end -}}
+{{- include "kura.secretData" (dict "tenant" $t) -}}
 {{- $tenants = append $tenants $t -}}
 {{- end -}}
 {{- include "kura.schedules" (dict "root" $root "tenants" $tenants) -}}
@@ -292,6 +293,124 @@ always generates.
 {{- index .live.data .key | b64dec -}}
 {{- else -}}
 {{- randAlphaNum 32 -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+kura.secretData (dict "tenant" T): the data of the database Secrets the chart creates, as
+T.postgresSecretData and T.couchdbSecretData (plain text). Computed once per render, in kura.init:
+the Secret and the CouchDB pod's checksum of it must see the same generated values, and `lookup`
+should run once per Secret.
+*/}}
+{{- define "kura.secretData" -}}
+{{- $t := .tenant -}}
+{{- if and $t.postgres.enabled (not $t.postgres.auth.existingSecret) -}}
+{{- $auth := $t.postgres.auth -}}
+{{- $live := lookup "v1" "Secret" $t.ns (include "kura.postgresName" $t) -}}
+{{- $_ := set $t "postgresSecretData" (dict $auth.passwordKey (include "kura.secretValue" (dict "value" $auth.password "live" $live "key" $auth.passwordKey))) -}}
+{{- end -}}
+{{- if and $t.couchdb.enabled (not $t.couchdb.auth.existingSecret) -}}
+{{- $auth := $t.couchdb.auth -}}
+{{- $live := lookup "v1" "Secret" $t.ns (include "kura.couchdbName" $t) -}}
+{{- $data := dict $auth.passwordKey (include "kura.secretValue" (dict "value" $auth.password "live" $live "key" $auth.passwordKey)) -}}
+{{- $_ := set $data $auth.cookieAuthSecretKey (include "kura.secretValue" (dict "value" "" "live" $live "key" $auth.cookieAuthSecretKey)) -}}
+{{- $_ := set $data $auth.erlangCookieKey (include "kura.secretValue" (dict "value" "" "live" $live "key" $auth.erlangCookieKey)) -}}
+{{- $_ := set $t "couchdbSecretData" $data -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+kura.containerPort DB: the port PostgreSQL or CouchDB listens on in its pod. Clients dial the
+Service's `port`; a NetworkPolicy sees the packet after the Service has translated it, so its
+rules name this one.
+*/}}
+{{- define "kura.containerPort" -}}
+{{- get (dict "postgres" 5432 "couchdb" 5984) . -}}
+{{- end -}}
+
+{{/*
+kura.kubeApiEgress (dict "np" networkPolicy "endpoints" ENDPOINTS): the egress rule to the API
+server as JSON, or nothing when no address is known. ENDPOINTS is the `default/kubernetes`
+Endpoints object (empty offline); it is used only when networkPolicy.kubeAPI.cidrs is empty, and
+then its ports win over kubeAPI.ports, because the policy sees the endpoint's port (IKS:
+172.20.0.1:2040), not the Service's 443.
+*/}}
+{{- define "kura.kubeApiEgress" -}}
+{{- $cidrs := .np.kubeAPI.cidrs | default list -}}
+{{- $ports := .np.kubeAPI.ports | default list -}}
+{{- if not $cidrs -}}
+{{- $found := list -}}
+{{- range $subset := (get (.endpoints | default dict) "subsets" | default list) -}}
+{{- range $address := (get $subset "addresses" | default list) -}}
+{{- $cidrs = append $cidrs (printf "%s/%s" $address.ip (ternary "128" "32" (contains ":" $address.ip))) -}}
+{{- end -}}
+{{- range $port := (get $subset "ports" | default list) -}}
+{{- if eq (get $port "protocol" | default "TCP") "TCP" -}}
+{{- $found = append $found (int $port.port) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- with $found -}}
+{{- $ports = uniq . -}}
+{{- end -}}
+{{- end -}}
+{{- if $cidrs -}}
+{{- $to := list -}}
+{{- range $cidrs | uniq -}}
+{{- $to = append $to (dict "ipBlock" (dict "cidr" .)) -}}
+{{- end -}}
+{{- $rules := list -}}
+{{- range $ports -}}
+{{- $rules = append $rules (dict "port" (int .) "protocol" "TCP") -}}
+{{- end -}}
+{{- toJson (dict "to" $to "ports" $rules) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+kura.workloadSwitchGuard (dict "tenant" T "component" C "name" N "workload" KIND): fails the
+render when the database still runs as the other kind of workload. Switching `workload` replaces
+a Deployment by a StatefulSet (or back), and Helm creates the new one before it deletes the old:
+both pods would mount the same ReadWriteOnce volume, which the node allows, and two servers on one
+data directory corrupt it. Offline `lookup` finds nothing and this passes.
+*/}}
+{{- define "kura.workloadSwitchGuard" -}}
+{{- $other := ternary "StatefulSet" "Deployment" (eq .workload "Deployment") -}}
+{{- $live := lookup "apps/v1" $other .tenant.ns .name -}}
+{{- $pods := dict -}}
+{{- if $live -}}
+{{- $pods = lookup "v1" "Pod" .tenant.ns "" -}}
+{{- end -}}
+{{- include "kura.workloadSwitchCheck" (dict "tenant" .tenant "component" .component "name" .name "other" $other "live" $live "pods" $pods) -}}
+{{- end -}}
+
+{{/*
+kura.workloadSwitchCheck (dict "tenant" T "component" C "name" N "other" KIND "live" WORKLOAD
+"pods" PODLIST): the decision of kura.workloadSwitchGuard, on the objects it looked up. A workload
+scaled to 0 may still have a pod shutting down, hence the pods.
+*/}}
+{{- define "kura.workloadSwitchCheck" -}}
+{{- $t := .tenant -}}
+{{- if .live -}}
+{{- $how := printf "scale it to 0 first and wait until its pod is gone:\n  kubectl -n %s scale %s/%s --replicas=0\n  kubectl -n %s wait --for=delete pod -l app.kubernetes.io/component=%s,kura.io/tenant=%s --timeout=5m" $t.ns (lower .other) .name $t.ns .component $t.name -}}
+{{- $replicas := max (dig "spec" "replicas" 1 .live | int) (dig "status" "replicas" 0 .live | int) -}}
+{{- if gt $replicas 0 -}}
+{{- fail (printf "tenant %q: %s runs as a %s %s with %d replica(s); switching its workload now would start a second server on the same volume: %s" $t.name .component .other .name $replicas $how) -}}
+{{- end -}}
+{{- range $pod := (get (.pods | default dict) "items" | default list) -}}
+{{- $labels := dig "metadata" "labels" (dict) $pod -}}
+{{- $owned := false -}}
+{{- range $owner := (dig "metadata" "ownerReferences" (list) $pod) -}}
+{{- if and (eq $.other "StatefulSet") (eq $owner.kind "StatefulSet") (eq $owner.name $.name) -}}
+{{- $owned = true -}}
+{{- else if and (eq $.other "Deployment") (eq $owner.kind "ReplicaSet") (eq $owner.name (printf "%s-%s" $.name (get $labels "pod-template-hash"))) -}}
+{{- $owned = true -}}
+{{- end -}}
+{{- end -}}
+{{- if and $owned (not (has (dig "status" "phase" "" $pod) (list "Succeeded" "Failed"))) -}}
+{{- fail (printf "tenant %q: pod %s of the old %s %s is still there; switching its workload now would start a second server on the same volume: %s" $t.name (dig "metadata" "name" "" $pod) .other .name $how) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
