@@ -271,12 +271,19 @@ impl BackupEntry {
 /// Concurrent manifest reads in [`list_backups`].
 const MANIFEST_READS: usize = 16;
 
-/// Every backup folder of a source, newest first; manifests are loaded for complete ones.
-pub async fn list_backups(store: &dyn ObjectStore, path: &SourcePath) -> Result<Vec<BackupEntry>> {
+/// What one listing says about a backup folder, before any manifest is read.
+#[derive(Default)]
+struct Folder {
+    has_manifest: bool,
+    bytes: u64,
+    last_modified: Option<DateTime<Utc>>,
+}
+
+/// The backup folders of a source from one listing, oldest first.
+async fn folders(store: &dyn ObjectStore, path: &SourcePath) -> Result<BTreeMap<BackupId, Folder>> {
     let prefix = path.prefix();
-    let objects = store.list(&prefix).await?;
-    let mut folders: BTreeMap<BackupId, (bool, u64, Option<DateTime<Utc>>)> = BTreeMap::new();
-    for object in objects {
+    let mut folders: BTreeMap<BackupId, Folder> = BTreeMap::new();
+    for object in store.list(&prefix).await? {
         let rest = &object.key[prefix.len()..];
         let Some((id, name)) = rest.split_once('/') else {
             continue;
@@ -285,37 +292,48 @@ pub async fn list_backups(store: &dyn ObjectStore, path: &SourcePath) -> Result<
         let Ok(id) = BackupId::parse(id) else {
             continue;
         };
-        let entry = folders.entry(id).or_insert((false, 0, None));
-        entry.0 |= name == MANIFEST_NAME;
-        entry.1 += object.size;
-        entry.2 = entry.2.max(object.last_modified);
+        let folder = folders.entry(id).or_default();
+        folder.has_manifest |= name == MANIFEST_NAME;
+        folder.bytes += object.size;
+        folder.last_modified = folder.last_modified.max(object.last_modified);
     }
+    Ok(folders)
+}
+
+/// Every backup folder of a source, newest first; manifests are loaded for complete ones.
+pub async fn list_backups(store: &dyn ObjectStore, path: &SourcePath) -> Result<Vec<BackupEntry>> {
     // Manifests are read MANIFEST_READS at a time: a tenant with hourly backups has hundreds,
     // and one round trip each, in sequence, is most of the time `list` and `prune` take.
     use futures::{StreamExt, TryStreamExt};
-    let entries: Vec<BackupEntry> = futures::stream::iter(folders.into_iter().rev())
-        .map(|(id, (has_manifest, bytes, modified))| async move {
-            let (manifest, problem) = if has_manifest {
-                match load_manifest(store, path, &id).await {
-                    Ok(m) => (Some(m), None),
-                    Err(e) if e.kind() == ErrorKind::Storage => return Err(e),
-                    Err(e) => (None, Some(e.to_string())),
-                }
-            } else {
-                (None, Some("no manifest: unfinished or failed".to_string()))
-            };
-            Ok(BackupEntry {
-                id,
-                manifest,
-                problem,
-                has_manifest,
-                object_bytes: bytes,
-                last_modified: modified,
+    let entries: Vec<BackupEntry> =
+        futures::stream::iter(folders(store, path).await?.into_iter().rev())
+            .map(|(id, folder)| async move {
+                let Folder {
+                    has_manifest,
+                    bytes,
+                    last_modified: modified,
+                } = folder;
+                let (manifest, problem) = if has_manifest {
+                    match load_manifest(store, path, &id).await {
+                        Ok(m) => (Some(m), None),
+                        Err(e) if e.kind() == ErrorKind::Storage => return Err(e),
+                        Err(e) => (None, Some(e.to_string())),
+                    }
+                } else {
+                    (None, Some("no manifest: unfinished or failed".to_string()))
+                };
+                Ok(BackupEntry {
+                    id,
+                    manifest,
+                    problem,
+                    has_manifest,
+                    object_bytes: bytes,
+                    last_modified: modified,
+                })
             })
-        })
-        .buffered(MANIFEST_READS)
-        .try_collect()
-        .await?;
+            .buffered(MANIFEST_READS)
+            .try_collect()
+            .await?;
     Ok(entries)
 }
 
@@ -332,21 +350,39 @@ pub async fn sources_of_tenant(store: &dyn ObjectStore, tenant: &str) -> Result<
         .collect())
 }
 
+/// The newest backup whose manifest exists and parses. Reads manifests newest first and stops
+/// at the first good one, so `restore latest` and `status` cost one listing and (usually) one
+/// GET, however many backups the source has.
+pub async fn newest_complete(
+    store: &dyn ObjectStore,
+    path: &SourcePath,
+) -> Result<Option<Manifest>> {
+    for (id, _) in folders(store, path)
+        .await?
+        .into_iter()
+        .rev()
+        .filter(|(_, folder)| folder.has_manifest)
+    {
+        match load_manifest(store, path, &id).await {
+            Ok(manifest) => return Ok(Some(manifest)),
+            Err(e) if e.kind() == ErrorKind::Storage => return Err(e),
+            Err(_) => continue,
+        }
+    }
+    Ok(None)
+}
+
 /// The manifest for `id`, or for the newest complete backup when `id` is `latest`.
 pub async fn resolve(store: &dyn ObjectStore, path: &SourcePath, id: &str) -> Result<Manifest> {
     if id == "latest" {
-        list_backups(store, path)
-            .await?
-            .into_iter()
-            .find_map(|entry| entry.manifest)
-            .ok_or_else(|| {
-                Error::not_found(format!(
-                    "no complete backup of {}/{} in {}",
-                    path.tenant,
-                    path.source,
-                    store.location()
-                ))
-            })
+        newest_complete(store, path).await?.ok_or_else(|| {
+            Error::not_found(format!(
+                "no complete backup of {}/{} in {}",
+                path.tenant,
+                path.source,
+                store.location()
+            ))
+        })
     } else {
         load_manifest(store, path, &BackupId::parse(id)?).await
     }

@@ -85,10 +85,7 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
     let mut rows = Vec::new();
     for name in &names {
         let path = settings.source_path(name)?;
-        let newest = catalog::list_backups(store.as_ref(), &path)
-            .await?
-            .into_iter()
-            .find_map(|e| e.manifest);
+        let newest = catalog::newest_complete(store.as_ref(), &path).await?;
         rows.push(judge(name, newest.as_ref(), &rule, now));
     }
     for row in &rows {
