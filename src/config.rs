@@ -47,6 +47,9 @@ impl fmt::Display for Secret {
 pub struct SourceUrl {
     url: Url,
     password: Option<Secret>,
+    /// The environment variable a password may come from (`KURA_POSTGRES_PASSWORD`), named
+    /// in the error when the server wants a password and there is none.
+    password_variable: Option<String>,
 }
 
 impl SourceUrl {
@@ -90,7 +93,11 @@ impl SourceUrl {
                     .extend_pairs(rest.iter().map(|(k, v)| (k.as_str(), v.as_str())));
             }
         }
-        Ok(SourceUrl { url, password })
+        Ok(SourceUrl {
+            url,
+            password,
+            password_variable: None,
+        })
     }
 
     pub fn scheme(&self) -> &str {
@@ -117,6 +124,35 @@ impl SourceUrl {
     }
     pub fn set_password(&mut self, password: Secret) {
         self.password = Some(password);
+    }
+    /// Take the password from `KURA_<SOURCE>_PASSWORD` unless the URL has one, and remember
+    /// the variable for the advice of [`missing_password`](Self::missing_password).
+    pub fn fill_password_from_env(&mut self, source: &str) {
+        let variable = format!(
+            "KURA_{}_PASSWORD",
+            source.to_ascii_uppercase().replace('-', "_")
+        );
+        if self.password.is_none() {
+            if let Some(password) = std::env::var(&variable).ok().filter(|p| !p.is_empty()) {
+                self.password = Some(Secret::new(password));
+            }
+        }
+        self.password_variable = Some(variable);
+    }
+    /// A server asked for a password and none was given: a configuration error (exit 2),
+    /// which no retry can fix, saying where the password goes.
+    pub fn missing_password(&self, server: &str) -> Error {
+        let user = self.username().unwrap_or_else(|| "(no user)".into());
+        Error::usage(match &self.password_variable {
+            Some(variable) => format!(
+                "{server} at {} wants a password for user {user:?} and none is set: set {variable} (e.g. from a Secret) or put the password in the URL",
+                self.redacted()
+            ),
+            None => format!(
+                "{server} at {} wants a password for user {user:?} and none is set: put the password in the URL",
+                self.redacted()
+            ),
+        })
     }
     /// The first path segment, percent-decoded (the database name for PostgreSQL).
     pub fn path_database(&self) -> Option<String> {
@@ -270,10 +306,17 @@ impl FileConfig {
             )
         })?;
         toml::from_str(&text).map_err(|e| {
+            let at = match e.span() {
+                Some(span) => {
+                    let (line, column) = line_and_column(&text, span.start);
+                    format!(" at line {line}, column {column}")
+                }
+                None => String::new(),
+            };
             Error::usage(format!(
-                "config file {} is invalid: {}",
+                "config file {} is invalid{at}: {}",
                 path.display(),
-                e.message()
+                e.message().trim_end()
             ))
         })
     }
@@ -307,6 +350,16 @@ impl FileConfig {
             })
             .collect()
     }
+}
+
+/// 1-based line and column (in characters) of a byte offset, as editors count them.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1,
+    )
 }
 
 /// Source, tenant and backup names become key segments: keep them to a safe alphabet.
@@ -498,6 +551,20 @@ mod tests {
         assert_eq!(example.sources["main"].kind, SourceKind::Postgres);
         assert!(example.sources["main"].password_file.is_some());
         parse_size(example.pipeline.part_size.as_deref().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn config_errors_name_line_and_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kura.toml");
+        std::fs::write(&path, "tenant = 'acme'\n[s3]\nendpont = 'https://x'\n").unwrap();
+        let err = FileConfig::load(&path).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Usage);
+        let text = err.to_string();
+        assert!(text.contains("at line 3, column 1"), "{text}");
+        assert!(text.contains("endpont"), "{text}");
+        assert_eq!(line_and_column("ab\ncd", 4), (2, 2));
+        assert_eq!(line_and_column("", 0), (1, 1));
     }
 
     #[test]

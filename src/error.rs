@@ -137,6 +137,16 @@ impl Error {
         }
     }
 
+    /// Append what to do next: "<original>; <advice>". For advice that depends on where the
+    /// error surfaced (a corrupt part means "use another backup" to restore, not to verify).
+    pub fn advise(self, advice: impl fmt::Display) -> Self {
+        Error {
+            kind: self.kind,
+            message: format!("{}; {advice}", self.message),
+            source: self.source,
+        }
+    }
+
     /// After a signal every stage of a pipeline fails in its own way (a broken pipe, a killed
     /// child); the cause to report is the signal.
     pub fn or_interrupted(self, cancel: &tokio_util::sync::CancellationToken) -> Self {

@@ -54,6 +54,16 @@ pub fn init(format: LogFormat, verbosity: i8) {
             .with_span_list(false)
             .with_writer(std::io::stdout)
             .try_init(),
-        LogFormat::Text => builder.with_writer(std::io::stderr).try_init(),
+        LogFormat::Text => builder
+            .with_ansi(colour_on_stderr())
+            .with_writer(|| crate::progress::LogWriter)
+            .try_init(),
     };
+}
+
+/// Colour only for a person at a terminal who has not asked for none (https://no-color.org:
+/// any non-empty NO_COLOR). Files, pipes and Kubernetes logs get plain text.
+pub fn colour_on_stderr() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }

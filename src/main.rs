@@ -3,8 +3,12 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    // clap exits with 2 on usage errors, which is kura's documented usage exit code too.
-    let cli = kura::cli::Cli::parse();
+    let cli = match kura::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        // Help and version go to stdout with 0; a usage error ends with one error line (JSON
+        // when JSON logs were asked for) and exit code 2, kura's usage code as well as clap's.
+        Err(err) => return ExitCode::from(kura::cli::report_parse_error(err) as u8),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

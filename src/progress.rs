@@ -1,93 +1,101 @@
-//! Progress for humans at a terminal; nothing at all in a Job, which logs one line per
+//! Progress for humans at a terminal: one bar with bytes done of the expected total, rate, ETA
+//! and the current database. Nothing at all in a Job or a pipe, which logs one line per
 //! database instead (the callers do that through `tracing`).
 
 use std::io::{IsTerminal, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Mutex;
+use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// A shared byte counter with a label ("db1"), cheap to clone into pipeline stages.
+/// The bar being drawn, so log lines can be written around it instead of through it. The
+/// terminal is one per process, so one slot is its honest model.
+static ACTIVE: Mutex<Option<ProgressBar>> = Mutex::new(None);
+
+/// A handle on the bar, cheap to clone into pipeline stages; a no-op when nothing is drawn.
 #[derive(Clone, Debug)]
 pub struct Progress {
-    bytes: Arc<AtomicU64>,
-    label: Arc<Mutex<String>>,
+    bar: ProgressBar,
 }
 
 impl Progress {
     pub fn add(&self, n: u64) {
-        self.bytes.fetch_add(n, Ordering::Relaxed);
+        self.bar.inc(n);
     }
+    /// What is being worked on now ("db1", "globals").
     pub fn set_label(&self, label: impl Into<String>) {
-        *self.label.lock().expect("progress label lock") = label.into();
+        self.bar.set_message(label.into());
     }
 }
 
-/// Draws `verb label: 1.2 GiB at 85.0 MiB/s` on stderr every half second while alive.
+/// Draws `backing up shop [=====>    ] 1.2 GiB/3.0 GiB 85 MiB/s eta 21s` on stderr while alive.
 pub struct ProgressLine {
-    progress: Progress,
-    stop: CancellationToken,
-    task: Option<tokio::task::JoinHandle<()>>,
+    bar: ProgressBar,
 }
 
 impl ProgressLine {
-    /// Starts drawing only when stderr is a terminal and logs are for humans.
-    pub fn start(verb: &'static str, enabled: bool) -> Self {
-        let progress = Progress {
-            bytes: Arc::new(AtomicU64::new(0)),
-            label: Arc::new(Mutex::new(String::new())),
+    /// `total` is what the bar fills up to (the manifest's stored bytes for a restore, the
+    /// databases' sizes for a backup); without one it only counts. Drawn only when `enabled`
+    /// (text logs) and stderr is a terminal.
+    pub fn start(verb: &'static str, enabled: bool, total: Option<u64>) -> Self {
+        let drawn = enabled && std::io::stderr().is_terminal();
+        let bar = if drawn {
+            let bar = ProgressBar::with_draw_target(total, ProgressDrawTarget::stderr_with_hz(4));
+            // No colour in the template: NO_COLOR and dumb terminals need nothing special.
+            let template = match total {
+                Some(_) => "{prefix} {msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+                None => "{spinner} {prefix} {msg}: {binary_bytes} at {binary_bytes_per_sec}",
+            };
+            bar.set_style(
+                ProgressStyle::with_template(template)
+                    .expect("the progress template is valid")
+                    .progress_chars("=> "),
+            );
+            bar.set_prefix(verb);
+            bar.enable_steady_tick(Duration::from_millis(250));
+            *ACTIVE.lock().unwrap_or_else(|e| e.into_inner()) = Some(bar.clone());
+            bar
+        } else {
+            ProgressBar::hidden()
         };
-        let stop = CancellationToken::new();
-        let task = (enabled && std::io::stderr().is_terminal()).then(|| {
-            let (progress, stop) = (progress.clone(), stop.clone());
-            tokio::spawn(async move {
-                let started = Instant::now();
-                let mut tick = tokio::time::interval(Duration::from_millis(500));
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = tick.tick() => {}
-                    }
-                    let bytes = progress.bytes.load(Ordering::Relaxed);
-                    let rate = bytes as f64 / started.elapsed().as_secs_f64().max(0.001);
-                    let label = progress.label.lock().expect("progress label lock").clone();
-                    let mut err = std::io::stderr().lock();
-                    // The cursor goes back to column 0, so a log line printed next
-                    // overwrites the progress text instead of continuing it.
-                    let _ = write!(
-                        err,
-                        "\r\x1b[2K{verb} {label}: {} at {}/s\r",
-                        human_bytes(bytes),
-                        human_bytes(rate as u64)
-                    );
-                    let _ = err.flush();
-                }
-                let _ = write!(std::io::stderr(), "\r\x1b[2K");
-            })
-        });
-        ProgressLine {
-            progress,
-            stop,
-            task,
-        }
+        ProgressLine { bar }
     }
 
     pub fn progress(&self) -> Progress {
-        self.progress.clone()
+        Progress {
+            bar: self.bar.clone(),
+        }
     }
 
-    pub async fn finish(mut self) {
-        self.stop.cancel();
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
+    pub async fn finish(self) {
+        // Drop does the work; this keeps call sites explicit about where the bar ends.
     }
 }
 
 impl Drop for ProgressLine {
     fn drop(&mut self) {
-        self.stop.cancel();
+        self.bar.finish_and_clear();
+        let mut active = ACTIVE.lock().unwrap_or_else(|e| e.into_inner());
+        if active.as_ref().is_some_and(|b| b.is_finished()) {
+            *active = None;
+        }
+    }
+}
+
+/// stderr for log lines: while a bar is drawn, a line is written above it (the bar is hidden,
+/// the line printed, the bar redrawn) instead of through it.
+pub struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let bar = ACTIVE.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match bar {
+            Some(bar) if !bar.is_finished() => bar.suspend(|| std::io::stderr().write(buf)),
+            _ => std::io::stderr().write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
     }
 }
 

@@ -370,22 +370,8 @@ async fn server_stopping_mid_backup_leaves_no_manifest_and_no_upload() {
     let moto = require!("KURA_TEST_S3_ENDPOINT");
     // A private server, so stopping it disturbs no other test.
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut server = common::spawn_pouchdb(&npm, port, dir.path());
-    let url = format!("http://127.0.0.1:{port}");
+    let (mut server, url) = common::start_private_pouchdb(&npm, dir.path()).await;
     let couch = Couch::new(&url);
-    let started = std::time::Instant::now();
-    while couch.http.get(&url).send().await.is_err() {
-        assert!(
-            started.elapsed().as_secs() < 30,
-            "pouchdb-server did not start"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
     couch.ok(reqwest::Method::PUT, "big", None).await;
     for i in 0..60 {
         couch

@@ -43,13 +43,8 @@ fn file_storage(dir: &Path) -> String {
 }
 
 fn json_stdout(run: &Run) -> Value {
-    // JSON logs and the JSON document share stdout; the document is the multi-line part.
-    let start = run
-        .stdout
-        .find("[\n")
-        .unwrap_or_else(|| panic!("no JSON document in:\n{}", run.all()));
-    let end = run.stdout.rfind("\n]").expect("document end") + 2;
-    serde_json::from_str(&run.stdout[start..end]).unwrap()
+    // JSON log lines and the NDJSON records share stdout; every line must parse.
+    Value::Array(run.records())
 }
 
 /// Copy a backup folder under another id whose time is `at`, as if it had been taken then.
@@ -277,7 +272,7 @@ fn backup_with_prune_applies_the_policy_after_a_good_backup() {
         .args(["backup", "--prune", "postgres", "--database", &db]));
     backed_up.assert_ok();
     let listed = run(pg_kura(&pg, &storage, "t").args(["list", "postgres", "--json"]));
-    let rows: Value = serde_json::from_str(listed.stdout.trim()).unwrap();
+    let rows = json_stdout(&listed);
     assert_eq!(
         rows.as_array().unwrap().len(),
         3,
@@ -536,7 +531,7 @@ fn concurrent_backups_of_one_source_one_wins_the_other_is_locked() {
     first.assert_ok();
     assert!(!lock.exists(), "released after the backup");
     let listed = run(pg_kura(&pg, &storage, "t").args(["list", "--json"]));
-    let rows: Value = serde_json::from_str(listed.stdout.trim()).unwrap();
+    let rows = json_stdout(&listed);
     assert_eq!(
         rows.as_array().unwrap().len(),
         1,

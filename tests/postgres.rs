@@ -164,8 +164,7 @@ async fn round_trip_keeps_everything_through_file_and_s3() {
     let mut list = kura();
     list.env("KURA_STORAGE", format!("file://{}", dir.path().display()))
         .args(["list", "--json"]);
-    let listed: serde_json::Value =
-        serde_json::from_str(&run(&mut list).assert_ok().stdout).unwrap();
+    let listed = run(&mut list).assert_ok().records();
     assert_eq!(listed[0]["backup_id"], id.as_str());
     assert_eq!(listed[0]["status"], "complete");
     assert_eq!(listed[0]["parts"], 4, "globals + three databases");
@@ -575,9 +574,8 @@ fn passwords_never_leak_into_logs_errors_manifests_or_argv() {
     }
     let mut list = kura();
     with(&mut list);
-    let id = run(list.args(["list", "postgres", "--json"])).stdout;
-    let id: serde_json::Value = serde_json::from_str(&id).unwrap();
-    let id = id[0]["backup_id"].as_str().unwrap().to_string();
+    let listed = run(list.args(["list", "postgres", "--json"])).records();
+    let id = listed[0]["backup_id"].as_str().unwrap().to_string();
     let result = restore(
         with,
         &id,

@@ -52,17 +52,17 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
         true => Some(options.retention.resolve(&settings.retention)?),
         false => None,
     };
-    let store = settings.open_store().await?;
+    let store = settings.open_store_for_writing().await?;
     let mut first_error = None;
     // Each source is independent: one unreachable server must not cost the others their backup.
     for name in &options.sources {
         let locked = async {
             let path = settings.source_path(name)?;
-            // Validate the source before taking its lock, so a typo does not touch storage.
-            settings.source(name)?;
+            // Preflight before the lock: a typo or a wrong password must not touch storage.
+            let planned = plan_source(settings, options, name).await?;
             let lock = Lock::acquire(store.clone(), &path, "backup").await?;
             let result =
-                backup_then_prune(settings, options, store.as_ref(), name, prune.as_ref()).await;
+                backup_then_prune(settings, store.as_ref(), name, planned, prune.as_ref()).await;
             lock.release(store.as_ref()).await;
             result
         };
@@ -84,12 +84,12 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
 
 async fn backup_then_prune(
     settings: &Settings,
-    options: &Options,
     store: &dyn ObjectStore,
     name: &str,
+    planned: Planned,
     prune: Option<&(Policy, std::time::Duration)>,
 ) -> Result<()> {
-    backup_source(settings, options, store, name).await?;
+    backup_source(settings, store, name, planned).await?;
     if let Some((policy, grace)) = prune {
         let path = settings.source_path(name)?;
         super::prune::prune_locked(store, &path, policy, *grace, Utc::now())
@@ -103,20 +103,15 @@ async fn backup_then_prune(
     Ok(())
 }
 
-async fn backup_source(
-    settings: &Settings,
-    options: &Options,
-    store: &dyn ObjectStore,
-    name: &str,
-) -> Result<()> {
+/// Everything that can be checked before an upload starts: the server answers, the
+/// credentials work, the tools fit, the selection exists.
+async fn plan_source(settings: &Settings, options: &Options, name: &str) -> Result<Planned> {
     let source = settings.source(name)?;
-    let path = settings.source_path(name)?;
     let selection = Selection {
         include: options.databases.clone(),
         exclude: options.exclude_databases.clone(),
     };
-    // Preflight: everything that can be checked before an upload starts.
-    let planned = match source.kind {
+    Ok(match source.kind {
         SourceKind::Postgres => {
             let engine = PostgresBackup {
                 connection: Connection::new(source.url.clone())?,
@@ -134,7 +129,17 @@ async fn backup_source(
             let plan = engine.plan().await?;
             Planned::Couchdb(engine, plan)
         }
-    };
+    })
+}
+
+async fn backup_source(
+    settings: &Settings,
+    store: &dyn ObjectStore,
+    name: &str,
+    planned: Planned,
+) -> Result<()> {
+    let source = settings.source(name)?;
+    let path = settings.source_path(name)?;
     let databases = match &planned {
         Planned::Postgres(_, plan) => plan.databases.len(),
         Planned::Couchdb(_, plan) => plan.databases.len(),

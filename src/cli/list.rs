@@ -12,7 +12,7 @@ use crate::progress::human_bytes;
 pub struct Options {
     /// Only this source (default: every source of the tenant found in storage).
     pub source: Option<String>,
-    /// Print JSON instead of a table.
+    /// Print one JSON object per backup and line (NDJSON) instead of a table.
     #[arg(long)]
     pub json: bool,
 }
@@ -61,7 +61,10 @@ impl Row {
 pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
     let store = settings.open_store().await?;
     let sources: Vec<String> = match &options.source {
-        Some(source) => vec![source.clone()],
+        Some(source) => {
+            settings.check_source_known(store.as_ref(), source).await?;
+            vec![source.clone()]
+        }
         None => catalog::sources_of_tenant(store.as_ref(), &settings.tenant).await?,
     };
     let mut rows = Vec::new();
@@ -73,12 +76,9 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
     }
     rows.sort_by(|a, b| b.backup_id.cmp(&a.backup_id));
     if options.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&rows).expect("rows serialize")
-        );
+        super::print_json_lines(&rows);
     } else {
-        print!("{}", table(&rows));
+        settings.print_human(&table(&rows));
         if rows.is_empty() {
             eprintln!(
                 "no backups of tenant {:?} in {}",

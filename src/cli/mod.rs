@@ -8,8 +8,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::SourcePath;
-use crate::config::{self, FileConfig, RetentionFile, Secret, Source, SourceKind, SourceUrl};
+use crate::catalog::{self, SourcePath};
+use crate::config::{self, FileConfig, RetentionFile, Source, SourceKind, SourceUrl};
 use crate::error::{Error, Result};
 use crate::logging::{self, LogFormat};
 use crate::pipeline::PipelineOptions;
@@ -47,7 +47,9 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Global options are listed under their own heading, after each command's own options.
 #[derive(Args)]
+#[command(next_help_heading = "Global options")]
 pub struct GlobalArgs {
     /// Config file (TOML); flags and environment variables override it.
     #[arg(long, env = "KURA_CONFIG", global = true)]
@@ -125,6 +127,7 @@ pub enum Command {
 
 /// Retention rules shared by `prune` and `backup --prune`.
 #[derive(Debug, Args, Clone, Default)]
+#[command(next_help_heading = "Retention policy")]
 pub struct RetentionArgs {
     /// Keep the N newest complete backups.
     #[arg(long, env = "KURA_KEEP_LAST", value_name = "N")]
@@ -250,11 +253,7 @@ impl Settings {
         // A password apart from the URL (KURA_<SOURCE>_PASSWORD, e.g. from a Kubernetes
         // Secret), so the URL can live in a ConfigMap and needs no percent-encoding.
         for source in &mut sources {
-            if source.url.password().is_none() {
-                if let Some(password) = source_password_from_env(&source.name) {
-                    source.url.set_password(password);
-                }
-            }
+            source.url.fill_password_from_env(&source.name);
         }
         Ok(Settings {
             storage: args
@@ -298,11 +297,45 @@ impl Settings {
         })
     }
 
-    /// Open the store and check it is usable before any work starts.
+    /// Open the store and check it is usable before any work starts. Creates nothing: a
+    /// mistyped storage URL must not look like an empty store.
     pub async fn open_store(&self) -> Result<Arc<dyn ObjectStore>> {
         let store = storage::open(&self.storage, &self.s3).await?;
         store.check().await?;
         Ok(Arc::from(store))
+    }
+
+    /// [`open_store`](Self::open_store) for `backup`, the one command that may create the
+    /// store (a new local directory).
+    pub async fn open_store_for_writing(&self) -> Result<Arc<dyn ObjectStore>> {
+        let store = storage::open(&self.storage, &self.s3).await?;
+        store.prepare_for_writing().await?;
+        Ok(Arc::from(store))
+    }
+
+    /// A source named on the command line must be configured or have something stored:
+    /// a typo gets an error that lists what exists, not an empty answer.
+    pub async fn check_source_known(&self, store: &dyn ObjectStore, name: &str) -> Result<()> {
+        config::validate_source_name(name)?;
+        if self.sources.iter().any(|s| s.name == name) {
+            return Ok(());
+        }
+        let stored = catalog::sources_of_tenant(store, &self.tenant).await?;
+        if stored.iter().any(|s| s == name) {
+            return Ok(());
+        }
+        Err(Error::not_found(format!(
+            "source {name:?} of tenant {:?} has no backups in {} and is not configured; {}",
+            self.tenant,
+            store.location(),
+            match stored.is_empty() {
+                true => format!(
+                    "tenant {:?} has no backups there at all (check --tenant and --storage)",
+                    self.tenant
+                ),
+                false => format!("sources with backups: {}", stored.join(", ")),
+            }
+        )))
     }
 
     /// The sources a command acts on: those named, else every configured one.
@@ -322,30 +355,35 @@ impl Settings {
     pub fn show_progress(&self) -> bool {
         self.log_format == LogFormat::Text
     }
+
+    /// A command's answer for people (a table, `show`'s text): on stdout, except with JSON
+    /// logs, whose stdout carries only JSON lines; there it goes to stderr.
+    pub fn print_human(&self, text: &str) {
+        use std::io::Write;
+        let _ = match self.log_format {
+            LogFormat::Text => std::io::stdout().lock().write_all(text.as_bytes()),
+            LogFormat::Json => std::io::stderr().lock().write_all(text.as_bytes()),
+        };
+    }
+}
+
+/// `--json` output: one object per line (NDJSON), so it can share stdout with JSON log lines
+/// and be read line by line (`jq -c`, Fluent Bit).
+pub fn print_json_lines<'a, T: serde::Serialize + 'a>(items: impl IntoIterator<Item = &'a T>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    for item in items {
+        let line = serde_json::to_string(item).expect("plain data serializes");
+        let _ = writeln!(out, "{line}");
+    }
 }
 
 /// A `--to` URL; without a password of its own it takes the source's `KURA_<SOURCE>_PASSWORD`,
 /// so a restore Job can name another host without putting a password in the URL.
 pub fn target_url(raw: &str, source: &str) -> Result<SourceUrl> {
     let mut url = SourceUrl::parse(raw).map_err(|e| e.context("--to"))?;
-    if url.password().is_none() {
-        if let Some(password) = source_password_from_env(source) {
-            url.set_password(password);
-        }
-    }
+    url.fill_password_from_env(source);
     Ok(url)
-}
-
-/// `KURA_<NAME>_PASSWORD` for the source NAME (`-` becomes `_`).
-pub fn source_password_from_env(name: &str) -> Option<Secret> {
-    let var = format!(
-        "KURA_{}_PASSWORD",
-        name.to_ascii_uppercase().replace('-', "_")
-    );
-    std::env::var(var)
-        .ok()
-        .filter(|p| !p.is_empty())
-        .map(Secret::new)
 }
 
 /// How long a command may take to roll back after SIGTERM/SIGINT.
@@ -363,8 +401,11 @@ pub async fn run(cli: Cli) -> i32 {
     };
     logging::init(settings.log_format, verbosity);
     let cancel = settings.cancel.clone();
+    // Registered before any work starts, so a signal that arrives in the first milliseconds
+    // is not left to the default action (death without rollback).
+    let stop_signals = StopSignals::register();
     let signals = tokio::spawn(async move {
-        wait_for_signal().await;
+        stop_signals.received().await;
         tracing::warn!("signal received: stopping and rolling back unfinished work");
         cancel.cancel();
     });
@@ -412,6 +453,99 @@ pub async fn run(cli: Cli) -> i32 {
     }
 }
 
+/// A command line clap could not parse: help and version are printed as asked (exit 0); a
+/// usage error ends like every other failure, with one error line, exit code 2. JSON logs
+/// are known from `--log-format` or `KURA_LOG_FORMAT` only here: the config file is not read
+/// for a command line that does not parse.
+pub fn report_parse_error(err: clap::Error) -> i32 {
+    if !err.use_stderr() {
+        let _ = err.print();
+        return 0;
+    }
+    let rendered = err.render().to_string();
+    // clap's usage line counts options set through the environment as given, which makes
+    // them look required (`kura show --log-format <LOG_FORMAT> <SOURCE> …`); the command's
+    // own usage line does not.
+    let usage = clean_usage();
+    if requested_log_format(std::env::args()) != Some(LogFormat::Json) {
+        let text: Vec<String> = rendered
+            .lines()
+            .map(|line| match (&usage, line.starts_with("Usage: ")) {
+                (Some(usage), true) => usage.clone(),
+                _ => line.to_string(),
+            })
+            .collect();
+        eprintln!("{}", text.join("\n").trim_end());
+        return crate::ErrorKind::Usage.exit_code();
+    }
+    logging::init(LogFormat::Json, 0);
+    report(&Error::usage(one_line_usage_error(
+        &rendered,
+        usage.as_deref(),
+    )))
+}
+
+/// clap's multi-line error as one sentence: "the following required arguments were not
+/// provided: <SOURCE>, <BACKUP>; Usage: kura show [OPTIONS] <SOURCE> <BACKUP>".
+fn one_line_usage_error(rendered: &str, usage: Option<&str>) -> String {
+    let mut message = String::new();
+    for line in rendered.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if line.starts_with("Usage: ") || line.starts_with("For more information") {
+            continue;
+        }
+        let line = line.strip_prefix("error: ").unwrap_or(line);
+        if message.is_empty() {
+            message.push_str(line);
+        } else if message.ends_with(':') {
+            message.push(' ');
+            message.push_str(line);
+        } else if message.contains(": <") || message.contains(": -") {
+            message.push_str(", ");
+            message.push_str(line);
+        } else {
+            message.push_str("; ");
+            message.push_str(line);
+        }
+    }
+    if let Some(usage) = usage {
+        message.push_str("; ");
+        message.push_str(usage);
+    }
+    message
+}
+
+/// The usage line of the subcommand on the command line (or of kura itself).
+fn clean_usage() -> Option<String> {
+    use clap::CommandFactory;
+    let mut command = Cli::command();
+    command.build();
+    let named = std::env::args()
+        .skip(1)
+        .find(|arg| command.get_subcommands().any(|s| s.get_name() == arg));
+    let usage = match named {
+        Some(name) => command.find_subcommand_mut(&name)?.render_usage(),
+        None => command.render_usage(),
+    };
+    Some(usage.to_string().trim().to_string())
+}
+
+/// `--log-format X`, `--log-format=X`, else `KURA_LOG_FORMAT`.
+fn requested_log_format(args: impl Iterator<Item = String>) -> Option<LogFormat> {
+    // After `--` come the arguments of the command `schedule` runs, not kura's own.
+    let args: Vec<String> = args.take_while(|a| a != "--").collect();
+    let from_args =
+        args.iter()
+            .enumerate()
+            .find_map(|(i, arg)| match arg.strip_prefix("--log-format") {
+                Some(value) if value.starts_with('=') => Some(value[1..].to_string()),
+                Some("") => args.get(i + 1).cloned(),
+                _ => None,
+            });
+    from_args
+        .or_else(|| std::env::var("KURA_LOG_FORMAT").ok())
+        .and_then(|text| text.parse().ok())
+}
+
 fn report(err: &Error) -> i32 {
     let code = err.kind().exit_code();
     tracing::error!(
@@ -423,18 +557,30 @@ fn report(err: &Error) -> i32 {
     code
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+/// SIGTERM (Kubernetes stopping the pod) and SIGINT (Ctrl-C).
+struct StopSignals(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
+
+impl StopSignals {
+    fn register() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => StopSignals(Some((term, int))),
+            _ => StopSignals(None),
         }
-        _ => std::future::pending::<()>().await,
+    }
+
+    async fn received(self) {
+        match self.0 {
+            Some((mut term, mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            None => std::future::pending::<()>().await,
+        }
     }
 }

@@ -17,17 +17,18 @@ pub struct Options {
     /// Sources to prune (default: every configured source). Only `<tenant>/<source>/` is
     /// listed and deleted.
     pub sources: Vec<String>,
-    #[command(flatten)]
-    pub retention: RetentionArgs,
     /// Show every decision and its reasons; delete nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Print the decisions as JSON.
+    /// Print the decisions as JSON, one object per source and line (NDJSON).
     #[arg(long)]
     pub json: bool,
     /// With --dry-run: evaluate the policy as if it were this time (RFC 3339 or YYYY-MM-DD).
     #[arg(long, value_name = "TIME", value_parser = parse_now, requires = "dry_run")]
     pub now: Option<DateTime<Utc>>,
+    // Last: the flattened group's heading applies to the options after it.
+    #[command(flatten)]
+    pub retention: RetentionArgs,
 }
 
 pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
@@ -38,6 +39,7 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
     let mut plans = Vec::new();
     for name in &names {
         let path = settings.source_path(name)?;
+        settings.check_source_known(store.as_ref(), name).await?;
         if options.dry_run {
             plans.push(prune::plan(store.as_ref(), &path, &policy, grace, now).await?);
             continue;
@@ -48,13 +50,10 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
         plans.push(result?);
     }
     if options.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&plans).expect("plans serialize")
-        );
+        super::print_json_lines(&plans);
     } else if options.dry_run || settings.log_format == crate::logging::LogFormat::Text {
         for plan in &plans {
-            print!("{}", table(plan));
+            settings.print_human(&table(plan));
         }
     }
     Ok(())

@@ -49,6 +49,9 @@ pub struct Options {
 pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
     let path = settings.source_path(&options.source)?;
     let store = settings.open_store().await?;
+    settings
+        .check_source_known(store.as_ref(), &options.source)
+        .await?;
     let manifest = catalog::resolve(store.as_ref(), &path, &options.backup).await?;
     let target_url = match &options.to {
         Some(raw) => super::target_url(raw, &options.source)?,

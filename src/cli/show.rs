@@ -9,66 +9,77 @@ use crate::progress::human_bytes;
 
 #[derive(Debug, Args)]
 pub struct Options {
+    /// The source the backup was taken from (a name from the config, or `postgres`/`couchdb`).
     pub source: String,
     /// A backup id from `kura list`, or `latest`.
     pub backup: String,
-    /// Print the manifest as stored (JSON).
+    /// Print the manifest as stored, on one line (JSON).
     #[arg(long)]
     pub json: bool,
 }
 
 pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
     let store = settings.open_store().await?;
+    settings
+        .check_source_known(store.as_ref(), &options.source)
+        .await?;
     let path = settings.source_path(&options.source)?;
     let manifest = catalog::resolve(store.as_ref(), &path, &options.backup).await?;
     if options.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&manifest).expect("manifest serializes")
-        );
-        return Ok(());
+        super::print_json_lines([&manifest]);
+    } else {
+        settings.print_human(&describe(&manifest));
     }
-    println!("backup      {}", manifest.backup_id);
-    println!(
+    Ok(())
+}
+
+fn describe(manifest: &crate::catalog::Manifest) -> String {
+    let mut out = String::new();
+    let mut line = |text: String| {
+        out.push_str(&text);
+        out.push('\n');
+    };
+    line(format!("backup      {}", manifest.backup_id));
+    line(format!(
         "source      {}/{} ({})",
         manifest.tenant, manifest.source, manifest.kind
-    );
-    println!("server      {}", manifest.server_version);
-    println!("tool        {}", manifest.tool_version);
-    println!(
+    ));
+    line(format!("server      {}", manifest.server_version));
+    line(format!("tool        {}", manifest.tool_version));
+    line(format!(
         "started     {}",
         manifest.started_at.format("%Y-%m-%d %H:%M:%S UTC")
-    );
-    println!(
+    ));
+    line(format!(
         "finished    {} ({:.1}s)",
         manifest.finished_at.format("%Y-%m-%d %H:%M:%S UTC"),
         manifest.duration_seconds()
-    );
-    println!(
+    ));
+    line(format!(
         "size        {} raw, {} stored (zstd)",
         human_bytes(manifest.raw_bytes()),
         human_bytes(manifest.stored_bytes())
-    );
-    println!(
+    ));
+    line(format!(
         "kura        {} (manifest format {})",
         manifest.kura_version, manifest.format_version
-    );
-    println!();
-    println!("parts:");
+    ));
+    line(String::new());
+    line("parts:".into());
     for part in &manifest.parts {
-        println!(
+        line(format!(
             "  {:<22} {:<28} {:>10} → {:>10}  sha256 {}",
             part.key,
             format!("{:?}", part.name),
             human_bytes(part.raw_bytes),
             human_bytes(part.stored_bytes),
-            &part.sha256[..16.min(part.sha256.len())]
-        );
+            part.sha256.get(..16).unwrap_or(&part.sha256)
+        ));
         if let Some(summary) = contents(part) {
-            println!("  {:<22} {summary}", "");
+            line(format!("  {:<22} {summary}", ""));
         }
     }
-    Ok(())
+    out
 }
 
 /// What a part held, from the counts recorded at backup time.

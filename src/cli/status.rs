@@ -35,7 +35,7 @@ pub struct Options {
         requires = "schedule"
     )]
     pub slack: String,
-    /// Print JSON instead of a table.
+    /// Print one JSON object per source and line (NDJSON) instead of a table.
     #[arg(long)]
     pub json: bool,
 }
@@ -101,11 +101,9 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
         );
     }
     if options.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&rows).expect("rows serialize")
-        );
+        super::print_json_lines(&rows);
     } else if settings.log_format == crate::logging::LogFormat::Text {
+        // With JSON logs the line per source above already says all the table would.
         print!("{}", table(&rows));
     }
     let bad: Vec<String> = rows

@@ -19,6 +19,9 @@ pub struct Options {
 pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
     let path = settings.source_path(&options.source)?;
     let store = settings.open_store().await?;
+    settings
+        .check_source_known(store.as_ref(), &options.source)
+        .await?;
     let message = lock::unlock(store.as_ref(), &path, options.force).await?;
     tracing::info!(source = %options.source, "{message}");
     Ok(())

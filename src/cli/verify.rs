@@ -22,7 +22,7 @@ use crate::engine::postgres::{self, Connection};
 use crate::engine::{DatabaseMapping, RestoreContext};
 use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline;
-use crate::progress::human_bytes;
+use crate::progress::{human_bytes, Progress, ProgressLine};
 use crate::storage::ObjectStore;
 
 // No Debug: `to` may hold a password.
@@ -44,6 +44,9 @@ pub struct Options {
 pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
     let path = settings.source_path(&options.source)?;
     let store = settings.open_store().await?;
+    settings
+        .check_source_known(store.as_ref(), &options.source)
+        .await?;
     let manifest = catalog::resolve(store.as_ref(), &path, &options.backup).await?;
     let target = if options.deep {
         Some(match &options.to {
@@ -71,9 +74,15 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
     );
 
     let mut bad = Vec::new();
+    let line = ProgressLine::start(
+        "verifying",
+        settings.show_progress(),
+        Some(manifest.stored_bytes()),
+    );
     for part in &manifest.parts {
         let key = path.object_key(&manifest.id()?, &part.key);
-        match check_part(settings, store.as_ref(), &key, part).await {
+        line.progress().set_label(&part.name);
+        match check_part(settings, store.as_ref(), &key, part, line.progress()).await {
             Ok(raw) => tracing::info!(
                 part = %part.key,
                 name = %part.name,
@@ -95,6 +104,7 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
             Err(err) => return Err(err),
         }
     }
+    drop(line);
     if !bad.is_empty() {
         return Err(Error::integrity(format!(
             "backup {} of {}/{} is damaged: {} of {} parts failed verification: {}. Restore from another backup (`kura list {}`)",
@@ -128,12 +138,13 @@ async fn check_part(
     store: &dyn ObjectStore,
     key: &str,
     part: &Part,
+    progress: Progress,
 ) -> Result<u64> {
     let raw = pipeline::read_verified(
         store,
         key,
         &part.digest(),
-        None,
+        Some(progress),
         &settings.cancel,
         |reader: &mut dyn Read| {
             std::io::copy(reader, &mut std::io::sink())

@@ -110,11 +110,7 @@ impl Probe {
                     Service::Postgres => "postgres",
                     _ => "couchdb",
                 };
-                if url.password().is_none() {
-                    if let Some(password) = super::source_password_from_env(source) {
-                        url.set_password(password);
-                    }
-                }
+                url.fill_password_from_env(source);
                 match options.service {
                     Service::Postgres => Probe::Postgres(Connection::new(url)?),
                     _ => {
@@ -175,7 +171,8 @@ impl Probe {
             }
             Probe::Couchdb(client, _) => {
                 let welcome = client
-                    .json(reqwest::Method::GET, "/", None, "the welcome page")
+                    // "" is the base URL itself: a path prefix (a proxy's /couchdb/) is kept.
+                    .json(reqwest::Method::GET, "", None, "the welcome page")
                     .await?;
                 Ok(format!(
                     "CouchDB-compatible {}",

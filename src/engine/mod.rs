@@ -96,6 +96,15 @@ pub fn select_parts<'m>(
         .collect()
 }
 
+/// `database "a"` or `databases "a", "b"`, for messages about one or several.
+pub fn name_databases(names: &[String]) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
+    match quoted.len() {
+        1 => format!("database {}", quoted[0]),
+        _ => format!("databases {}", quoted.join(", ")),
+    }
+}
+
 /// Include/exclude lists for backup.
 #[derive(Debug, Clone, Default)]
 pub struct Selection {
@@ -107,6 +116,26 @@ impl Selection {
     pub fn wants(&self, name: &str) -> bool {
         (self.include.is_empty() || self.include.iter().any(|n| n == name))
             && !self.exclude.iter().any(|n| n == name)
+    }
+
+    /// The "nothing to back up" rule, for every engine: a server without databases (a tenant
+    /// created today) makes a complete, empty backup with a warning, not a failed nightly
+    /// Job; `--database` names that `--exclude-database` cancels out are a usage error.
+    /// (Names that do not exist on the server are the engine's NotFound, found earlier.)
+    pub fn check_planned(&self, planned: usize, server: &str) -> Result<()> {
+        if planned > 0 {
+            return Ok(());
+        }
+        if !self.include.is_empty() {
+            return Err(Error::usage(format!(
+                "nothing to back up on {server}: --exclude-database excludes every database --database names"
+            )));
+        }
+        tracing::warn!(
+            server,
+            "{server} has no databases to back up; the backup will be complete but empty"
+        );
+        Ok(())
     }
 }
 

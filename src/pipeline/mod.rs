@@ -345,7 +345,7 @@ where
             return Err(match verifying.verify(&object, &expected) {
                 Err(e) if e.kind() == ErrorKind::Integrity => e,
                 _ => Error::integrity(format!(
-                    "backup object {object} cannot be decompressed ({message}): it is corrupt; restore from another backup"
+                    "backup object {object} cannot be decompressed ({message}): it is corrupt"
                 )),
             });
         }
@@ -353,12 +353,49 @@ where
         verifying.verify(&object, &expected)?;
         Ok(value)
     });
+    download_into(store, key, tx, cancel, decode).await
+}
+
+/// Download `key` into `tx` while `decode` (a blocking task reading the channel) runs; the
+/// decoder's outcome is the answer unless the download itself failed.
+async fn download_into<T>(
+    store: &dyn ObjectStore,
+    key: &str,
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    cancel: &CancellationToken,
+    decode: tokio::task::JoinHandle<Result<T>>,
+) -> Result<T> {
     let downloaded = download(store, key, tx, cancel).await;
     let decoded = decode
         .await
         .map_err(|e| Error::failed(format!("decompression task failed: {e}")))?;
     downloaded?;
     decoded
+}
+
+/// Hand the decompressed start of the object at `key` to `consumer`, which may stop reading
+/// whenever it has what it needs; the rest of the object is not downloaded. Nothing is
+/// verified, so what the consumer reads may only be looked at (an archive's table of
+/// contents), never restored: restores go through [`read_verified`].
+pub async fn peek<F, T>(
+    store: &dyn ObjectStore,
+    key: &str,
+    cancel: &CancellationToken,
+    consumer: F,
+) -> Result<T>
+where
+    F: FnOnce(&mut dyn Read) -> Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+    let decode = tokio::task::spawn_blocking(move || -> Result<T> {
+        // Dropping the reader at the end closes the channel, which stops the download.
+        let mut reader = VerifyingReader::new(rx, None);
+        let mut decoder = zstd::Decoder::new(&mut reader)
+            .map_err(|e| Error::with_source(ErrorKind::Failed, "starting the zstd decoder", e))?;
+        consumer(&mut decoder)
+    });
+    download_into(store, key, tx, cancel, decode).await
 }
 
 /// Records decoder errors so they can be told apart from the consumer's own failures.
@@ -435,14 +472,14 @@ impl VerifyingReader {
             .map_err(|e| Error::with_source(ErrorKind::Storage, format!("reading {object}"), e))?;
         if self.bytes != expected.bytes {
             return Err(Error::integrity(format!(
-                "backup object {object} is {} bytes but the manifest records {}: it is truncated or was replaced; restore from another backup",
+                "backup object {object} is {} bytes but the manifest records {}: it is truncated or was replaced",
                 self.bytes, expected.bytes
             )));
         }
         let actual = hex::encode(self.hasher.finalize_reset());
         if actual != expected.sha256 {
             return Err(Error::integrity(format!(
-                "backup object {object} is corrupt: its SHA-256 is {actual} but the manifest records {}; restore from another backup",
+                "backup object {object} is corrupt: its SHA-256 is {actual} but the manifest records {}",
                 expected.sha256
             )));
         }

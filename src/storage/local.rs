@@ -138,6 +138,29 @@ impl ObjectStore for LocalStore {
 
     async fn check(&self) -> Result<()> {
         let root = self.root.clone();
+        let meta = tokio::task::spawn_blocking(move || fs::metadata(&root))
+            .await
+            .map_err(|e| Error::failed(format!("storage task failed: {e}")))?;
+        match meta {
+            Ok(meta) if meta.is_dir() => Ok(()),
+            Ok(_) => Err(Error::usage(format!(
+                "{} is not a directory: point --storage / KURA_STORAGE at the backup directory",
+                self.location()
+            ))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::not_found(format!(
+                "backup storage {} does not exist: check --storage / KURA_STORAGE for a typo (only `kura backup` creates a new directory)",
+                self.location()
+            ))),
+            Err(e) => Err(Error::with_source(
+                ErrorKind::Storage,
+                format!("cannot read backup storage {}", self.location()),
+                e,
+            )),
+        }
+    }
+
+    async fn prepare_for_writing(&self) -> Result<()> {
+        let root = self.root.clone();
         tokio::task::spawn_blocking(move || fs::create_dir_all(&root))
             .await
             .map_err(|e| Error::failed(format!("storage task failed: {e}")))?
@@ -150,7 +173,8 @@ impl ObjectStore for LocalStore {
                     ),
                     e,
                 )
-            })
+            })?;
+        self.check().await
     }
 
     async fn put(&self, key: &str, data: Bytes) -> Result<()> {

@@ -26,8 +26,12 @@
 //!   store refuses to delete (object lock, retention, permissions on that one object) is
 //!   returned as [`Refused`] and the other keys are still deleted; only a failure of the store
 //!   as a whole is an `Err`.
+//! - **`check`** only reads: it never creates a bucket or a directory, so a mistyped storage
+//!   URL given to `list` or `restore` is an error, not a new empty store. Only
+//!   **`prepare_for_writing`** (used by `backup`) may create what the store needs.
 //! - **Errors**: unreachable store, rejected credentials and missing bucket are
-//!   [`ErrorKind::Storage`]; each message names the store location and the key.
+//!   [`ErrorKind::Storage`]; a missing `file://` directory is [`ErrorKind::NotFound`]; each
+//!   message names the store location and the key.
 //! - **Retries** of transient failures (5xx, throttling, timeouts, connection resets) happen
 //!   inside the implementation; an error returned to the caller is final.
 //! - **Cancellation**: dropping a returned future cancels the request; it never leaves a
@@ -86,9 +90,15 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     /// Where this store points, safe to print (no credentials).
     fn location(&self) -> String;
 
-    /// Fails with [`ErrorKind::Storage`] unless the store is reachable, the credentials are
-    /// accepted and the bucket/directory exists. Run before any work starts.
+    /// Fails unless the store is reachable, the credentials are accepted and the
+    /// bucket/directory exists. Run before any work starts; creates nothing.
     async fn check(&self) -> Result<()>;
+
+    /// [`check`](Self::check) for a command that will write: a store that can be created
+    /// (a local directory) is created first.
+    async fn prepare_for_writing(&self) -> Result<()> {
+        self.check().await
+    }
 
     async fn put(&self, key: &str, data: Bytes) -> Result<()>;
 

@@ -48,6 +48,9 @@ impl<S: ObjectStore> ObjectStore for FailingStore<S> {
     async fn check(&self) -> Result<()> {
         self.inner.check().await
     }
+    async fn prepare_for_writing(&self) -> Result<()> {
+        self.inner.prepare_for_writing().await
+    }
     async fn put(&self, key: &str, data: Bytes) -> Result<()> {
         self.inner.put(key, data).await
     }

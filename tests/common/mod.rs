@@ -102,6 +102,21 @@ impl Run {
             .unwrap_or_else(|| panic!("no backup id in:\n{}", self.all()))
     }
 
+    /// The `--json` output: stdout lines that are JSON objects but not log lines. Every
+    /// stdout line must be JSON (kura's JSON mode promises it), or this panics.
+    pub fn records(&self) -> Vec<serde_json::Value> {
+        self.stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| {
+                    panic!("stdout line is not JSON ({e}): {l:?}\n{}", self.all())
+                })
+            })
+            .filter(|v| v.get("level").is_none())
+            .collect()
+    }
+
     /// The `error` log line kura ends a failure with.
     pub fn error_line(&self) -> serde_json::Value {
         self.stdout
@@ -311,4 +326,25 @@ pub fn spawn_pouchdb(npm_bin: &str, port: u16, dir: &Path) -> std::process::Chil
         .stderr(Stdio::null())
         .spawn()
         .expect("pouchdb-server starts")
+}
+
+/// A private pouchdb-server on a free port, answering once this returns: `(server, url)`.
+pub async fn start_private_pouchdb(npm_bin: &str, dir: &Path) -> (std::process::Child, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = spawn_pouchdb(npm_bin, port, dir);
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let started = std::time::Instant::now();
+    while http.get(&url).send().await.is_err() {
+        assert!(
+            started.elapsed().as_secs() < 30,
+            "pouchdb-server did not start"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    (server, url)
 }

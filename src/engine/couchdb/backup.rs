@@ -96,12 +96,10 @@ impl CouchBackup {
             .filter(|name| self.selection.wants(name))
             .filter(|name| !name.starts_with('_') || self.selection.include.contains(name))
             .collect();
-        if databases.is_empty() {
-            return Err(Error::usage(format!(
-                "nothing to back up on CouchDB {}: the selection matches no database",
-                self.client.redacted()
-            )));
-        }
+        self.selection.check_planned(
+            databases.len(),
+            &format!("CouchDB {}", self.client.redacted()),
+        )?;
         Ok(Plan {
             server_version: format!("{vendor} {server_version}"),
             databases,
@@ -114,7 +112,9 @@ impl CouchBackup {
         id: &BackupId,
         plan: Plan,
     ) -> Result<BackupOutcome> {
-        let line = ProgressLine::start("backing up", ctx.show_progress);
+        // CouchDB reports no size that predicts the export's length (attachments are inlined as
+        // base64, revisions repeated), so the bar counts without a total.
+        let line = ProgressLine::start("backing up", ctx.show_progress, None);
         let compression = Compression {
             algorithm: "zstd".into(),
             level: ctx.pipeline.compression_level,

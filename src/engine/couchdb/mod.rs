@@ -67,6 +67,10 @@ impl Client {
                 url.redacted()
             )));
         }
+        // CouchDB 3 has no admin party: a user without a password is a missing Secret.
+        if url.username().is_some() && url.password().is_none() {
+            return Err(url.missing_password("CouchDB"));
+        }
         let mut base = Url::parse(&url.redacted())
             .map_err(|e| Error::usage(format!("invalid CouchDB URL {}: {e}", url.redacted())))?;
         let _ = base.set_username("");

@@ -88,14 +88,16 @@ impl CouchRestore {
             return Err(Error::new(
                 ErrorKind::TargetNotEmpty,
                 format!(
-                    "refusing to restore: database {} on CouchDB {} already hold(s) documents; restore under another name with --database SRC:DST, or pass --force to add only the revisions that are missing",
-                    occupied.iter().map(|d| format!("{d:?}")).collect::<Vec<_>>().join(", "),
-                    self.target.redacted()
+                    "refusing to restore: {} on CouchDB {} {} documents; restore under another name with --database SRC:DST, or pass --force to add only the revisions that are missing",
+                    crate::engine::name_databases(&occupied),
+                    self.target.redacted(),
+                    if occupied.len() == 1 { "already holds" } else { "already hold" },
                 ),
             ));
         }
 
-        let line = ProgressLine::start("restoring", ctx.show_progress);
+        let total = steps.iter().map(|(part, _, _)| part.stored_bytes).sum();
+        let line = ProgressLine::start("restoring", ctx.show_progress, Some(total));
         let mut summary = RestoreSummary::default();
         for (part, target, exists) in steps {
             let started = Instant::now();

@@ -56,12 +56,8 @@ impl PostgresBackup {
             .filter(|d| self.selection.wants(&d.name))
             .cloned()
             .collect::<Vec<_>>();
-        if databases.is_empty() {
-            return Err(Error::usage(format!(
-                "nothing to back up on {}: the selection matches no database",
-                self.connection.redacted()
-            )));
-        }
+        self.selection
+            .check_planned(databases.len(), &self.connection.redacted())?;
         Ok(Plan {
             info,
             tools,
@@ -80,7 +76,9 @@ impl PostgresBackup {
             tools,
             databases,
         } = plan;
-        let line = ProgressLine::start("backing up", ctx.show_progress);
+        // On-disk size, a fair estimate of the dump: indexes are not dumped, but TOAST is compressed.
+        let total = databases.iter().map(|d| d.size_bytes.max(0) as u64).sum();
+        let line = ProgressLine::start("backing up", ctx.show_progress, Some(total));
         let compression = Compression {
             algorithm: "zstd".into(),
             level: ctx.pipeline.compression_level,

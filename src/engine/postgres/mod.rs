@@ -150,17 +150,12 @@ impl Connection {
                 )));
             }
         }
-        let (client, connection) = config.connect(NoTls).await.map_err(|e| {
-            let advice = describe_connect_error(&e);
-            Error::with_source(
-                ErrorKind::Database,
-                format!(
-                    "cannot connect to PostgreSQL database {database:?} at {}: {advice}",
-                    self.redacted()
-                ),
-                e,
-            )
-        })?;
+        let password_given =
+            self.url.password().is_some() || std::env::var_os("PGPASSWORD").is_some();
+        let (client, connection) = config
+            .connect(NoTls)
+            .await
+            .map_err(|e| self.connect_error(database, password_given, e))?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "PostgreSQL connection closed");
@@ -170,18 +165,48 @@ impl Connection {
     }
 }
 
-fn describe_connect_error(err: &tokio_postgres::Error) -> &'static str {
-    use tokio_postgres::error::SqlState;
-    match err.code() {
-        Some(code) if *code == SqlState::INVALID_PASSWORD => {
-            "password authentication failed: check the password in the URL or Secret"
-        }
-        Some(code) if *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
-            "the server rejected the user: check the user name and pg_hba.conf"
-        }
-        Some(code) if *code == SqlState::INVALID_CATALOG_NAME => "the database does not exist",
-        Some(_) => "the server refused the connection",
-        None => "is the server running and reachable on that host and port?",
+impl Connection {
+    /// 3/4 mean "retry later" to a Job, so only what a retry can fix is `Database`: an
+    /// unreachable server, a lost connection, rejected credentials (a rotated Secret reaches a
+    /// new pod). A missing password or database is a configuration error (2).
+    fn connect_error(
+        &self,
+        database: &str,
+        password_given: bool,
+        err: tokio_postgres::Error,
+    ) -> Error {
+        use std::error::Error as _;
+        use tokio_postgres::error::SqlState;
+        let transport = err.source().is_some_and(|s| s.is::<std::io::Error>()) || err.is_closed();
+        let at = format!("PostgreSQL database {database:?} at {}", self.redacted());
+        let (kind, advice) = match err.code() {
+            Some(code) if *code == SqlState::INVALID_CATALOG_NAME => {
+                return Error::usage(format!(
+                    "{at} does not exist: fix the database name in the URL (postgres://…/DATABASE), or create it"
+                ))
+            }
+            Some(code) if *code == SqlState::INVALID_PASSWORD => (
+                ErrorKind::Database,
+                "password authentication failed: check the password in the URL or Secret",
+            ),
+            Some(code) if *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => (
+                ErrorKind::Database,
+                "the server rejected the user: check the user name and pg_hba.conf",
+            ),
+            Some(code) if *code == SqlState::TOO_MANY_CONNECTIONS => {
+                (ErrorKind::Database, "the server has no free connection slots")
+            }
+            Some(_) => (ErrorKind::Database, "the server refused the connection"),
+            // Neither the server nor the network: the client gave up before asking, which
+            // without a password means the server asked for one.
+            None if !transport && !password_given => return self.url.missing_password("PostgreSQL"),
+            None if !transport => (ErrorKind::Database, "the connection failed"),
+            None => (
+                ErrorKind::Database,
+                "is the server running and reachable on that host and port?",
+            ),
+        };
+        Error::with_source(kind, format!("cannot connect to {at}: {advice}"), err)
     }
 }
 

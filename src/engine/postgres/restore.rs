@@ -91,6 +91,10 @@ impl PostgresRestore {
             ));
         }
 
+        if !tables.is_empty() {
+            check_tables_in_backup(ctx, manifest, steps[0].part, &tools, &tables).await?;
+        }
+
         // Refuse before touching anything, and name every target that is in the way.
         let mut occupied = Vec::new();
         let roles = existing_roles(&client, &self.target).await?;
@@ -115,27 +119,33 @@ impl PostgresRestore {
             }
         }
         if !occupied.is_empty() {
-            let what = if tables.is_empty() {
-                "database"
-            } else {
-                "table(s) in database"
+            let databases = crate::engine::name_databases(&occupied);
+            let what = match (tables.is_empty(), occupied.len()) {
+                (true, 1) => format!("{databases} already holds data"),
+                (true, _) => format!("{databases} already hold data"),
+                (false, _) => format!("the table(s) to restore already exist in {databases}"),
             };
             return Err(Error::new(
                 ErrorKind::TargetNotEmpty,
                 format!(
-                    "refusing to restore: {what} {} on {} already hold(s) data; restore under another name with --database SRC:DST, or pass --force to replace the objects in the backup",
-                    occupied
-                        .iter()
-                        .map(|d| format!("{d:?}"))
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                    "refusing to restore: {what} on {}; restore under another name with --database SRC:DST, or pass --force to replace the objects in the backup",
                     self.target.redacted()
                 ),
             ));
         }
 
         let mut summary = RestoreSummary::default();
-        let line = ProgressLine::start("restoring", ctx.show_progress);
+        let globals_bytes: u64 = match self.globals {
+            true => manifest
+                .parts
+                .iter()
+                .filter(|p| p.kind == GLOBALS_KIND)
+                .map(|p| p.stored_bytes)
+                .sum(),
+            false => 0,
+        };
+        let total = steps.iter().map(|s| s.part.stored_bytes).sum::<u64>() + globals_bytes;
+        let line = ProgressLine::start("restoring", ctx.show_progress, Some(total));
         if self.globals {
             let part = manifest
                 .parts
@@ -445,6 +455,155 @@ fn run_restore_tools(
     }
 }
 
+/// Object types `pg_restore --table` selects ("table" includes these, says its manual).
+const TABLE_LIKE: [&str; 5] = [
+    "TABLE",
+    "VIEW",
+    "MATERIALIZED VIEW",
+    "SEQUENCE",
+    "FOREIGN TABLE",
+];
+
+/// Every `--table` must be in the database's part: otherwise pg_restore restores nothing and
+/// the user gets an empty database reported as a success. Tables with recorded row counts
+/// are known from the manifest; anything else (a view, a sequence, a backup without counts)
+/// is looked up in the archive's table of contents, the first bytes of the part.
+async fn check_tables_in_backup(
+    ctx: &RestoreContext<'_>,
+    manifest: &Manifest,
+    part: &Part,
+    tools: &Tools,
+    tables: &[(String, String)],
+) -> Result<()> {
+    let counted = |schema: &str, table: &str| {
+        part.counts
+            .as_ref()
+            .is_some_and(|c| c.contains_key(&format!("{schema}.{table}")))
+    };
+    if tables.iter().all(|(schema, table)| counted(schema, table)) {
+        return Ok(());
+    }
+    let key = ctx.path.object_key(&ctx.backup_id, &part.key);
+    let mut list = Command::new(&tools.pg_restore);
+    list.arg("--list");
+    let toc = pipeline::peek(ctx.store, &key, &ctx.cancel, move |input: &mut dyn Read| {
+        let mut child = ChildProcess::spawn(list, "pg_restore --list", true, true)?;
+        let mut stdin = child.take_stdin().expect("stdin is piped");
+        let mut stdout = child.take_stdout().expect("stdout is piped");
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            stdout.read_to_string(&mut text).map(|_| text)
+        });
+        // pg_restore stops reading once it has the table of contents: a broken pipe is the
+        // expected end of feeding it.
+        match pipeline::copy_large(input, &mut stdin) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                return Err(Error::with_source(
+                    ErrorKind::Failed,
+                    "reading the backup",
+                    e,
+                ))
+            }
+            _ => {}
+        }
+        drop(stdin);
+        child.wait_success()?;
+        reader
+            .join()
+            .map_err(|_| Error::failed("the pg_restore --list reader panicked"))?
+            .map_err(|e| Error::with_source(ErrorKind::Failed, "reading pg_restore --list", e))
+    })
+    .await
+    .map_err(|e| e.context(format!("reading the table of contents of {key}")))?;
+    let entries: Vec<&str> = toc
+        .lines()
+        .filter(|l| !l.starts_with(';'))
+        // "215; 1259 16385 TABLE public items owner": past the dump id and the two OIDs.
+        .filter_map(|l| l.split_once("; ")?.1.splitn(3, ' ').nth(2))
+        .collect();
+    let in_toc = |schema: &str, table: &str| {
+        entries.iter().any(|entry| {
+            TABLE_LIKE.iter().any(|kind| {
+                entry
+                    .strip_prefix(&format!("{kind} {schema} {table} "))
+                    .is_some_and(|owner| !owner.contains(' '))
+            })
+        })
+    };
+    let missing: Vec<String> = tables
+        .iter()
+        .filter(|(schema, table)| !counted(schema, table) && !in_toc(schema, table))
+        .map(|(schema, table)| format!("{schema}.{table}"))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // Candidates for "did you mean": recorded tables, and table-like TOC entries whose
+    // schema and name have no spaces (the listing does not quote them).
+    let mut known: Vec<String> = part.counts.iter().flat_map(|c| c.keys().cloned()).collect();
+    for entry in &entries {
+        for kind in TABLE_LIKE {
+            let fields = entry.strip_prefix(kind).and_then(|r| r.strip_prefix(' '));
+            if let Some(fields) = fields {
+                let words: Vec<&str> = fields.split(' ').collect();
+                if words.len() == 3 {
+                    known.push(format!("{}.{}", words[0], words[1]));
+                }
+            }
+        }
+    }
+    known.sort();
+    known.dedup();
+    let near: Vec<String> = missing
+        .iter()
+        .flat_map(|wanted| near_matches(wanted, &known))
+        .collect();
+    Err(Error::not_found(format!(
+        "table(s) {} not in database {:?} of backup {}{}; nothing was restored",
+        missing.join(", "),
+        part.name,
+        manifest.backup_id,
+        match near.is_empty() {
+            true => String::new(),
+            false => format!("; did you mean {}?", near.join(", ")),
+        }
+    )))
+}
+
+/// Names close to `wanted` ("schema.table"): the same table in another schema, another
+/// case, or a typo or two away.
+fn near_matches(wanted: &str, known: &[String]) -> Vec<String> {
+    let table = |name: &str| name.split_once('.').map_or(name, |(_, t)| t).to_lowercase();
+    let wanted_table = table(wanted);
+    let mut scored: Vec<(usize, &String)> = known
+        .iter()
+        .filter_map(|name| {
+            let distance = edit_distance(&wanted.to_lowercase(), &name.to_lowercase())
+                .min(edit_distance(&wanted_table, &table(name)));
+            (distance <= 2).then_some((distance, name))
+        })
+        .collect();
+    scored.sort();
+    scored.into_iter().take(5).map(|(_, n)| n.clone()).collect()
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
 fn advise(err: Error) -> Error {
     let text = err.to_string();
     if text.contains("role \"") && text.contains("does not exist") {
@@ -640,6 +799,29 @@ mod tests {
             String::from_utf8(out).unwrap(),
             String::from_utf8(held).unwrap(),
         )
+    }
+
+    #[test]
+    fn near_matches_find_typos_schemas_and_case() {
+        let known: Vec<String> = [
+            "public.orders",
+            "sales.orders",
+            "public.customers",
+            "public.Order Lines",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            near_matches("public.ordres", &known),
+            vec!["public.orders".to_string(), "sales.orders".to_string()]
+        );
+        assert_eq!(
+            near_matches("public.CUSTOMERS", &known),
+            vec!["public.customers".to_string()]
+        );
+        assert!(near_matches("public.invoices", &known).is_empty());
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 
     #[test]
