@@ -314,6 +314,11 @@ fn verify_names_a_flipped_byte_a_truncated_part_and_a_missing_part() {
         let message = result.error_line()["message"].as_str().unwrap().to_string();
         assert!(message.contains("db-0001.pgdump.zst"), "{name}: {message}");
         assert!(message.contains("1 of 2 parts"), "{name}: {message}");
+        assert_eq!(
+            message.to_lowercase().matches("another backup").count(),
+            1,
+            "{name}: the advice once: {message}"
+        );
         message
     };
     let mut flipped = original.clone();

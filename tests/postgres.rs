@@ -369,6 +369,10 @@ fn corrupt_or_truncated_objects_fail_and_leave_the_target_untouched() {
             message.contains("db-0001.pgdump.zst"),
             "{what}: names the object: {message}"
         );
+        assert!(
+            message.contains("restore from another backup"),
+            "{what}: says what to do: {message}"
+        );
         assert_eq!(
             psql(
                 &url,

@@ -91,7 +91,10 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
                 force: options.force,
                 bin_dir: settings.pg_bin_dir.clone(),
             };
-            let summary = restore.run(&ctx, &manifest).await?;
+            let summary = restore
+                .run(&ctx, &manifest)
+                .await
+                .map_err(|e| advise_on_damage(e, &options.source))?;
             tracing::info!(
                 backup_id = %manifest.backup_id,
                 databases = summary.databases.len(),
@@ -121,7 +124,10 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
                 force: options.force,
                 batch_bytes: options.batch_bytes,
             };
-            let summary = restore.run(&ctx, &manifest).await?;
+            let summary = restore
+                .run(&ctx, &manifest)
+                .await
+                .map_err(|e| advise_on_damage(e, &options.source))?;
             tracing::info!(
                 backup_id = %manifest.backup_id,
                 databases = summary.databases.len(),
@@ -134,6 +140,16 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+/// A damaged part cannot be retried into shape: the way forward is another backup.
+fn advise_on_damage(err: Error, source: &str) -> Error {
+    match err.kind() {
+        crate::ErrorKind::Integrity => err.advise(format!(
+            "restore from another backup (`kura list {source}`)"
+        )),
+        _ => err,
     }
 }
 
