@@ -180,17 +180,6 @@ impl From<std::io::Error> for Error {
     }
 }
 
-/// Attach context to any fallible result, naming the error kind explicitly.
-pub trait ResultExt<T> {
-    fn or_kind(self, kind: ErrorKind, what: impl FnOnce() -> String) -> Result<T>;
-}
-
-impl<T, E: Into<BoxError>> ResultExt<T> for std::result::Result<T, E> {
-    fn or_kind(self, kind: ErrorKind, what: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|e| Error::with_source(kind, what(), e))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

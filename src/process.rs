@@ -101,10 +101,6 @@ impl ChildProcess {
         self.child.stdout.take()
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// Stop the child now (on failure elsewhere in the pipeline). Its error is not reported.
     pub fn kill(&mut self) {
         if !self.waited {

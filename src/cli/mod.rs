@@ -351,6 +351,14 @@ impl Settings {
         Ok(self.sources.iter().map(|s| s.name.clone()).collect())
     }
 
+    /// What the engines need beyond a source's URL.
+    pub fn engine_options(&self) -> crate::engine::EngineOptions {
+        crate::engine::EngineOptions {
+            pg_bin_dir: self.pg_bin_dir.clone(),
+            single_attempt: false,
+        }
+    }
+
     /// Progress lines only make sense for people reading text logs.
     pub fn show_progress(&self) -> bool {
         self.log_format == LogFormat::Text

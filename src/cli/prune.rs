@@ -4,13 +4,10 @@ use chrono::{DateTime, NaiveDate, Utc};
 use clap::Args;
 
 use super::{RetentionArgs, Settings};
-use crate::catalog::lock::Lock;
-use crate::catalog::prune::{self, Plan};
-use crate::catalog::SourcePath;
+use crate::catalog::prune::Plan;
 use crate::error::{Error, Result};
+use crate::ops;
 use crate::progress::human_bytes;
-use crate::retention::Policy;
-use crate::storage::ObjectStore;
 
 #[derive(Debug, Args)]
 pub struct Options {
@@ -37,17 +34,28 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
     let store = settings.open_store().await?;
     let now = options.now.unwrap_or_else(Utc::now);
     let mut plans = Vec::new();
+    let mut first_error = None;
+    // Like backup: one source that fails (locked, refused deletes) does not keep the others
+    // from being pruned; the run still fails with the first error.
     for name in &names {
-        let path = settings.source_path(name)?;
-        settings.check_source_known(store.as_ref(), name).await?;
-        if options.dry_run {
-            plans.push(prune::plan(store.as_ref(), &path, &policy, grace, now).await?);
-            continue;
+        let pruned = async {
+            let path = settings.source_path(name)?;
+            settings.check_source_known(store.as_ref(), name).await?;
+            ops::prune::prune_source(store.clone(), &path, &policy, grace, now, options.dry_run)
+                .await
+        };
+        match pruned.await {
+            Ok(plan) => plans.push(plan),
+            Err(err) => {
+                if names.len() > 1 {
+                    tracing::error!(source = %name, error_kind = err.kind().as_str(), "{}", err.chain());
+                }
+                first_error.get_or_insert(err.context(format!("prune of source {name:?} failed")));
+                if settings.cancel.is_cancelled() {
+                    break;
+                }
+            }
         }
-        let lock = Lock::acquire(store.clone(), &path, "prune").await?;
-        let result = prune_locked(store.as_ref(), &path, &policy, grace, now).await;
-        lock.release(store.as_ref()).await;
-        plans.push(result?);
     }
     if options.json {
         super::print_json_lines(&plans);
@@ -56,73 +64,10 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
             settings.print_human(&table(plan));
         }
     }
-    Ok(())
-}
-
-/// Plan and delete for one source; the caller holds its lock.
-pub async fn prune_locked(
-    store: &dyn ObjectStore,
-    path: &SourcePath,
-    policy: &Policy,
-    grace: std::time::Duration,
-    now: DateTime<Utc>,
-) -> Result<Plan> {
-    let plan = prune::plan(store, path, policy, grace, now).await?;
-    for backup in plan.to_delete() {
-        tracing::info!(
-            source = %path.source,
-            backup_id = %backup.backup_id,
-            reasons = %backup.reasons.join("; "),
-            "deleting backup {}: {}",
-            backup.backup_id,
-            backup.reasons.join("; ")
-        );
+    match first_error {
+        Some(err) => Err(err),
+        None => Ok(()),
     }
-    for upload in &plan.stale_uploads {
-        tracing::info!(source = %path.source, object = %upload.key, "aborting abandoned upload {}", upload.key);
-    }
-    let outcome = prune::execute(store, path, &plan).await?;
-    // Some objects under retention are expected; a store refusing every delete is a
-    // credential without delete permission, and a nightly prune must not pass silently.
-    if plan.to_delete().count() > 0
-        && outcome.deleted_backups.is_empty()
-        && !outcome.refused.is_empty()
-    {
-        return Err(Error::new(
-            crate::ErrorKind::Storage,
-            format!(
-                "the store refused every delete under {}/{} (first: {} — {}): give the credentials delete permission, or, if these objects are under a retention policy, wait for it to expire",
-                path.tenant,
-                path.source,
-                outcome.refused[0].key,
-                outcome.refused[0].reason
-            ),
-        ));
-    }
-    let kept = plan.backups.iter().filter(|b| b.action == "keep").count();
-    tracing::info!(
-        source = %path.source,
-        deleted = outcome.deleted_backups.len(),
-        kept,
-        deleted_bytes = outcome.deleted_bytes,
-        aborted_uploads = outcome.aborted_uploads,
-        refused_objects = outcome.refused.len(),
-        "prune of {}/{} ({policy}): deleted {} backup(s), {}, kept {kept}, aborted {} upload(s){}",
-        path.tenant,
-        path.source,
-        outcome.deleted_backups.len(),
-        human_bytes(outcome.deleted_bytes),
-        outcome.aborted_uploads,
-        if outcome.refused.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "; {} object(s) are protected by the store (object lock/retention) and stay",
-                outcome.refused.len()
-            )
-        }
-    );
-    Ok(plan)
 }
 
 fn table(plan: &Plan) -> String {

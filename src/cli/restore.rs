@@ -3,15 +3,10 @@
 use clap::Args;
 
 use super::Settings;
-use crate::catalog::{self};
-use crate::config::SourceKind;
-use crate::engine::couchdb::restore::CouchRestore;
-use crate::engine::couchdb::Client as CouchClient;
-use crate::engine::postgres::restore::PostgresRestore;
-use crate::engine::postgres::Connection;
-use crate::engine::{DatabaseMapping, RestoreContext};
-use crate::error::{Error, Result};
-use crate::progress::human_bytes;
+use crate::catalog;
+use crate::engine::{self, DatabaseMapping, RestoreRequest};
+use crate::error::Result;
+use crate::ops;
 
 // No Debug: `to` may hold a password.
 #[derive(Args)]
@@ -61,96 +56,29 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
             .url
             .clone(),
     };
-    tracing::info!(
-        source = %options.source,
-        backup_id = %manifest.backup_id,
-        target = %target_url.redacted(),
-        "restoring backup {} of {} into {}",
-        manifest.backup_id,
-        options.source,
-        target_url.redacted()
-    );
-    let ctx = RestoreContext {
-        store: store.as_ref(),
-        path,
-        backup_id: manifest.id()?,
-        cancel: settings.cancel.clone(),
-        show_progress: settings.show_progress(),
+    let engine = engine::connect(manifest.kind, target_url, &settings.engine_options())?;
+    let request = RestoreRequest {
+        databases: options
+            .databases
+            .iter()
+            .map(|d| DatabaseMapping::parse(d))
+            .collect(),
+        tables: options.tables.clone(),
+        globals: options.globals,
+        force: options.force,
+        batch_bytes: options.batch_bytes,
     };
-    match manifest.kind {
-        SourceKind::Postgres => {
-            let restore = PostgresRestore {
-                target: Connection::new(target_url)?,
-                databases: options
-                    .databases
-                    .iter()
-                    .map(|d| DatabaseMapping::parse(d))
-                    .collect(),
-                tables: options.tables.clone(),
-                globals: options.globals,
-                force: options.force,
-                bin_dir: settings.pg_bin_dir.clone(),
-            };
-            let summary = restore
-                .run(&ctx, &manifest)
-                .await
-                .map_err(|e| advise_on_damage(e, &options.source))?;
-            tracing::info!(
-                backup_id = %manifest.backup_id,
-                databases = summary.databases.len(),
-                globals = summary.globals,
-                raw_bytes = summary.raw_bytes,
-                warnings = summary.warnings,
-                "restore of {} complete: {} database(s), {}",
-                manifest.backup_id,
-                summary.databases.len(),
-                human_bytes(summary.raw_bytes)
-            );
-            Ok(())
-        }
-        SourceKind::Couchdb => {
-            if !options.tables.is_empty() || options.globals {
-                return Err(Error::usage(
-                    "--table and --globals apply to PostgreSQL backups only",
-                ));
-            }
-            let restore = CouchRestore {
-                target: std::sync::Arc::new(CouchClient::new(&target_url)?),
-                databases: options
-                    .databases
-                    .iter()
-                    .map(|d| DatabaseMapping::parse(d))
-                    .collect(),
-                force: options.force,
-                batch_bytes: options.batch_bytes,
-            };
-            let summary = restore
-                .run(&ctx, &manifest)
-                .await
-                .map_err(|e| advise_on_damage(e, &options.source))?;
-            tracing::info!(
-                backup_id = %manifest.backup_id,
-                databases = summary.databases.len(),
-                revisions = summary.revisions,
-                raw_bytes = summary.raw_bytes,
-                "restore of {} complete: {} database(s), {} revisions",
-                manifest.backup_id,
-                summary.databases.len(),
-                summary.revisions
-            );
-            Ok(())
-        }
-    }
-}
-
-/// A damaged part cannot be retried into shape: the way forward is another backup.
-fn advise_on_damage(err: Error, source: &str) -> Error {
-    match err.kind() {
-        crate::ErrorKind::Integrity => err.advise(format!(
-            "restore from another backup (`kura list {source}`)"
-        )),
-        _ => err,
-    }
+    ops::restore::restore(
+        store.as_ref(),
+        &path,
+        &manifest,
+        engine.as_ref(),
+        &request,
+        &settings.cancel,
+        settings.show_progress(),
+    )
+    .await?;
+    Ok(())
 }
 
 fn parse_batch_bytes(text: &str) -> std::result::Result<usize, String> {

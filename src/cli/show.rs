@@ -75,20 +75,9 @@ fn describe(manifest: &crate::catalog::Manifest) -> String {
             human_bytes(part.stored_bytes),
             part.sha256.get(..16).unwrap_or(&part.sha256)
         ));
-        if let Some(summary) = contents(part) {
+        if let Some(summary) = crate::engine::describe_part(manifest.kind, part) {
             line(format!("  {:<22} {summary}", ""));
         }
     }
     out
-}
-
-/// What a part held, from the counts recorded at backup time.
-fn contents(part: &crate::catalog::Part) -> Option<String> {
-    let counts = part.counts.as_ref()?;
-    if let Some(documents) = counts.get("documents") {
-        let deleted = counts.get("deleted_documents").copied().unwrap_or(0);
-        return Some(format!("{documents} documents, {deleted} deleted"));
-    }
-    let rows: u64 = counts.values().sum();
-    Some(format!("{} tables, {rows} rows", counts.len()))
 }

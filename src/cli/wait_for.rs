@@ -6,9 +6,8 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 
 use super::Settings;
-use crate::config::{self, SourceUrl};
-use crate::engine::couchdb::Client as CouchClient;
-use crate::engine::postgres::Connection;
+use crate::config::{self, SourceKind, SourceUrl};
+use crate::engine::{self, Engine, EngineOptions};
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage;
 
@@ -96,8 +95,7 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
 }
 
 enum Probe {
-    Postgres(Connection),
-    Couchdb(CouchClient, String),
+    Database(Box<dyn Engine>, &'static str),
     S3(String, storage::S3Options),
 }
 
@@ -105,19 +103,18 @@ impl Probe {
     async fn new(settings: &Settings, options: &Options) -> Result<Probe> {
         Ok(match options.service {
             Service::Postgres | Service::Couchdb => {
-                let mut url = SourceUrl::parse(&options.url)?;
-                let source = match options.service {
-                    Service::Postgres => "postgres",
-                    _ => "couchdb",
+                let (kind, source) = match options.service {
+                    Service::Postgres => (SourceKind::Postgres, "postgres"),
+                    _ => (SourceKind::Couchdb, "couchdb"),
                 };
+                let mut url = SourceUrl::parse(&options.url)?;
                 url.fill_password_from_env(source);
-                match options.service {
-                    Service::Postgres => Probe::Postgres(Connection::new(url)?),
-                    _ => {
-                        let shown = url.redacted();
-                        Probe::Couchdb(CouchClient::new(&url)?.without_retries(), shown)
-                    }
-                }
+                let engine_options = EngineOptions {
+                    // One attempt per probe: this loop retries, and logs each attempt.
+                    single_attempt: true,
+                    ..settings.engine_options()
+                };
+                Probe::Database(engine::connect(kind, url, &engine_options)?, source)
             }
             Service::S3 => {
                 if !options.url.starts_with("s3://") && !options.url.starts_with("file://") {
@@ -133,16 +130,14 @@ impl Probe {
 
     fn name(&self) -> &'static str {
         match self {
-            Probe::Postgres(_) => "postgres",
-            Probe::Couchdb(..) => "couchdb",
+            Probe::Database(_, name) => name,
             Probe::S3(..) => "s3",
         }
     }
 
     fn target(&self) -> String {
         match self {
-            Probe::Postgres(c) => c.redacted(),
-            Probe::Couchdb(_, shown) => shown.clone(),
+            Probe::Database(engine, _) => engine.target(),
             Probe::S3(url, _) => url.clone(),
         }
     }
@@ -150,38 +145,13 @@ impl Probe {
     fn failure_kind(&self) -> ErrorKind {
         match self {
             Probe::S3(..) => ErrorKind::Storage,
-            _ => ErrorKind::Database,
+            Probe::Database(..) => ErrorKind::Database,
         }
     }
 
     async fn attempt(&self) -> Result<String> {
         match self {
-            Probe::Postgres(connection) => {
-                let client = connection
-                    .connect(&connection.maintenance_database())
-                    .await?;
-                let row = client
-                    .query_one("SELECT current_setting('server_version')", &[])
-                    .await
-                    .map_err(|e| {
-                        Error::with_source(ErrorKind::Database, "the test query failed", e)
-                    })?;
-                let version: String = row.get(0);
-                Ok(format!("PostgreSQL {version}"))
-            }
-            Probe::Couchdb(client, _) => {
-                let welcome = client
-                    // "" is the base URL itself: a path prefix (a proxy's /couchdb/) is kept.
-                    .json(reqwest::Method::GET, "", None, "the welcome page")
-                    .await?;
-                Ok(format!(
-                    "CouchDB-compatible {}",
-                    welcome
-                        .get("version")
-                        .and_then(|v| v.as_str())
-                        .unwrap_or("(unknown version)")
-                ))
-            }
+            Probe::Database(engine, _) => engine.probe().await,
             Probe::S3(url, options) => {
                 let store = storage::open(url, options).await?;
                 store.check().await?;

@@ -1,24 +1,153 @@
-//! Database engines: one folder per kind. Each provides preflight (fail before any upload if
-//! the server, the credentials or the tools are wrong), backup (one part object per database,
-//! plus what the server holds outside databases), and restore.
+//! Database engines: one folder per kind, each behind the [`Engine`] contract, found through
+//! [`connect`], the registry. Commands never name an engine: `ops/` and `cli/` hold a
+//! `Box<dyn Engine>` and the manifest's parts.
 //!
-//! # Contract every engine keeps
-//! - A backup writes its parts through [`crate::pipeline::store_stream`] and returns the parts
-//!   for the manifest; it never writes the manifest itself (the caller commits last).
-//! - A part is only reported once its producer is known to have succeeded.
-//! - Restore reads parts through [`crate::pipeline::read_verified`] and makes nothing permanent
-//!   before that returned `Ok`; a target that already holds data is refused unless forced.
-//! - No password is passed on a child process's command line.
+//! # Contract
+//!
+//! Every engine MUST behave as follows (the integration tests drive each through the binary):
+//!
+//! - **`probe`** makes one real request (a query, `GET /`) and says what answered. It does not
+//!   retry: `wait-for` has the retry loop. A missing password or a bad URL is
+//!   [`ErrorKind::Usage`]; an unreachable server or rejected credentials are
+//!   [`ErrorKind::Database`].
+//! - **`plan_backup`** is the preflight: everything that can fail before an upload starts
+//!   (connect, credentials, tool versions, the selection) fails here, and it writes nothing
+//!   anywhere, so the caller takes the source's lock only after it succeeded. A `--database`
+//!   that does not exist is [`ErrorKind::NotFound`]; a server with no databases is an empty
+//!   plan ([`Selection::check_planned`]).
+//! - **[`BackupPlan::run`]** writes one part object per database (plus what the server holds
+//!   outside databases) through [`crate::pipeline::store_stream`] and returns the parts for the
+//!   manifest. It never writes the manifest: the caller commits last. A part is reported only
+//!   once its producer is known to have succeeded. On any failure it returns `Err` with child
+//!   processes killed and the open upload aborted; parts already stored are the caller's to
+//!   delete. On cancellation (`ctx.cancel`) it stops as soon as it can and returns `Err`.
+//! - **`restore`** reads parts through [`crate::pipeline::read_verified`] and makes nothing
+//!   permanent before that returned `Ok` for the part. A target that already holds data is
+//!   refused with [`ErrorKind::TargetNotEmpty`] before anything is written, unless
+//!   `request.force`. A database it created for a restore that then failed is removed again.
+//!   Options it does not support (`--table` on CouchDB) are [`ErrorKind::Usage`].
+//! - **`count_in_scratch`** restores one part into a new scratch database of the given name,
+//!   counts what the backup recorded in [`Part::counts`] (same keys), and removes the scratch
+//!   database again whatever happened.
+//! - No password is passed on a child process's command line, nor printed.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{Manifest, Part, SourcePath};
+use crate::catalog::{BackupId, Compression, Manifest, Part, SourcePath};
+use crate::config::{SourceKind, SourceUrl};
 use crate::error::{Error, Result};
 use crate::pipeline::PipelineOptions;
 use crate::storage::ObjectStore;
 
 pub mod couchdb;
 pub mod postgres;
+
+/// Settings an engine may need beyond its URL.
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    /// Directory of the PostgreSQL client tools.
+    pub pg_bin_dir: Option<PathBuf>,
+    /// One attempt per request (`wait-for`, which retries on its own).
+    pub single_attempt: bool,
+}
+
+/// The registry: the one place that knows which engine serves which kind of source.
+pub fn connect(
+    kind: SourceKind,
+    url: SourceUrl,
+    options: &EngineOptions,
+) -> Result<Box<dyn Engine>> {
+    Ok(match kind {
+        SourceKind::Postgres => Box::new(postgres::PostgresEngine::new(url, options)?),
+        SourceKind::Couchdb => Box::new(couchdb::CouchEngine::new(url, options)?),
+    })
+}
+
+/// What a part held, in words, from the counts recorded at backup time (for `show`).
+pub fn describe_part(kind: SourceKind, part: &Part) -> Option<String> {
+    match kind {
+        SourceKind::Postgres => postgres::describe_part(part),
+        SourceKind::Couchdb => couchdb::describe_part(part),
+    }
+}
+
+/// One kind of database server, reached through one URL. See the module's contract.
+#[async_trait]
+pub trait Engine: Send + Sync {
+    /// The server, safe to print.
+    fn target(&self) -> String;
+
+    /// One request that proves the server answers; returns what answered ("PostgreSQL 15.4").
+    async fn probe(&self) -> Result<String>;
+
+    /// The preflight of a backup.
+    async fn plan_backup(&self, selection: &Selection) -> Result<Box<dyn BackupPlan>>;
+
+    /// Restore the parts of `manifest` that `request` selects.
+    async fn restore(
+        &self,
+        ctx: &RestoreContext<'_>,
+        manifest: &Manifest,
+        request: &RestoreRequest,
+    ) -> Result<RestoreSummary>;
+
+    /// The manifest kind of the parts that are databases (what `verify --deep` restores).
+    fn database_kind(&self) -> &'static str;
+
+    /// Restore `part` into the new database `scratch`, count it, and remove it again.
+    async fn count_in_scratch(
+        &self,
+        ctx: &RestoreContext<'_>,
+        manifest: &Manifest,
+        part: &Part,
+        scratch: &str,
+    ) -> Result<BTreeMap<String, u64>>;
+}
+
+/// A backup whose preflight passed.
+#[async_trait]
+pub trait BackupPlan: Send {
+    /// How many databases the backup will hold.
+    fn databases(&self) -> usize;
+
+    /// Dump everything planned into parts of backup `id`.
+    async fn run(self: Box<Self>, ctx: &BackupContext<'_>, id: &BackupId) -> Result<BackupOutcome>;
+}
+
+/// What a backup wrote, for the manifest.
+pub struct BackupOutcome {
+    pub server_version: String,
+    pub tool_version: String,
+    pub parts: Vec<Part>,
+}
+
+/// What to restore, and how.
+#[derive(Debug, Clone)]
+pub struct RestoreRequest {
+    /// Databases to restore, each under a name; empty means all, under their own names.
+    pub databases: Vec<DatabaseMapping>,
+    /// `schema.table`: only these tables of the one database (PostgreSQL).
+    pub tables: Vec<String>,
+    /// Also roles and tablespaces, first (PostgreSQL).
+    pub globals: bool,
+    /// Write into targets that already hold data.
+    pub force: bool,
+    /// Upper bound of one write request (CouchDB `_bulk_docs`).
+    pub batch_bytes: usize,
+}
+
+/// What a restore did, for its closing log line.
+#[derive(Debug, Default)]
+pub struct RestoreSummary {
+    pub databases: Vec<String>,
+    pub raw_bytes: u64,
+    /// Engine-specific facts for the log line ("2003 revisions", "with globals").
+    pub detail: Vec<(String, u64)>,
+}
 
 /// What every engine needs to write a backup.
 pub struct BackupContext<'a> {
@@ -30,11 +159,27 @@ pub struct BackupContext<'a> {
     pub show_progress: bool,
 }
 
+impl BackupContext<'_> {
+    /// How the pipeline compresses, as every part's manifest entry records it.
+    pub fn compression(&self) -> Compression {
+        Compression {
+            algorithm: "zstd".into(),
+            level: self.pipeline.compression_level,
+        }
+    }
+
+    /// The object name of the `index`-th database (from 0): `db-0001.<extension>.zst`. Names
+    /// carry no database name, which may hold any character.
+    pub fn database_part_name(index: usize, extension: &str) -> String {
+        format!("db-{:04}.{extension}.zst", index + 1)
+    }
+}
+
 /// What every engine needs to restore.
 pub struct RestoreContext<'a> {
     pub store: &'a dyn ObjectStore,
     pub path: SourcePath,
-    pub backup_id: crate::catalog::BackupId,
+    pub backup_id: BackupId,
     pub cancel: CancellationToken,
     pub show_progress: bool,
 }

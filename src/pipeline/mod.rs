@@ -6,7 +6,8 @@
 //!
 //! Backpressure is the bounded channel: when uploads are slow the sink blocks, zstd stops
 //! reading, and the dump tool blocks on its stdout pipe. Peak memory is therefore set by the
-//! configuration ([`PipelineOptions::memory_bound`]), never by the size of the database.
+//! configuration (about `(upload_concurrency + 1) × part_size` plus the channels between the
+//! stages), never by the size of the database.
 
 use std::io::{self, Read, Write};
 
@@ -65,13 +66,6 @@ fn default_compression_threads() -> u32 {
 const ZSTD_JOB_SIZE: u32 = 2 << 20;
 
 impl PipelineOptions {
-    /// Upper bound of the bytes the pipeline buffers for the first 1,000 parts: the parts in
-    /// flight, the one being filled, and the channel between the stages (zstd's own window
-    /// and, per worker thread, a few MiB of job buffers come on top).
-    pub fn memory_bound(&self) -> u64 {
-        (self.upload_concurrency as u64 + 1) * self.part_size + (CHANNEL_DEPTH * CHUNK_SIZE) as u64
-    }
-
     pub fn validate(&self) -> Result<()> {
         if !(1..=22).contains(&self.compression_level) {
             return Err(Error::usage(format!(

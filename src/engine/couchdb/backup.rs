@@ -20,8 +20,8 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::{Client, DATABASE_KIND, FORMAT};
-use crate::catalog::{BackupId, Compression, Part};
-use crate::engine::{BackupContext, Selection};
+use crate::catalog::{BackupId, Part};
+use crate::engine::{BackupContext, BackupOutcome, Selection};
 use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline;
 use crate::progress::{human_bytes, ProgressLine};
@@ -41,11 +41,6 @@ pub struct CouchBackup {
 pub struct Plan {
     pub server_version: String,
     pub databases: Vec<String>,
-}
-
-pub struct BackupOutcome {
-    pub server_version: String,
-    pub parts: Vec<Part>,
 }
 
 /// What the exporter hands to the compressor. The stream is whole only after `Done`.
@@ -115,15 +110,12 @@ impl CouchBackup {
         // CouchDB reports no size that predicts the export's length (attachments are inlined as
         // base64, revisions repeated), so the bar counts without a total.
         let line = ProgressLine::start("backing up", ctx.show_progress, None);
-        let compression = Compression {
-            algorithm: "zstd".into(),
-            level: ctx.pipeline.compression_level,
-        };
+        let compression = ctx.compression();
         let mut parts = Vec::with_capacity(plan.databases.len());
         for (index, database) in plan.databases.iter().enumerate() {
             let started = Instant::now();
             line.progress().set_label(database);
-            let key_name = format!("db-{:04}.ndjson.zst", index + 1);
+            let key_name = BackupContext::database_part_name(index, "ndjson");
             let key = ctx.path.object_key(id, &key_name);
             let (tx, mut rx) = mpsc::channel::<Result<Chunk>>(pipeline::CHANNEL_DEPTH);
             let exporter = tokio::spawn(export_database(
@@ -204,6 +196,7 @@ impl CouchBackup {
         line.finish().await;
         Ok(BackupOutcome {
             server_version: plan.server_version,
+            tool_version: format!("kura {} (CouchDB HTTP API)", env!("CARGO_PKG_VERSION")),
             parts,
         })
     }

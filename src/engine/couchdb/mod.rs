@@ -22,7 +22,10 @@ use crate::config::{Secret, SourceUrl};
 use crate::error::{Error, ErrorKind, Result};
 
 pub mod backup;
+mod engine;
 pub mod restore;
+
+pub use engine::{describe_part, CouchEngine};
 
 /// Part object kind in the manifest.
 pub const DATABASE_KIND: &str = "couchdb.database";

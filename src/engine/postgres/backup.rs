@@ -8,7 +8,7 @@ use std::time::Instant;
 use super::preflight::{self, DatabaseProps, ServerInfo};
 use super::{Connection, Tools, DATABASE_KIND, GLOBALS_KIND};
 use crate::catalog::{BackupId, Compression, Part};
-use crate::engine::{BackupContext, Selection};
+use crate::engine::{BackupContext, BackupOutcome, Selection};
 use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline::{self, Stored};
 use crate::process::ChildProcess;
@@ -18,13 +18,6 @@ pub struct PostgresBackup {
     pub connection: Connection,
     pub selection: Selection,
     pub bin_dir: Option<PathBuf>,
-}
-
-/// What the parts were taken from, for the manifest.
-pub struct BackupOutcome {
-    pub server_version: String,
-    pub tool_version: String,
-    pub parts: Vec<Part>,
 }
 
 /// Checked before anything is uploaded: the server answers, the tools fit, the selection exists.
@@ -79,10 +72,7 @@ impl PostgresBackup {
         // On-disk size, a fair estimate of the dump: indexes are not dumped, but TOAST is compressed.
         let total = databases.iter().map(|d| d.size_bytes.max(0) as u64).sum();
         let line = ProgressLine::start("backing up", ctx.show_progress, Some(total));
-        let compression = Compression {
-            algorithm: "zstd".into(),
-            level: ctx.pipeline.compression_level,
-        };
+        let compression = ctx.compression();
         let mut parts = Vec::with_capacity(databases.len() + 1);
 
         let mut globals = self
@@ -124,7 +114,7 @@ impl PostgresBackup {
             // compression is off because zstd does it better and faster downstream.
             dump.args(["--format=custom", "--compress=0", "--no-password"]);
             dump.arg(format!("--snapshot={}", snapshot.id));
-            let name = format!("db-{:04}.pgdump.zst", index + 1);
+            let name = BackupContext::database_part_name(index, "pgdump");
             // Rows are counted in pg_dump's own snapshot while it runs, so `verify --deep` can
             // compare a restore with exactly what was dumped. The exporting transaction stays
             // open until pg_dump is done: its snapshot must outlive pg_dump's import of it.

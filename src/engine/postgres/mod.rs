@@ -17,8 +17,11 @@ use crate::config::SourceUrl;
 use crate::error::{Error, ErrorKind, Result};
 
 pub mod backup;
+mod engine;
 pub mod preflight;
 pub mod restore;
+
+pub use engine::{describe_part, PostgresEngine};
 
 /// Part object kinds in the manifest.
 pub const GLOBALS_KIND: &str = "postgres.globals";

@@ -1,0 +1,230 @@
+//! Verify a backup: every part's size, SHA-256 and zstd stream; with an engine (`--deep`),
+//! each database restored into a scratch database, counted against what the backup
+//! recorded, and removed again.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::{Manifest, Part, SourcePath};
+use crate::engine::{Engine, RestoreContext};
+use crate::error::{Error, ErrorKind, Result};
+use crate::pipeline;
+use crate::progress::{human_bytes, Progress, ProgressLine};
+use crate::storage::ObjectStore;
+
+pub struct VerifyJob<'a> {
+    pub store: &'a dyn ObjectStore,
+    pub path: SourcePath,
+    pub manifest: &'a Manifest,
+    /// The server for `--deep`'s scratch databases; `None` checks the parts only.
+    pub deep: Option<&'a dyn Engine>,
+    pub cancel: CancellationToken,
+    pub show_progress: bool,
+}
+
+pub async fn verify(job: &VerifyJob<'_>) -> Result<()> {
+    let VerifyJob {
+        store,
+        path,
+        manifest,
+        ..
+    } = job;
+    let source = &path.source;
+    tracing::info!(
+        source = %source,
+        backup_id = %manifest.backup_id,
+        parts = manifest.parts.len(),
+        "verifying backup {} of {}: {} parts, {}",
+        manifest.backup_id,
+        source,
+        manifest.parts.len(),
+        human_bytes(manifest.stored_bytes())
+    );
+
+    let mut bad = Vec::new();
+    let line = ProgressLine::start(
+        "verifying",
+        job.show_progress,
+        Some(manifest.stored_bytes()),
+    );
+    for part in &manifest.parts {
+        let key = path.object_key(&manifest.id()?, &part.key);
+        line.progress().set_label(&part.name);
+        match check_part(&job.cancel, *store, &key, part, line.progress()).await {
+            Ok(raw) => tracing::info!(
+                part = %part.key,
+                name = %part.name,
+                stored_bytes = part.stored_bytes,
+                raw_bytes = raw,
+                "part {} ({}) is intact: {} stored, SHA-256 matches, {} decompressed",
+                part.key,
+                part.name,
+                human_bytes(part.stored_bytes),
+                human_bytes(raw)
+            ),
+            Err(err) if err.kind() == ErrorKind::Interrupted || job.cancel.is_cancelled() => {
+                return Err(Error::interrupted())
+            }
+            Err(err) if matches!(err.kind(), ErrorKind::Integrity | ErrorKind::NotFound) => {
+                tracing::error!(part = %part.key, error_kind = "integrity", "{}", err.chain());
+                bad.push(err.to_string());
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    drop(line);
+    if !bad.is_empty() {
+        return Err(Error::integrity(format!(
+            "backup {} of {}/{} is damaged: {} of {} parts failed verification: {}. Restore from another backup (`kura list {}`)",
+            manifest.backup_id,
+            path.tenant,
+            path.source,
+            bad.len(),
+            manifest.parts.len(),
+            bad.join("; "),
+            path.source
+        )));
+    }
+    if let Some(engine) = job.deep {
+        deep(job, engine).await?;
+    }
+    tracing::info!(
+        source = %source,
+        backup_id = %manifest.backup_id,
+        deep = job.deep.is_some(),
+        "backup {} of {} verified{}",
+        manifest.backup_id,
+        source,
+        if job.deep.is_some() { " (restored and counted)" } else { "" }
+    );
+    Ok(())
+}
+
+/// Read the part to the end; returns its decompressed length.
+async fn check_part(
+    cancel: &CancellationToken,
+    store: &dyn ObjectStore,
+    key: &str,
+    part: &Part,
+    progress: Progress,
+) -> Result<u64> {
+    let raw = pipeline::read_verified(
+        store,
+        key,
+        &part.digest(),
+        Some(progress),
+        cancel,
+        |reader: &mut dyn Read| {
+            std::io::copy(reader, &mut std::io::sink())
+                .map_err(|e| Error::with_source(ErrorKind::Integrity, "decompressing", e))
+        },
+    )
+    .await
+    .map_err(|e| match e.kind() {
+        ErrorKind::NotFound => Error::integrity(format!(
+            "part {key} is missing from storage (the manifest lists it)"
+        )),
+        _ => e,
+    })?;
+    if raw != part.raw_bytes {
+        return Err(Error::integrity(format!(
+            "part {key} decompresses to {raw} bytes, but the manifest recorded {}",
+            part.raw_bytes
+        )));
+    }
+    Ok(raw)
+}
+
+async fn deep(job: &VerifyJob<'_>, engine: &dyn Engine) -> Result<()> {
+    let manifest = job.manifest;
+    let ctx = RestoreContext {
+        store: job.store,
+        path: job.path.clone(),
+        backup_id: manifest.id()?,
+        cancel: job.cancel.clone(),
+        show_progress: job.show_progress,
+    };
+    let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let mut mismatches = Vec::new();
+    let databases = manifest
+        .parts
+        .iter()
+        .filter(|p| p.kind == engine.database_kind());
+    for (index, part) in databases.enumerate() {
+        let scratch = format!("kura_verify_{tag}_{}", index + 1);
+        tracing::info!(database = %part.name, scratch = %scratch, "restoring {:?} into scratch database {scratch}", part.name);
+        let counted = engine
+            .count_in_scratch(&ctx, manifest, part, &scratch)
+            .await?;
+        let Some(recorded) = &part.counts else {
+            tracing::warn!(database = %part.name, "this backup recorded no counts (made by an older kura): the restore succeeded, nothing to compare");
+            continue;
+        };
+        let differences = compare(recorded, &counted);
+        if differences.is_empty() {
+            tracing::info!(
+                database = %part.name,
+                compared = recorded.len(),
+                "database {:?} restores completely: {} counts match",
+                part.name,
+                recorded.len()
+            );
+        } else {
+            tracing::error!(database = %part.name, "{}", differences.join("; "));
+            mismatches.push(format!("{:?}: {}", part.name, differences.join("; ")));
+        }
+    }
+    if mismatches.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::integrity(format!(
+            "backup {} restores, but not to what was backed up: {}",
+            manifest.backup_id,
+            mismatches.join(" | ")
+        )))
+    }
+}
+
+/// Differences between recorded and restored counts; a count only one side has is compared
+/// only when the backup recorded it (servers differ in what they report).
+fn compare(recorded: &BTreeMap<String, u64>, restored: &BTreeMap<String, u64>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, expected) in recorded {
+        match restored.get(name) {
+            Some(actual) if actual == expected => {}
+            Some(actual) => out.push(format!("{name}: backed up {expected}, restored {actual}")),
+            None if name == "deleted_documents" => {}
+            None => out.push(format!(
+                "{name}: backed up {expected}, missing after restore"
+            )),
+        }
+    }
+    for name in restored.keys().filter(|n| !recorded.contains_key(*n)) {
+        out.push(format!("{name}: restored but not in the backup's counts"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_compare_by_name() {
+        let recorded: BTreeMap<String, u64> =
+            [("public.a".into(), 3), ("public.b".into(), 0)].into();
+        assert!(compare(&recorded, &recorded.clone()).is_empty());
+        let mut restored = recorded.clone();
+        restored.insert("public.a".into(), 2);
+        restored.remove("public.b");
+        let diff = compare(&recorded, &restored);
+        assert_eq!(diff.len(), 2, "{diff:?}");
+        assert!(diff[0].contains("backed up 3, restored 2"));
+        let couch: BTreeMap<String, u64> =
+            [("documents".into(), 5), ("deleted_documents".into(), 1)].into();
+        let pouch: BTreeMap<String, u64> = [("documents".into(), 5)].into();
+        assert!(compare(&couch, &pouch).is_empty());
+    }
+}
