@@ -25,7 +25,9 @@ pub mod prune;
 pub const MANIFEST_NAME: &str = "manifest.json";
 pub const MANIFEST_FORMAT: &str = "kura-backup-manifest";
 /// Bump when a reader of the previous version would misread a new manifest.
-pub const MANIFEST_VERSION: u32 = 1;
+/// 2: CouchDB parts stream attachments after their document (`kura-couchdb-ndjson-v2`).
+/// Manifests of version 1 are still read, and their parts restored.
+pub const MANIFEST_VERSION: u32 = 2;
 
 /// `20261128T020304Z-a1b2c3`: UTC time to the second, then a suffix of the millisecond and
 /// random bits so two runs in the same second never collide. Lexical order is time order.

@@ -30,7 +30,9 @@ pub use engine::{describe_part, CouchEngine};
 /// Part object kind in the manifest.
 pub const DATABASE_KIND: &str = "couchdb.database";
 /// Format of the raw bytes: one JSON object per line (header, then document revisions).
-pub const FORMAT: &str = "kura-couchdb-ndjson-v1";
+pub const FORMAT: &str = "kura-couchdb-ndjson-v2";
+/// The format before attachments were streamed: their bytes inline, base64, in the document.
+pub const FORMAT_V1: &str = "kura-couchdb-ndjson-v1";
 
 /// Attempts per request, including the first, for 429, 5xx, timeouts and connection errors.
 const MAX_ATTEMPTS: u32 = 6;
@@ -249,20 +251,8 @@ impl Client {
                     ))
                 }
             };
-            let mut request = self.http.request(method.clone(), url.clone());
-            match (&cookie, &self.user, &self.password) {
-                (Some(cookie), _, _) => {
-                    let mut value = HeaderValue::from_str(cookie)
-                        .map_err(|_| Error::failed("the server sent an unusable cookie"))?;
-                    // Keeps it out of any debug output of the HTTP stack.
-                    value.set_sensitive(true);
-                    request = request.header(COOKIE, value)
-                }
-                (None, Some(user), password) => {
-                    request = request.basic_auth(user, password.as_ref().map(|p| p.expose()))
-                }
-                _ => {}
-            }
+            let mut request =
+                self.authorize(self.http.request(method.clone(), url.clone()), &cookie)?;
             if let Some(body) = &body {
                 request = request
                     .header(CONTENT_TYPE, "application/json")
@@ -311,6 +301,65 @@ impl Client {
                 (_, Err(e)) => return Err(self.transport_error(&format!("{method} {path}"), e)),
             }
         }
+    }
+
+    /// The session cookie when there is one, else basic authentication.
+    fn authorize(
+        &self,
+        request: reqwest::RequestBuilder,
+        cookie: &Option<String>,
+    ) -> Result<reqwest::RequestBuilder> {
+        Ok(match (cookie, &self.user, &self.password) {
+            (Some(cookie), _, _) => {
+                let mut value = HeaderValue::from_str(cookie)
+                    .map_err(|_| Error::failed("the server sent an unusable cookie"))?;
+                // Keeps it out of any debug output of the HTTP stack.
+                value.set_sensitive(true);
+                request.header(COOKIE, value)
+            }
+            (None, Some(user), password) => {
+                request.basic_auth(user, password.as_ref().map(|p| p.expose()))
+            }
+            _ => request,
+        })
+    }
+
+    /// One request whose body is streamed (an attachment, never held whole). A stream cannot
+    /// be sent twice, so this is not retried: a failure fails the restore, which removes what
+    /// it created, and a new run starts over.
+    pub async fn request_streamed(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: reqwest::Body,
+    ) -> Result<reqwest::Response> {
+        let url = self
+            .base
+            .join(path)
+            .map_err(|e| Error::failed(format!("bad CouchDB path {path:?}: {e}")))?;
+        let cookie = match self.session_cookie(false).await {
+            Ok(cookie) => cookie,
+            Err(Login::Rejected) => return Err(self.auth_error()),
+            Err(Login::Transport(e)) => return Err(self.transport_error("logging in", e)),
+            Err(Login::Unavailable(status)) => {
+                return Err(Error::new(
+                    ErrorKind::Database,
+                    format!("CouchDB {} answered HTTP {status} to the login", self.shown),
+                ))
+            }
+        };
+        let response = self
+            .authorize(self.http.request(method.clone(), url), &cookie)?
+            .header(CONTENT_TYPE, content_type)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.transport_error(&format!("{method} {path}"), e))?;
+        if response.status() == StatusCode::UNAUTHORIZED {
+            return Err(self.auth_error());
+        }
+        Ok(response)
     }
 
     /// A JSON request that must succeed (2xx); other answers become errors naming `what`.

@@ -17,6 +17,9 @@ use bytes::Bytes;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Map, Value};
 
+use base64::Engine as _;
+
+use super::backup::PART_VERSION;
 use super::{Client, DATABASE_KIND};
 use crate::catalog::{Manifest, Part};
 use crate::engine::{select_parts, DatabaseMapping, RestoreContext};
@@ -220,6 +223,8 @@ struct RawDoc {
     id: String,
     rev: Option<String>,
     json: String,
+    /// Format 2: the attachments' bytes follow in `{"data": …}` lines.
+    attachments_follow: bool,
 }
 
 impl RawDoc {
@@ -229,6 +234,7 @@ impl RawDoc {
         struct Line<'a> {
             #[serde(borrow)]
             doc: &'a serde_json::value::RawValue,
+            attachments: Option<&'a str>,
         }
         #[derive(serde::Deserialize)]
         struct Head {
@@ -243,6 +249,7 @@ impl RawDoc {
             id: head.id,
             rev: head.rev,
             json: line.doc.get().to_string(),
+            attachments_follow: line.attachments == Some("follow"),
         })
     }
 }
@@ -340,6 +347,8 @@ impl Writer {
         let mut design = Batch::default();
         let mut design_docs = Vec::new();
         let mut revisions = 0u64;
+        let mut design_last = false;
+        let mut data_done = false;
         loop {
             line.clear();
             if reader.read_until(b'\n', &mut line)? == 0 {
@@ -357,6 +366,16 @@ impl Writer {
                     return Err(Error::integrity(
                         "the part does not start with a kura CouchDB header",
                     ));
+                }
+                match value["version"].as_u64() {
+                    Some(1) => {}
+                    Some(PART_VERSION) => design_last = true,
+                    other => {
+                        return Err(Error::usage(format!(
+                            "the backup of {:?} is CouchDB part version {other:?}, newer than this kura reads (1, {PART_VERSION}): use a newer kura",
+                            self.db
+                        )))
+                    }
                 }
                 // Before any document: CouchDB trims each restored history to the limit in
                 // force when it is written.
@@ -376,7 +395,21 @@ impl Writer {
             let doc = RawDoc::parse(&line).map_err(malformed)?;
             revisions += 1;
             if doc.id.starts_with("_design/") {
-                design_docs.push(doc);
+                if !design_last {
+                    // Format 1 mixed them into the data: they wait for the end.
+                    design_docs.push(doc);
+                    continue;
+                }
+                if !data_done {
+                    // Format 2 writes them last: the data is all sent once the first arrives.
+                    self.write_batch(std::mem::take(&mut batch.docs))?;
+                    batch.bytes = 0;
+                    self.drain()?;
+                    data_done = true;
+                }
+            }
+            if doc.attachments_follow {
+                self.write_with_attachments(doc, &mut reader)?;
                 continue;
             }
             if let Some(full) = batch.add(doc, self.batch_bytes) {
@@ -461,6 +494,98 @@ impl Writer {
         Ok(())
     }
 
+    /// One revision whose attachments follow in the part: `PUT …?new_edits=false` with a
+    /// `multipart/related` body that streams each attachment from the part as it is read, so
+    /// no attachment is ever held whole. (CouchDB's replicator writes attachments the same
+    /// way; pouchdb-server parses the body as form data, hence the Content-Disposition
+    /// headers, which CouchDB ignores.)
+    fn write_with_attachments(&mut self, doc: RawDoc, reader: &mut dyn BufRead) -> Result<()> {
+        let malformed = |what: String| {
+            Error::integrity(format!("the backup of {:?} is damaged: {what}", self.db))
+        };
+        let mut value: Value = serde_json::from_str(&doc.json)
+            .map_err(|e| malformed(format!("document {:?}: {e}", doc.id)))?;
+        let mut lengths = Vec::new();
+        for (name, stub) in value["_attachments"].as_object_mut().into_iter().flatten() {
+            let length = stub["length"].as_u64().ok_or_else(|| {
+                malformed(format!("attachment {name:?} of {:?} has no length", doc.id))
+            })?;
+            if let Some(stub) = stub.as_object_mut() {
+                stub.remove("stub");
+                stub.remove("digest");
+                stub.insert("follows".into(), Value::Bool(true));
+            }
+            lengths.push((name.clone(), length));
+        }
+        let write = !self.force || !self.missing_only(vec![doc])?.is_empty();
+        if !write {
+            // The target has this revision: read past its attachments.
+            for (name, length) in &lengths {
+                read_attachment(reader, *length, name, &mut |_| Ok(()))?;
+            }
+            return Ok(());
+        }
+        let id = value["_id"].as_str().unwrap_or_default().to_string();
+        let boundary = format!("kura-{:016x}", rand::random::<u64>());
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+        let body = reqwest::Body::wrap_stream(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        }));
+        let path = doc_path(&self.db, &id) + "?new_edits=false";
+        let client = Arc::clone(&self.client);
+        let content_type = format!("multipart/related; boundary=\"{boundary}\"");
+        let put = self.handle.spawn(async move {
+            let response = client
+                .request_streamed(Method::PUT, &path, &content_type, body)
+                .await?;
+            let status = response.status();
+            let answer: Value = response.json().await.unwrap_or(Value::Null);
+            if !status.is_success() || answer.get("error").is_some() {
+                return Err(Error::failed(format!(
+                    "CouchDB {} rejected document {id:?} with its attachments: HTTP {status}: {} {}",
+                    client.redacted(),
+                    answer["error"].as_str().unwrap_or(""),
+                    answer["reason"].as_str().unwrap_or("")
+                )));
+            }
+            Ok(())
+        });
+        let send = |bytes: Bytes| {
+            tx.blocking_send(Ok(bytes))
+                .map_err(|_| Error::failed("the attachment upload stopped"))
+        };
+        let fed = (|| {
+            send(Bytes::from(format!(
+                "--{boundary}\r\nContent-Type: application/json\r\nContent-Disposition: form-data; name=\"document\"\r\n\r\n{value}\r\n"
+            )))?;
+            for (name, length) in &lengths {
+                let content_type = value["_attachments"][name]["content_type"]
+                    .as_str()
+                    .unwrap_or("application/octet-stream");
+                let filename = name.replace(['"', '\r', '\n'], "_");
+                send(Bytes::from(format!(
+                    "--{boundary}\r\nContent-Type: {content_type}\r\nContent-Disposition: attachment; filename=\"{filename}\"\r\n\r\n"
+                )))?;
+                read_attachment(reader, *length, name, &mut |bytes| send(bytes))?;
+                send(Bytes::from_static(b"\r\n"))?;
+            }
+            send(Bytes::from(format!("--{boundary}--\r\n")))
+        })();
+        if fed.is_err() {
+            // Abort the request instead of ending it: a body cut short must never look like a
+            // complete one to the server.
+            let _ = tx.blocking_send(Err(std::io::Error::other("the restore stopped")));
+        }
+        drop(tx);
+        let put = self
+            .handle
+            .block_on(put)
+            .map_err(|e| Error::failed(format!("a CouchDB write task failed: {e}")))?;
+        // The server's answer explains a stopped upload better than the broken channel.
+        put?;
+        fed
+    }
+
     /// Keep only the revisions the target lacks (`_revs_diff`), for `--force` restores.
     fn missing_only(&self, docs: Vec<RawDoc>) -> Result<Vec<RawDoc>> {
         let mut asked: Map<String, Value> = Map::new();
@@ -486,6 +611,58 @@ impl Writer {
             })
             .collect())
     }
+}
+
+/// `/{db}/{doc}`, with `_design/` kept literal.
+fn doc_path(db: &str, id: &str) -> String {
+    let encode = |text: &str| {
+        percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
+    };
+    match id.strip_prefix("_design/") {
+        Some(rest) => Client::db_path(db, &format!("_design/{}", encode(rest))),
+        None => Client::db_path(db, &encode(id)),
+    }
+}
+
+/// Read `length` bytes of one attachment from its `{"data": "<base64>"}` lines, handing each
+/// decoded line to `sink`.
+fn read_attachment(
+    reader: &mut dyn BufRead,
+    length: u64,
+    name: &str,
+    sink: &mut dyn FnMut(Bytes) -> Result<()>,
+) -> Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Data<'a> {
+        #[serde(borrow)]
+        data: std::borrow::Cow<'a, str>,
+    }
+    let mut remaining = length;
+    let mut line = Vec::new();
+    while remaining > 0 {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            return Err(Error::integrity(format!(
+                "the backup ends inside attachment {name:?} ({remaining} of {length} bytes missing)"
+            )));
+        }
+        let data: Data = serde_json::from_slice(&line).map_err(|e| {
+            Error::integrity(format!(
+                "attachment {name:?}: a line that is not attachment data: {e}"
+            ))
+        })?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(data.data.as_bytes())
+            .map_err(|e| Error::integrity(format!("attachment {name:?}: bad base64: {e}")))?;
+        if bytes.len() as u64 > remaining {
+            return Err(Error::integrity(format!(
+                "attachment {name:?} holds more bytes than its length {length}"
+            )));
+        }
+        remaining -= bytes.len() as u64;
+        sink(Bytes::from(bytes))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
