@@ -244,6 +244,8 @@ pub struct FileConfig {
     pub storage: Option<String>,
     pub tenant: Option<String>,
     pub log_format: Option<String>,
+    /// Directory of pg_dump, pg_restore and psql (`--pg-bin-dir`).
+    pub pg_bin_dir: Option<PathBuf>,
     #[serde(default)]
     pub s3: S3File,
     #[serde(default)]
@@ -571,6 +573,12 @@ mod tests {
     fn config_file_rejects_unknown_keys() {
         let err = toml::from_str::<FileConfig>("storge = 's3://x'").unwrap_err();
         assert!(err.message().contains("storge"));
+        let with_tools: FileConfig =
+            toml::from_str("pg_bin_dir = '/usr/lib/postgresql/17/bin'").unwrap();
+        assert_eq!(
+            with_tools.pg_bin_dir.as_deref(),
+            Some(Path::new("/usr/lib/postgresql/17/bin"))
+        );
         let ok: FileConfig = toml::from_str(
             "storage = 'file:///tmp/x'\n[sources.main]\nkind = 'postgres'\nurl = 'postgres://u@h/db'\n",
         )

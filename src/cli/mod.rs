@@ -270,7 +270,7 @@ impl Settings {
             },
             pipeline,
             sources,
-            pg_bin_dir: args.pg_bin_dir.clone(),
+            pg_bin_dir: args.pg_bin_dir.clone().or(file.pg_bin_dir.clone()),
             retention: file.retention,
             cancel: CancellationToken::new(),
         })

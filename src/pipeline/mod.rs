@@ -63,7 +63,7 @@ fn default_compression_threads() -> u32 {
 }
 
 /// zstd's multi-threaded job size: small jobs keep each worker's buffers to a few MiB.
-const ZSTD_JOB_SIZE: u32 = 2 << 20;
+const ZSTD_JOB_SIZE: u32 = 512 << 10;
 
 impl PipelineOptions {
     pub fn validate(&self) -> Result<()> {

@@ -420,8 +420,8 @@ fn first_generation_only(revs: &[String], mut doc: Value) -> Option<Value> {
     Some(doc)
 }
 
-/// Fetch the given revisions (with history) and write them; revisions with attachments are
-/// fetched again one at a time with their bytes inline.
+/// Fetch the given revisions (with history and attachment stubs) and write them; each
+/// attachment's bytes follow its document, streamed (see [`export_attachments`]).
 async fn export_revisions(
     client: &Client,
     db: &str,
@@ -432,7 +432,6 @@ async fn export_revisions(
     if wanted.is_empty() {
         return Ok(());
     }
-    let mut with_attachments = Vec::new();
     // A few requests in flight keep the server busy while kura writes; answers are written
     // as they arrive, in order, so a backup of the same data is the same bytes.
     let mut chunks = wanted.chunks(BULK_GET_CHUNK);
@@ -446,28 +445,19 @@ async fn export_revisions(
             answers.push_back(bulk_get(client, db, chunk, false));
         }
         for doc in docs.docs {
+            stats.revisions += 1;
             if doc["_attachments"]
                 .as_object()
                 .is_some_and(|a| !a.is_empty())
             {
-                with_attachments.push(json!({"id": doc["_id"], "rev": doc["_rev"]}));
+                // The document with its stubs, then each attachment's bytes as they arrive.
+                send_line(tx, &json!({ "doc": doc, "attachments": "follow" })).await?;
+                stats.attachment_bytes += export_attachments(client, db, &doc, tx).await?;
             } else {
-                stats.revisions += 1;
                 send_line(tx, &json!({ "doc": doc })).await?;
             }
         }
         stats.skipped_revisions += docs.gone;
-    }
-    // Documents with attachments one at a time: the document with its stubs, then each
-    // attachment's bytes as they arrive, in lines of ATTACHMENT_CHUNK bytes.
-    for wanted in with_attachments {
-        let docs = bulk_get(client, db, std::slice::from_ref(&wanted), false).await?;
-        stats.skipped_revisions += docs.gone;
-        for doc in docs.docs {
-            send_line(tx, &json!({ "doc": doc, "attachments": "follow" })).await?;
-            stats.attachment_bytes += export_attachments(client, db, &doc, tx).await?;
-            stats.revisions += 1;
-        }
     }
     Ok(())
 }
