@@ -143,7 +143,7 @@ impl ChunkSink {
     fn send(&mut self, message: Message) -> io::Result<()> {
         self.tx
             .blocking_send(message)
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, UPLOAD_STOPPED))
+            .map_err(|_| upload_stopped_io())
     }
 
     fn send_buffer(&mut self) -> io::Result<()> {
@@ -166,13 +166,42 @@ impl ChunkSink {
     }
 }
 
-/// The message a producer sees when the uploader has gone away; the uploader's own error is
-/// the one to report.
-pub const UPLOAD_STOPPED: &str = "the upload stopped";
+/// What a producer sees when the uploader has gone away: the uploader's own error is the one
+/// to report. A type, so the decision never depends on message text.
+#[derive(Debug, thiserror::Error)]
+#[error("the upload stopped")]
+pub struct UploadStopped;
+
+/// [`UploadStopped`] as the I/O error a producer's writes fail with.
+pub fn upload_stopped_io() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, UploadStopped)
+}
+
+/// Whether an I/O error is [`upload_stopped_io`], as it comes out of zstd or a copy.
+pub fn is_upload_stopped_io(err: &io::Error) -> bool {
+    err.get_ref()
+        .is_some_and(|inner| inner.is::<UploadStopped>())
+}
+
+impl Error {
+    pub fn upload_stopped() -> Error {
+        Error::with_source(ErrorKind::Storage, "the upload stopped", UploadStopped)
+    }
+}
 
 /// Whether a producer failed only because the uploader went away (however it was wrapped).
 pub fn is_upload_stopped(err: &Error) -> bool {
-    err.chain().contains(UPLOAD_STOPPED)
+    let mut next: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+    while let Some(cause) = next {
+        let io_stopped = cause
+            .downcast_ref::<io::Error>()
+            .is_some_and(is_upload_stopped_io);
+        if cause.is::<UploadStopped>() || io_stopped {
+            return true;
+        }
+        next = cause.source();
+    }
+    false
 }
 
 impl Write for ChunkSink {
@@ -248,8 +277,8 @@ where
     let compression = options.clone();
     let compress = tokio::task::spawn_blocking(move || -> Result<(u64, Digested)> {
         let io_error = |e: io::Error| {
-            if e.to_string() == UPLOAD_STOPPED {
-                Error::new(ErrorKind::Storage, UPLOAD_STOPPED)
+            if is_upload_stopped_io(&e) {
+                Error::upload_stopped()
             } else {
                 Error::with_source(ErrorKind::Failed, "compressing", e)
             }
@@ -511,6 +540,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn upload_stopped_is_recognised_by_type_however_wrapped() {
+        assert!(is_upload_stopped_io(&upload_stopped_io()));
+        assert!(!is_upload_stopped_io(&io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            "the upload stopped"
+        )));
+        let wrapped = Error::with_source(ErrorKind::Failed, "compressing", upload_stopped_io())
+            .context("backing up db1");
+        assert!(is_upload_stopped(&wrapped));
+        assert!(is_upload_stopped(&Error::upload_stopped()));
+        // The same words in a message are not the condition.
+        assert!(!is_upload_stopped(&Error::failed("the upload stopped")));
+    }
+
+    #[test]
     fn sink_hashes_counts_and_chunks() {
         let (tx, mut rx) = mpsc::channel(64);
         let handle = std::thread::spawn(move || {
@@ -542,7 +586,7 @@ mod tests {
         drop(rx);
         let mut sink = ChunkSink::new(tx);
         let err = sink.write_all(&vec![0u8; CHUNK_SIZE]).unwrap_err();
-        assert_eq!(err.to_string(), UPLOAD_STOPPED);
+        assert!(is_upload_stopped_io(&err), "{err}");
     }
 
     #[test]

@@ -229,7 +229,12 @@ async fn export_database(
             let _ = tx.send(Ok(Chunk::Done)).await;
         }
         Err(e) => {
-            let _ = tx.send(Err(Error::new(e.kind(), e.to_string()))).await;
+            // The compressor reports this copy; the original stays with the caller.
+            let copy = match pipeline::is_upload_stopped(e) {
+                true => Error::upload_stopped(),
+                false => Error::new(e.kind(), e.to_string()),
+            };
+            let _ = tx.send(Err(copy)).await;
         }
     }
     result
@@ -240,7 +245,7 @@ async fn send_line(tx: &mpsc::Sender<Result<Chunk>>, value: &Value) -> Result<()
     line.push(b'\n');
     tx.send(Ok(Chunk::Data(Bytes::from(line))))
         .await
-        .map_err(|_| Error::new(ErrorKind::Storage, pipeline::UPLOAD_STOPPED))
+        .map_err(|_| Error::upload_stopped())
 }
 
 async fn export_into(

@@ -199,8 +199,8 @@ impl PostgresBackup {
                 // says why; a copy error is ours: compression failed, or the upload stopped.
                 if let Err(e) = copied {
                     child.kill();
-                    if e.to_string() == pipeline::UPLOAD_STOPPED {
-                        return Err(Error::new(ErrorKind::Storage, pipeline::UPLOAD_STOPPED));
+                    if pipeline::is_upload_stopped_io(&e) {
+                        return Err(Error::upload_stopped());
                     }
                     return Err(Error::with_source(
                         ErrorKind::Failed,
