@@ -475,7 +475,7 @@ pub fn report_parse_error(err: clap::Error) -> i32 {
     // them look required (`kura show --log-format <LOG_FORMAT> <SOURCE> …`); the command's
     // own usage line does not.
     let usage = clean_usage();
-    if requested_log_format(std::env::args()) != Some(LogFormat::Json) {
+    if requested_log_format(lossy_args()) != Some(LogFormat::Json) {
         let text: Vec<String> = rendered
             .lines()
             .map(|line| match (&usage, line.starts_with("Usage: ")) {
@@ -527,7 +527,7 @@ fn clean_usage() -> Option<String> {
     use clap::CommandFactory;
     let mut command = Cli::command();
     command.build();
-    let named = std::env::args()
+    let named = lossy_args()
         .skip(1)
         .find(|arg| command.get_subcommands().any(|s| s.get_name() == arg));
     let usage = match named {
@@ -535,6 +535,12 @@ fn clean_usage() -> Option<String> {
         None => command.render_usage(),
     };
     Some(usage.to_string().trim().to_string())
+}
+
+/// The command line as text; an argument that is not UTF-8 (which clap reports as a usage
+/// error) must not panic here.
+fn lossy_args() -> impl Iterator<Item = String> {
+    std::env::args_os().map(|a| a.to_string_lossy().into_owned())
 }
 
 /// `--log-format X`, `--log-format=X`, else `KURA_LOG_FORMAT`.

@@ -134,13 +134,25 @@ async fn commit_backup(job: &BackupJob<'_>, plan: Box<dyn BackupPlan>) -> Result
 /// command either way; this only saves the space before prune's grace period would.
 async fn discard(store: &dyn ObjectStore, path: &SourcePath, id: &BackupId) {
     let prefix = path.backup_prefix(id);
-    let keys = match store.list(&prefix).await {
+    let mut keys = match store.list(&prefix).await {
         Ok(objects) => objects.into_iter().map(|o| o.key).collect::<Vec<_>>(),
         Err(e) => {
             tracing::warn!(error = %e.chain(), "could not list the parts of the failed backup; prune will remove them");
             return;
         }
     };
+    // A manifest that landed although its PUT reported failure goes first, alone, as prune
+    // does: a partial delete must never leave a complete-looking backup with parts missing.
+    let manifest = path.manifest_key(id);
+    if keys.contains(&manifest) {
+        match store.delete(std::slice::from_ref(&manifest)).await {
+            Ok(refused) if refused.is_empty() => keys.retain(|k| *k != manifest),
+            _ => {
+                tracing::error!(manifest = %manifest, "could not delete the manifest of a failed backup: delete it by hand, or the backup looks complete");
+                return;
+            }
+        }
+    }
     if let Err(e) = store
         .delete(&keys)
         .await

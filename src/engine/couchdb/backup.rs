@@ -336,6 +336,8 @@ async fn export_into(
             if id.starts_with("_design/") {
                 // Design documents go last, so a restore writes them after the data (a
                 // validate_doc_update must not judge restored documents) without holding them.
+                // Only the id and leaf revisions wait: the bodies are fetched again then.
+                change["doc"].take();
                 design_later.push(change);
                 continue;
             }
@@ -450,15 +452,20 @@ async fn export_revisions(
             answers.push_back(bulk_get(client, db, chunk, false));
         }
         for doc in docs.docs {
-            stats.revisions += 1;
             if doc["_attachments"]
                 .as_object()
                 .is_some_and(|a| !a.is_empty())
             {
                 // The document with its stubs, then each attachment's bytes as they arrive.
-                send_line(tx, &json!({ "doc": doc, "attachments": "follow" })).await?;
-                stats.attachment_bytes += export_attachments(client, db, &doc, tx).await?;
+                match export_attachments(client, db, &doc, tx).await? {
+                    Some(bytes) => {
+                        stats.attachment_bytes += bytes;
+                        stats.revisions += 1;
+                    }
+                    None => stats.skipped_revisions += 1,
+                }
             } else {
+                stats.revisions += 1;
                 send_line(tx, &json!({ "doc": doc })).await?;
             }
         }
@@ -470,22 +477,44 @@ async fn export_revisions(
 /// Raw bytes of an attachment per NDJSON line (base64 makes it a third longer).
 const ATTACHMENT_CHUNK: usize = 256 * 1024;
 
-/// Stream every attachment of `doc` (in the order of its `_attachments` object) into the
-/// part as `{"data": "<base64>"}` lines; returns the bytes written. The stubs' lengths say
-/// where one attachment ends, so restore needs no other marker.
+/// Write `doc`'s line, then stream every attachment (in the order of its `_attachments`
+/// object) into the part as `{"data": "<base64>"}` lines; returns the bytes written. The
+/// stubs' lengths say where one attachment ends, so restore needs no other marker.
+///
+/// `None`: the revision was replaced and compacted away after `_changes` listed it (its first
+/// attachment is gone); nothing was written, and its successor comes later in the feed.
 async fn export_attachments(
     client: &Client,
     db: &str,
     doc: &Value,
     tx: &mpsc::Sender<Result<Chunk>>,
-) -> Result<u64> {
+) -> Result<Option<u64>> {
     let id = doc["_id"].as_str().unwrap_or_default();
     let rev = doc["_rev"].as_str().unwrap_or_default();
     let mut total = 0;
+    let mut started = false;
     for (name, stub) in doc["_attachments"].as_object().into_iter().flatten() {
-        let expected = stub["length"].as_u64();
+        // Restore needs every length to find where an attachment ends.
+        let expected = stub["length"].as_u64().ok_or_else(|| {
+            Error::failed(format!(
+                "CouchDB listed attachment {name:?} of document {id:?} in {db:?} without its length"
+            ))
+        })?;
         let path = attachment_path(db, id, name, rev);
         let mut response = client.request(Method::GET, &path, None).await?;
+        if response.status() == reqwest::StatusCode::NOT_FOUND && !started {
+            tracing::warn!(
+                database = db,
+                id,
+                rev,
+                "a revision disappeared during the backup; its successor is backed up instead"
+            );
+            return Ok(None);
+        }
+        if !started {
+            send_line(tx, &json!({ "doc": doc, "attachments": "follow" })).await?;
+            started = true;
+        }
         if !response.status().is_success() {
             return Err(Error::failed(format!(
                 "reading attachment {name:?} of document {id:?} (rev {rev}) in {db:?}: HTTP {}",
@@ -519,15 +548,14 @@ async fn export_attachments(
                 break;
             }
         }
-        if expected.is_some_and(|length| length != written) {
+        if expected != written {
             return Err(Error::failed(format!(
-                "attachment {name:?} of document {id:?} in {db:?} is {written} bytes, but its stub says {}: was the document compacted during the backup? Run the backup again",
-                expected.unwrap_or_default()
+                "attachment {name:?} of document {id:?} in {db:?} is {written} bytes, but its stub says {expected}: was the document compacted during the backup? Run the backup again"
             )));
         }
         total += written;
     }
-    Ok(total)
+    Ok(Some(total))
 }
 
 /// `/{db}/{doc}/{attachment}?rev=…`, each part percent-encoded; `_design/` stays literal and

@@ -332,6 +332,7 @@ impl Client {
         method: Method,
         path: &str,
         content_type: &str,
+        length: u64,
         body: reqwest::Body,
     ) -> Result<reqwest::Response> {
         let url = self
@@ -352,6 +353,7 @@ impl Client {
         let response = self
             .authorize(self.http.request(method.clone(), url), &cookie)?
             .header(CONTENT_TYPE, content_type)
+            .header(reqwest::header::CONTENT_LENGTH, length)
             .body(body)
             .send()
             .await

@@ -527,6 +527,7 @@ impl Writer {
         }
         let id = value["_id"].as_str().unwrap_or_default().to_string();
         let boundary = format!("kura-{:016x}", rand::random::<u64>());
+        let framing = Framing::new(&boundary, &value, &lengths);
         let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
         let body = reqwest::Body::wrap_stream(futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
@@ -534,9 +535,10 @@ impl Writer {
         let path = doc_path(&self.db, &id) + "?new_edits=false";
         let client = Arc::clone(&self.client);
         let content_type = format!("multipart/related; boundary=\"{boundary}\"");
+        let length = framing.length;
         let put = self.handle.spawn(async move {
             let response = client
-                .request_streamed(Method::PUT, &path, &content_type, body)
+                .request_streamed(Method::PUT, &path, &content_type, length, body)
                 .await?;
             let status = response.status();
             let answer: Value = response.json().await.unwrap_or(Value::Null);
@@ -552,24 +554,17 @@ impl Writer {
         });
         let send = |bytes: Bytes| {
             tx.blocking_send(Ok(bytes))
-                .map_err(|_| Error::failed("the attachment upload stopped"))
+                .map_err(|_| Error::upload_stopped())
         };
         let fed = (|| {
-            send(Bytes::from(format!(
-                "--{boundary}\r\nContent-Type: application/json\r\nContent-Disposition: form-data; name=\"document\"\r\n\r\n{value}\r\n"
-            )))?;
-            for (name, length) in &lengths {
-                let content_type = value["_attachments"][name]["content_type"]
-                    .as_str()
-                    .unwrap_or("application/octet-stream");
-                let filename = name.replace(['"', '\r', '\n'], "_");
-                send(Bytes::from(format!(
-                    "--{boundary}\r\nContent-Type: {content_type}\r\nContent-Disposition: attachment; filename=\"{filename}\"\r\n\r\n"
-                )))?;
-                read_attachment(reader, *length, name, &mut |bytes| send(bytes))?;
-                send(Bytes::from_static(b"\r\n"))?;
+            for (head, attachment) in &framing.parts {
+                send(head.clone())?;
+                if let Some((name, length)) = attachment {
+                    read_attachment(reader, *length, name, &mut |bytes| send(bytes))?;
+                    send(Bytes::from_static(b"\r\n"))?;
+                }
             }
-            send(Bytes::from(format!("--{boundary}--\r\n")))
+            send(framing.end.clone())
         })();
         if fed.is_err() {
             // Abort the request instead of ending it: a body cut short must never look like a
@@ -581,9 +576,14 @@ impl Writer {
             .handle
             .block_on(put)
             .map_err(|e| Error::failed(format!("a CouchDB write task failed: {e}")))?;
-        // The server's answer explains a stopped upload better than the broken channel.
-        put?;
-        fed
+        match fed {
+            // The server stopped reading: its answer says why.
+            Err(e) if crate::pipeline::is_upload_stopped(&e) => put.and(Err(e)),
+            // The part itself failed (damaged, truncated): that is the cause, not the
+            // request kura aborted because of it.
+            Err(e) => Err(e),
+            Ok(()) => put,
+        }
     }
 
     /// Keep only the revisions the target lacks (`_revs_diff`), for `--force` restores.
@@ -610,6 +610,51 @@ impl Writer {
                     .is_some_and(|m| m.iter().any(|r| r == rev)),
             })
             .collect())
+    }
+}
+
+/// The `multipart/related` body of one document and its attachments, but for the attachment
+/// bytes, which stream from the part. Every length is known up front, so the request carries a
+/// Content-Length: CouchDB before 3.2 does not read chunked multipart uploads.
+struct Framing {
+    /// Each part's headers (the document's with its JSON), and the attachment that follows.
+    parts: Vec<(Bytes, Option<(String, u64)>)>,
+    end: Bytes,
+    length: u64,
+}
+
+impl Framing {
+    fn new(boundary: &str, doc: &Value, attachments: &[(String, u64)]) -> Framing {
+        // Header values come from the backup: no CR/LF may end a header early.
+        let header_safe = |text: &str| text.replace(['"', '\r', '\n'], "_");
+        let mut parts = vec![(
+            Bytes::from(format!(
+                "--{boundary}\r\nContent-Type: application/json\r\nContent-Disposition: form-data; name=\"document\"\r\n\r\n{doc}\r\n"
+            )),
+            None,
+        )];
+        for (name, length) in attachments {
+            let content_type = doc["_attachments"][name]["content_type"]
+                .as_str()
+                .map(header_safe)
+                .unwrap_or_else(|| "application/octet-stream".into());
+            parts.push((
+                Bytes::from(format!(
+                    "--{boundary}\r\nContent-Type: {content_type}\r\nContent-Disposition: attachment; filename=\"{}\"\r\n\r\n",
+                    header_safe(name)
+                )),
+                Some((name.clone(), *length)),
+            ));
+        }
+        let end = Bytes::from(format!("--{boundary}--\r\n"));
+        let length = parts
+            .iter()
+            .map(|(head, attachment)| {
+                head.len() as u64 + attachment.as_ref().map_or(0, |(_, n)| n + 2)
+            })
+            .sum::<u64>()
+            + end.len() as u64;
+        Framing { parts, end, length }
     }
 }
 
