@@ -308,6 +308,23 @@ fn restoring_a_table_the_backup_lacks_names_it_and_creates_nothing() {
         "the refused restore created the target database"
     );
 
+    // Tables of two schemas in one run would make pg_restore pick the cross product.
+    let mut restore = kura();
+    with(&mut restore);
+    let mixed = run(restore.args([
+        "restore",
+        "postgres",
+        "latest",
+        "--database",
+        &format!("{db}:{target}"),
+        "--table",
+        "public.orders",
+        "--table",
+        "sales.orders",
+    ]));
+    let message = assert_exit(&mixed, 2, "usage");
+    assert!(message.contains("one schema per run"), "{message}");
+
     // A view has no row count in the manifest; the archive's table of contents knows it.
     let mut restore = kura();
     with(&mut restore);

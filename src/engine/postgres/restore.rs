@@ -90,6 +90,17 @@ impl PostgresRestore {
                 "--table needs exactly one --database: name the database the tables belong to",
             ));
         }
+        // pg_restore selects by schema and by table name separately: `-n a -n b -t x -t y`
+        // would also restore (and with --force drop) a.y and b.x.
+        let mut schemas: Vec<&str> = tables.iter().map(|(schema, _)| schema.as_str()).collect();
+        schemas.sort();
+        schemas.dedup();
+        if schemas.len() > 1 {
+            return Err(Error::usage(format!(
+                "--table names tables of several schemas ({}): restore the tables of one schema per run, since pg_restore would also pick same-named tables of the other schemas",
+                schemas.join(", ")
+            )));
+        }
 
         if !tables.is_empty() {
             check_tables_in_backup(ctx, manifest, steps[0].part, &tools, &tables).await?;
