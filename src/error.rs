@@ -5,6 +5,7 @@
 //! kept as `source` so `main` can print the whole chain in one log line.
 
 use std::fmt;
+use std::sync::Arc;
 
 /// What class of failure this is. The classes are the contract of kura's exit codes: a
 /// Kubernetes Job's `podFailurePolicy` can act on them (e.g. never retry a usage error).
@@ -64,12 +65,20 @@ impl ErrorKind {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
-#[derive(Debug, thiserror::Error)]
+/// Cloning keeps the kind, the message and the cause chain, so an error that must be reported
+/// on two paths (the stage that failed and the stage it stopped) crosses threads intact
+/// instead of as text.
+#[derive(Debug, Clone)]
 pub struct Error {
     kind: ErrorKind,
     message: String,
-    #[source]
-    source: Option<BoxError>,
+    source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as _)
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -97,7 +106,7 @@ impl Error {
         Error {
             kind,
             message: message.into(),
-            source: Some(source.into()),
+            source: Some(Arc::from(source.into())),
         }
     }
 

@@ -13,6 +13,7 @@ pub mod pipeline;
 pub mod process;
 pub mod progress;
 pub mod retention;
+pub mod retry;
 pub mod storage;
 
 pub use error::{Error, ErrorKind, Result};

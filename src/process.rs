@@ -146,16 +146,56 @@ impl ChildProcess {
         if status.success() {
             Ok(stderr)
         } else {
-            Err(Error::new(
+            let failure = ToolFailure {
+                tool: self.name.clone(),
+                status: describe_status(status),
+                stderr,
+            };
+            Err(Error::with_source(
                 ErrorKind::Failed,
-                format!(
-                    "{} failed ({}): {}",
-                    self.name,
-                    describe_status(status),
-                    summarize_stderr(&stderr)
-                ),
+                failure.to_string(),
+                failure,
             ))
         }
+    }
+}
+
+/// A child that exited with a bad status, kept as data (not only as a message) so a caller
+/// can decide on what the tool reported, e.g. the SQLSTATE of psql's error.
+#[derive(Debug, thiserror::Error)]
+#[error("{tool} failed ({status}): {}", summarize_stderr(.stderr))]
+pub struct ToolFailure {
+    pub tool: String,
+    pub status: String,
+    pub stderr: String,
+}
+
+impl ToolFailure {
+    /// The [`ToolFailure`] anywhere in `err`'s chain of causes.
+    pub fn find(err: &Error) -> Option<&ToolFailure> {
+        let mut next: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+        while let Some(cause) = next {
+            if let Some(failure) = cause.downcast_ref::<ToolFailure>() {
+                return Some(failure);
+            }
+            next = cause.source();
+        }
+        None
+    }
+
+    /// The SQLSTATE of the first error psql reported. psql prints it when run with
+    /// `VERBOSITY=verbose` (`ERROR:  42704: role "x" does not exist`); the severity word and
+    /// the message are translated by the server's `lc_messages`, the five-character code never is.
+    pub fn sqlstate(&self) -> Option<&str> {
+        self.stderr.lines().find_map(|line| {
+            let (_, rest) = line.split_once(":  ")?;
+            let (code, _) = rest.split_once(": ")?;
+            let is_sqlstate = code.len() == 5
+                && code
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase());
+            is_sqlstate.then_some(code)
+        })
     }
 }
 
@@ -218,6 +258,43 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "fake-dump failed (exit status 3): pg_dump: error: boom"
+        );
+    }
+
+    #[test]
+    fn the_sqlstate_of_a_verbose_psql_error_is_read_whatever_the_language() {
+        let failure = |stderr: &str| ToolFailure {
+            tool: "psql".into(),
+            status: "exit status 3".into(),
+            stderr: stderr.into(),
+        };
+        let english = failure(
+            "psql:<stdin>:12: ERROR:  42704: role \"app\" does not exist\nLOCATION:  get_role_oid, acl.c:5201\n",
+        );
+        assert_eq!(english.sqlstate(), Some("42704"));
+        let german = failure("FEHLER:  42704: Rolle »app« existiert nicht\n");
+        assert_eq!(german.sqlstate(), Some("42704"));
+        assert_eq!(
+            failure("ERROR:  role \"app\" does not exist").sqlstate(),
+            None
+        );
+        assert_eq!(
+            failure("pg_restore: error: input file is too short").sqlstate(),
+            None
+        );
+
+        let mut command = Command::new("sh");
+        command.args(["-c", "echo 'ERROR:  23505: duplicate key' >&2; exit 3"]);
+        let err = ChildProcess::spawn(command, "psql", false, false)
+            .unwrap()
+            .wait_success()
+            .unwrap_err()
+            .context("restoring database x");
+        let found = ToolFailure::find(&err).expect("kept as the cause");
+        assert_eq!(found.sqlstate(), Some("23505"));
+        assert_eq!(
+            err.chain(),
+            "restoring database x: psql failed (exit status 3): ERROR:  23505: duplicate key"
         );
     }
 

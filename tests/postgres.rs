@@ -674,3 +674,114 @@ async fn sigterm_mid_backup_aborts_and_commits_nothing() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// psql stops at `ALTER TABLE … OWNER TO` a role the target lacks; kura recognises that by
+/// its SQLSTATE (not the translated message) and says to add --globals.
+#[test]
+fn a_missing_role_is_named_with_the_way_out() {
+    let url = require!("KURA_TEST_PG_URL");
+    let db = unique("orphan");
+    let role = unique("kura_gone");
+    create_database(&url, &db, "");
+    psql(
+        &url,
+        &db,
+        &format!("CREATE ROLE {role}; CREATE TABLE t (v int); ALTER TABLE t OWNER TO {role};"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let id = backup(file_storage(dir.path()), &url, &["--database", &db]);
+    psql(
+        &url,
+        &db,
+        &format!("REASSIGN OWNED BY {role} TO postgres; DROP OWNED BY {role}; DROP ROLE {role};"),
+    );
+
+    let copy = format!("{db}_copy");
+    let failed = restore(
+        file_storage(dir.path()),
+        &id,
+        &url,
+        &["--database", &format!("{db}:{copy}")],
+    );
+    assert_eq!(failed.code, 1, "{}", failed.all());
+    let message = failed.error_line()["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains(&role) && message.contains("add --globals"),
+        "{message}"
+    );
+    assert_eq!(
+        psql(
+            &url,
+            "postgres",
+            &format!("SELECT count(*) FROM pg_database WHERE datname = '{copy}'")
+        ),
+        "0",
+        "the database created for the restore is dropped again"
+    );
+}
+
+/// The last statements of a restore script can run for a long time with nothing flowing
+/// through the pipes (an index build). A SIGTERM then still stops the restore at once, and
+/// the target is left as it was.
+#[tokio::test]
+async fn sigterm_while_an_index_builds_rolls_the_restore_back() {
+    let url = require!("KURA_TEST_PG_URL");
+    let db = unique("slowidx");
+    create_database(&url, &db, "");
+    // An index whose expression sleeps 1 ms per row, except in the session that fills the
+    // table: restoring it takes 20 s or more.
+    psql(
+        &url,
+        &db,
+        "CREATE FUNCTION slow(v int) RETURNS int IMMUTABLE LANGUAGE plpgsql AS $$ BEGIN \
+           IF coalesce(current_setting('kura_test.fast', true), '') <> 'on' THEN PERFORM pg_sleep(0.001); END IF; \
+           RETURN v; END $$; \
+         CREATE TABLE t (v int); SET kura_test.fast = 'on'; \
+         INSERT INTO t SELECT generate_series(1, 20000); CREATE INDEX t_slow ON t (slow(v));",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let id = backup(file_storage(dir.path()), &url, &["--database", &db]);
+
+    let copy = format!("{db}_copy");
+    let mut command = kura();
+    file_storage(dir.path())(&mut command);
+    let child = command
+        .args(["restore", "postgres", &id, "--to", &url])
+        .args(["--database", &format!("{db}:{copy}")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let building = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{copy}' AND query LIKE 'CREATE INDEX%'"
+    );
+    let started = std::time::Instant::now();
+    while psql(&url, "postgres", &building) != "1" {
+        assert!(
+            started.elapsed().as_secs() < 20,
+            "the index build never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let signalled = std::time::Instant::now();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let result = Run::from_output(child.wait_with_output().unwrap());
+    let took = signalled.elapsed();
+    assert_eq!(result.code, 130, "{}", result.all());
+    assert_eq!(result.error_line()["error_kind"], "interrupted");
+    assert!(took.as_secs() < 10, "kura took {took:?} to stop");
+    assert_eq!(
+        psql(
+            &url,
+            "postgres",
+            &format!("SELECT count(*) FROM pg_database WHERE datname = '{copy}'")
+        ),
+        "0",
+        "the half-restored database is gone"
+    );
+}

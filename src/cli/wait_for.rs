@@ -9,6 +9,7 @@ use super::Settings;
 use crate::config::{self, SourceKind, SourceUrl};
 use crate::engine::{self, Engine, EngineOptions};
 use crate::error::{Error, ErrorKind, Result};
+use crate::retry::RetryPolicy;
 use crate::storage;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -32,8 +33,6 @@ pub struct Options {
     pub timeout: String,
 }
 
-const FIRST_DELAY: Duration = Duration::from_millis(250);
-const MAX_DELAY: Duration = Duration::from_secs(5);
 /// One attempt may not eat the whole budget on a black-holed connection.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -41,7 +40,7 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
     let timeout = config::parse_duration(&options.timeout)?;
     let probe = Probe::new(settings, options).await?;
     let started = Instant::now();
-    let mut delay = FIRST_DELAY;
+    let retry = RetryPolicy::PROBE;
     for attempt in 1.. {
         let outcome = match tokio::time::timeout(ATTEMPT_TIMEOUT, probe.attempt()).await {
             Ok(outcome) => outcome,
@@ -66,7 +65,8 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
             Err(err) => err,
         };
         let elapsed = started.elapsed();
-        if elapsed + delay > timeout {
+        let delay = retry.delay(attempt);
+        if elapsed + delay > timeout || !retry.allows_another(attempt) {
             return Err(Error::new(
                 probe.failure_kind(),
                 format!(
@@ -89,7 +89,6 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
             _ = tokio::time::sleep(delay) => {}
             _ = settings.cancel.cancelled() => return Err(Error::interrupted()),
         }
-        delay = (delay * 2).min(MAX_DELAY);
     }
     unreachable!("the loop returns")
 }

@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{Region, RequestChecksumCalculation, ResponseChecksumValidation};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
@@ -30,11 +29,8 @@ use super::{
     PendingUpload, Refused, S3Options,
 };
 use crate::error::{Error, ErrorKind, Result};
+use crate::retry::RetryPolicy;
 
-/// Attempts per request, including the first. The SDK's standard mode retries only transient
-/// failures (5xx, throttling, timeouts, connection errors) with exponential backoff and full
-/// jitter; 4xx answers such as AccessDenied fail at once.
-const MAX_ATTEMPTS: u32 = 6;
 /// S3 accepts at most this many keys per DeleteObjects request.
 const DELETE_BATCH: usize = 1000;
 
@@ -63,12 +59,9 @@ impl S3Store {
             .force_path_style(options.path_style)
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
-            .retry_config(
-                RetryConfig::standard()
-                    .with_max_attempts(MAX_ATTEMPTS)
-                    .with_initial_backoff(Duration::from_millis(200))
-                    .with_max_backoff(Duration::from_secs(20)),
-            )
+            // The SDK's standard mode retries only transient failures (5xx, throttling,
+            // timeouts, connection errors); 4xx answers such as AccessDenied fail at once.
+            .retry_config(RetryPolicy::REQUESTS.for_aws_sdk())
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(10))
@@ -258,10 +251,20 @@ impl S3Store {
             (_, Some("NoSuchKey" | "NotFound"), _) | (_, None, Some(404)) => {
                 (ErrorKind::NotFound, "no such object".to_string())
             }
-            (_, Some("InvalidAccessKeyId" | "SignatureDoesNotMatch" | "AccessDenied"), _)
-            | (_, _, Some(401 | 403)) => (
+            // Who refused decides the advice: a key the store does not know or a signature
+            // it cannot check is a credentials problem; AccessDenied is a known key without
+            // the permission. A HEAD answer has no body, so its bare 403 could be either.
+            (_, Some("InvalidAccessKeyId" | "SignatureDoesNotMatch"), _) | (_, None, Some(401)) => (
                 ErrorKind::Storage,
-                "the object store rejected the credentials: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (ICOS HMAC keys) and the bucket's access policy".to_string(),
+                "the object store rejected the credentials: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (ICOS HMAC keys)".to_string(),
+            ),
+            (_, Some("AccessDenied"), _) => (
+                ErrorKind::Storage,
+                "the credentials were accepted but lack the permission for this request (AccessDenied): check the bucket's access policy and the key's role (backup and prune need Writer, restore and verify Reader)".to_string(),
+            ),
+            (_, None, Some(403)) => (
+                ErrorKind::Storage,
+                "the object store rejected the credentials or does not allow this request: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (ICOS HMAC keys) and the bucket's access policy".to_string(),
             ),
             _ => (
                 ErrorKind::Storage,

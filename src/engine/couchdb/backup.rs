@@ -230,11 +230,7 @@ async fn export_database(
         }
         Err(e) => {
             // The compressor reports this copy; the original stays with the caller.
-            let copy = match pipeline::is_upload_stopped(e) {
-                true => Error::upload_stopped(),
-                false => Error::new(e.kind(), e.to_string()),
-            };
-            let _ = tx.send(Err(copy)).await;
+            let _ = tx.send(Err(e.clone())).await;
         }
     }
     result

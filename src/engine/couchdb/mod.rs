@@ -20,6 +20,7 @@ use url::Url;
 
 use crate::config::{Secret, SourceUrl};
 use crate::error::{Error, ErrorKind, Result};
+use crate::retry::RetryPolicy;
 
 pub mod backup;
 mod engine;
@@ -34,8 +35,6 @@ pub const FORMAT: &str = "kura-couchdb-ndjson-v2";
 /// The format before attachments were streamed: their bytes inline, base64, in the document.
 pub const FORMAT_V1: &str = "kura-couchdb-ndjson-v1";
 
-/// Attempts per request, including the first, for 429, 5xx, timeouts and connection errors.
-const MAX_ATTEMPTS: u32 = 6;
 /// CouchDB's default session timeout is 10 minutes; renew well before.
 const SESSION_RENEWAL: Duration = Duration::from_secs(240);
 
@@ -54,8 +53,8 @@ pub struct Client {
     password: Option<Secret>,
     session: Mutex<Option<(String, Instant)>>,
     use_session: Mutex<bool>,
-    /// Attempts per request including the first; see [`Client::without_retries`].
-    max_attempts: u32,
+    /// For 429, 5xx, timeouts and connection errors; see [`Client::without_retries`].
+    retry: RetryPolicy,
 }
 
 impl std::fmt::Debug for Client {
@@ -98,14 +97,14 @@ impl Client {
             password: url.password().cloned(),
             session: Mutex::new(None),
             use_session: Mutex::new(true),
-            max_attempts: MAX_ATTEMPTS,
+            retry: RetryPolicy::REQUESTS,
         })
     }
 
     /// One attempt per request: for callers with a retry loop of their own (`wait-for`),
     /// where hidden retries would only delay and blur each attempt's outcome.
     pub fn without_retries(mut self) -> Self {
-        self.max_attempts = 1;
+        self.retry = self.retry.single_attempt();
         self
     }
 
@@ -233,11 +232,11 @@ impl Client {
             let cookie = match self.session_cookie(false).await {
                 Ok(cookie) => cookie,
                 Err(Login::Rejected) => return Err(self.auth_error()),
-                Err(failure) if attempt < self.max_attempts => {
+                Err(failure) if self.retry.allows_another(attempt) => {
                     if let Login::Transport(e) = &failure {
                         tracing::debug!(error = %e, attempt, "logging in to CouchDB failed; retrying");
                     }
-                    tokio::time::sleep(jittered_backoff(attempt)).await;
+                    tokio::time::sleep(self.retry.delay(attempt)).await;
                     continue;
                 }
                 Err(Login::Transport(e)) => return Err(self.transport_error("logging in", e)),
@@ -246,7 +245,7 @@ impl Client {
                         ErrorKind::Database,
                         format!(
                             "CouchDB {} answered HTTP {status} to the login, {} times",
-                            self.shown, self.max_attempts
+                            self.shown, self.retry.max_attempts
                         ),
                     ))
                 }
@@ -291,8 +290,8 @@ impl Client {
                 Err(_) => None,
             };
             match (retry_after, outcome) {
-                (Some(wait), outcome) if attempt < self.max_attempts => {
-                    let backoff = wait.unwrap_or_else(|| jittered_backoff(attempt));
+                (Some(wait), outcome) if self.retry.allows_another(attempt) => {
+                    let backoff = wait.unwrap_or_else(|| self.retry.delay(attempt));
                     tracing::debug!(path, attempt, ?backoff, "retrying a CouchDB request");
                     drop(outcome);
                     tokio::time::sleep(backoff.min(Duration::from_secs(60))).await;
@@ -382,9 +381,9 @@ impl Client {
             let status = response.status();
             match response.bytes().await {
                 Ok(bytes) => break (status, bytes),
-                Err(e) if attempt < self.max_attempts => {
+                Err(e) if self.retry.allows_another(attempt) => {
                     tracing::debug!(error = %e, attempt, "reading a CouchDB answer failed; retrying");
-                    tokio::time::sleep(jittered_backoff(attempt)).await;
+                    tokio::time::sleep(self.retry.delay(attempt)).await;
                 }
                 Err(e) => return Err(self.transport_error(what, e)),
             }
@@ -465,12 +464,6 @@ impl Client {
     }
 }
 
-/// Decorrelated-ish jitter: a random wait between half and all of 200 ms × 2^attempt, ≤ 20 s.
-fn jittered_backoff(attempt: u32) -> Duration {
-    let ceiling = (200u64 << attempt.min(7)).min(20_000);
-    Duration::from_millis(ceiling / 2 + rand::random::<u64>() % (ceiling / 2 + 1))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -479,14 +472,5 @@ mod tests {
     fn database_names_are_encoded() {
         assert_eq!(Client::db_path("a/b c", "_changes"), "a%2Fb%20c/_changes");
         assert_eq!(Client::db_path("plain", ""), "plain");
-    }
-
-    #[test]
-    fn backoff_is_bounded_and_grows() {
-        for attempt in 1..10 {
-            let wait = jittered_backoff(attempt);
-            assert!(wait <= Duration::from_secs(20));
-            assert!(wait >= Duration::from_millis(100));
-        }
     }
 }

@@ -34,7 +34,8 @@ impl PostgresBackup {
             self.bin_dir.as_deref(),
             info.major,
             &format!("the server is PostgreSQL {}", info.major),
-        )?;
+        )
+        .await?;
         for wanted in &self.selection.include {
             if !info.databases.iter().any(|d| &d.name == wanted) {
                 return Err(Error::not_found(format!(

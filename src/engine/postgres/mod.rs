@@ -228,7 +228,19 @@ impl Tools {
     /// Find client tools for a server of major version `server_major`: in `bin_dir` if given,
     /// else on PATH, else in Debian's versioned directories (`/usr/lib/postgresql/N/bin`).
     /// `why` explains the required version in the error ("the server is PostgreSQL 15").
-    pub fn locate(bin_dir: Option<&Path>, server_major: u32, why: &str) -> Result<Tools> {
+    ///
+    /// Runs each candidate's `--version` on a blocking thread, off the async path.
+    pub async fn locate(bin_dir: Option<&Path>, server_major: u32, why: &str) -> Result<Tools> {
+        let bin_dir = bin_dir.map(Path::to_path_buf);
+        let why = why.to_string();
+        tokio::task::spawn_blocking(move || {
+            Tools::locate_now(bin_dir.as_deref(), server_major, &why)
+        })
+        .await
+        .map_err(|e| Error::failed(format!("locating the PostgreSQL client tools: {e}")))?
+    }
+
+    fn locate_now(bin_dir: Option<&Path>, server_major: u32, why: &str) -> Result<Tools> {
         let mut candidates: Vec<Option<PathBuf>> = Vec::new();
         if let Some(dir) = bin_dir {
             candidates.push(Some(dir.to_path_buf()));

@@ -13,8 +13,10 @@
 
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::PathBuf;
-use std::process::{ChildStdin, Command};
+use std::process::{ChildStdin, ChildStdout, Command};
 use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
 
 use super::preflight::{query_error, DatabaseProps};
 use super::{quote_ident, Connection, Tools, DATABASE_KIND, GLOBALS_KIND};
@@ -22,7 +24,7 @@ use crate::catalog::{Manifest, Part};
 use crate::engine::{select_parts, DatabaseMapping, RestoreContext};
 use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline;
-use crate::process::ChildProcess;
+use crate::process::{ChildProcess, ToolFailure};
 use crate::progress::{human_bytes, Progress, ProgressLine};
 
 pub struct PostgresRestore {
@@ -81,7 +83,8 @@ impl PostgresRestore {
             &format!(
                 "the target server is PostgreSQL {server_major} and the backup was written by pg_dump {dump_major}"
             ),
-        )?;
+        )
+        .await?;
 
         let steps = self.plan(&client, manifest).await?;
         let tables = parse_tables(&self.tables)?;
@@ -192,11 +195,21 @@ impl PostgresRestore {
                 true
             };
             let result = self
-                .restore_database(ctx, &step, &tools, &tables, line.progress())
+                .restore_database(ctx, &step, &tools, &tables, server_major, line.progress())
                 .await;
             if let Err(err) = result {
                 if created {
-                    let drop = format!("DROP DATABASE IF EXISTS {}", quote_ident(&step.target));
+                    // FORCE (PostgreSQL 13+): the restore's own session may still be rolling
+                    // back after its psql was stopped.
+                    let force = if server_major >= 13 {
+                        " WITH (FORCE)"
+                    } else {
+                        ""
+                    };
+                    let drop = format!(
+                        "DROP DATABASE IF EXISTS {}{force}",
+                        quote_ident(&step.target)
+                    );
                     if let Err(e) = client.batch_execute(&drop).await {
                         tracing::warn!(database = %step.target, error = %e, "could not drop the database created for the failed restore");
                     }
@@ -269,22 +282,27 @@ impl PostgresRestore {
         step: &Step<'_>,
         tools: &Tools,
         tables: &[(String, String)],
+        server_major: u32,
         progress: Progress,
     ) -> Result<()> {
         let mut psql = self.target.command(&tools.psql, &step.target);
-        psql.args([
-            "--no-psqlrc",
-            "--quiet",
-            "--no-password",
-            "--set=ON_ERROR_STOP=1",
-        ]);
+        psql.args(PSQL_SCRIPT_ARGS);
+        // Bare rows, so PendingCommit can spot its marker among the script's set_config
+        // and setval results.
+        psql.args(["--tuples-only", "--no-align"]);
         let mut pg_restore = Command::new(&tools.pg_restore);
         pg_restore.args(["--file=-", "--single-transaction"]);
         if self.force {
             pg_restore.args(["--clean", "--if-exists"]);
         }
-        // pg_restore --table restores the table but not its schema.
         let mut preamble = String::new();
+        if server_major >= 14 {
+            // A stopped restore (SIGTERM, a corrupt part) kills psql; without this the server
+            // would notice only after the statement in progress, e.g. an hour-long CREATE
+            // INDEX, and hold the target's locks until then.
+            preamble.push_str("SET client_connection_check_interval = '1s';\n");
+        }
+        // pg_restore --table restores the table but not its schema.
         for (schema, table) in tables {
             pg_restore.arg(format!("--schema={schema}"));
             pg_restore.arg(format!("--table={table}"));
@@ -294,6 +312,7 @@ impl PostgresRestore {
             ));
         }
         let key = ctx.path.object_key(&ctx.backup_id, &step.part.key);
+        let cancel = ctx.cancel.clone();
         let pending = pipeline::read_verified(
             ctx.store,
             &key,
@@ -301,12 +320,15 @@ impl PostgresRestore {
             Some(progress),
             &ctx.cancel,
             move |input: &mut dyn Read| {
-                run_restore_tools(input, pg_restore, psql, preamble.into_bytes())
+                run_restore_tools(input, pg_restore, psql, preamble.into_bytes(), &cancel)
             },
         )
         .await?;
         check_cancel(ctx)?;
-        pending.commit()
+        let cancel = ctx.cancel.clone();
+        tokio::task::spawn_blocking(move || pending.commit(&cancel))
+            .await
+            .map_err(|e| Error::failed(format!("committing the restore: {e}")))?
     }
 
     async fn restore_globals(
@@ -350,23 +372,25 @@ impl PostgresRestore {
         let mut psql = self
             .target
             .command(&tools.psql, &self.target.maintenance_database());
-        psql.args([
-            "--no-psqlrc",
-            "--quiet",
-            "--no-password",
-            "--set=ON_ERROR_STOP=1",
-        ]);
-        if !script.contains("CREATE TABLESPACE") {
+        psql.args(PSQL_SCRIPT_ARGS);
+        if !script.creates_tablespace {
             psql.arg("--single-transaction");
         }
         let mut child = ChildProcess::spawn(psql, "psql", true, false)?;
-        let mut stdin = child.take_stdin().expect("stdin is piped");
-        let written = stdin.write_all(script.as_bytes());
-        drop(stdin);
-        if let Some(failure) = child.exited_failure(Duration::from_secs(0)) {
-            return Err(failure);
-        }
-        child.wait_success()?;
+        let stopper = child.terminator(ctx.cancel.clone());
+        let ran = tokio::task::spawn_blocking(move || {
+            let mut stdin = child.take_stdin().expect("stdin is piped");
+            let written = stdin.write_all(script.sql.as_bytes());
+            drop(stdin);
+            let exited = child.wait_success();
+            // Stopped before the pid can be reused.
+            (exited, written)
+        })
+        .await;
+        stopper.abort();
+        let (exited, written) =
+            ran.map_err(|e| Error::failed(format!("running the globals script: {e}")))?;
+        exited.map_err(|e| advise(e).or_interrupted(&ctx.cancel))?;
         written.map_err(|e| Error::with_source(ErrorKind::Failed, "feeding psql", e))
     }
 
@@ -385,6 +409,17 @@ impl PostgresRestore {
     }
 }
 
+/// psql running a restore script: stop at the first error, and report it with its SQLSTATE
+/// (VERBOSITY=verbose) so kura can tell what failed without reading translated text.
+const PSQL_SCRIPT_ARGS: [&str; 6] = [
+    "--no-psqlrc",
+    "--quiet",
+    "--no-password",
+    "--set=ON_ERROR_STOP=1",
+    "--set=VERBOSITY=verbose",
+    "--set=SHOW_CONTEXT=never",
+];
+
 /// Globals of a sane cluster are kilobytes; this only stops a corrupt part from eating memory.
 const GLOBALS_LIMIT: u64 = 256 << 20;
 
@@ -400,16 +435,52 @@ fn check_cancel(ctx: &RestoreContext<'_>) -> Result<()> {
 struct PendingCommit {
     psql: ChildProcess,
     stdin: ChildStdin,
+    /// Signalled when psql prints `marker`: it has then run every statement before it.
+    /// (A `\echo` would be simpler, but pg_dump 15.14+ scripts run under `\restrict`, which
+    /// forbids backslash commands until the end.)
+    applied: std::sync::mpsc::Receiver<()>,
+    marker: String,
     held: Vec<u8>,
+    /// Stops psql on a signal until the COMMIT is sent.
+    stopper: tokio::task::JoinHandle<()>,
 }
 
 impl PendingCommit {
-    fn commit(mut self) -> Result<()> {
+    /// Blocking: wait until psql has run the whole script (the last statements, such as
+    /// index builds, can take long), then send the COMMIT and wait for psql.
+    ///
+    /// A signal before the COMMIT is sent stops psql, which rolls the restore back; once
+    /// the COMMIT is on its way it is let through, so an interrupted restore is never one
+    /// that perhaps committed.
+    fn commit(mut self, cancel: &CancellationToken) -> Result<()> {
         if !String::from_utf8_lossy(&self.held).starts_with("COMMIT;") {
+            self.stopper.abort();
             self.psql.kill();
             return Err(Error::integrity(
                 "the restore script has no final COMMIT: the archive is incomplete",
             ));
+        }
+        let applied = writeln!(self.stdin, "SELECT '{}';", self.marker)
+            .and_then(|_| self.stdin.flush())
+            .and_then(|_| {
+                self.applied.recv().map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "psql ended before running the whole script",
+                    )
+                })
+            });
+        self.stopper.abort();
+        if cancel.is_cancelled() {
+            self.psql.kill();
+            return Err(Error::interrupted());
+        }
+        if let Err(e) = applied {
+            // psql stopped before reaching the marker: its exit says why.
+            return Err(match self.psql.exited_failure(Duration::from_secs(2)) {
+                Some(failure) => advise(failure),
+                None => Error::with_source(ErrorKind::Failed, "waiting for psql", e),
+            });
         }
         let sent = self
             .stdin
@@ -422,15 +493,23 @@ impl PendingCommit {
 }
 
 /// Blocking: feed the archive to pg_restore and its script to psql, holding back the COMMIT.
+///
+/// A signal stops both tools at once (`cancel`), whatever they are doing: psql may be busy
+/// with one long statement, such as building an index, while nothing flows through the pipes.
 fn run_restore_tools(
     input: &mut dyn Read,
     pg_restore: Command,
     psql: Command,
     preamble: Vec<u8>,
+    cancel: &CancellationToken,
 ) -> Result<PendingCommit> {
-    let mut psql = ChildProcess::spawn(psql, "psql", true, false)?;
+    let mut psql = ChildProcess::spawn(psql, "psql", true, true)?;
+    let psql_stopper = psql.terminator(cancel.clone());
     let psql_stdin = psql.take_stdin().expect("stdin is piped");
+    let marker = format!("kura: script applied {:016x}", rand::random::<u64>());
+    let applied = watch_output(psql.take_stdout().expect("stdout is piped"), marker.clone());
     let mut restore = ChildProcess::spawn(pg_restore, "pg_restore", true, true)?;
+    let restore_stopper = restore.terminator(cancel.clone());
     let mut restore_stdin = restore.take_stdin().expect("stdin is piped");
     let restore_stdout = restore.take_stdout().expect("stdout is piped");
     let forwarder =
@@ -439,6 +518,7 @@ fn run_restore_tools(
     let fed = pipeline::copy_large(input, &mut restore_stdin);
     drop(restore_stdin);
     let restored = restore.wait_success();
+    restore_stopper.abort();
     // A selective restore (--table) stops reading once it has its data. The rest of the object
     // is still read, so the checksum covers all of it before anything is committed.
     let fed = match fed {
@@ -451,8 +531,16 @@ fn run_restore_tools(
         .join()
         .map_err(|_| Error::failed("the script forwarder panicked"))?;
     match (fed, restored, forwarded) {
-        (Ok(_), Ok(_), Ok((stdin, held))) => Ok(PendingCommit { psql, stdin, held }),
+        (Ok(_), Ok(_), Ok((stdin, held))) => Ok(PendingCommit {
+            psql,
+            stdin,
+            applied,
+            marker,
+            held,
+            stopper: psql_stopper,
+        }),
         (fed, restored, forwarded) => {
+            psql_stopper.abort();
             // psql stopping at a failed statement breaks the pipes upstream; its error is the cause.
             if let Some(failure) = psql.exited_failure(Duration::from_secs(2)) {
                 return Err(advise(failure));
@@ -464,6 +552,22 @@ fn run_restore_tools(
             Err(Error::failed("the restore tools failed"))
         }
     }
+}
+
+/// Drain psql's output (never let it block on a full pipe) and signal when `marker` passes.
+fn watch_output(stdout: ChildStdout, marker: String) -> std::sync::mpsc::Receiver<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = Vec::new();
+        while matches!(reader.read_until(b'\n', &mut line), Ok(n) if n > 0) {
+            if line.strip_suffix(b"\n").unwrap_or(&line) == marker.as_bytes() {
+                let _ = tx.send(());
+            }
+            line.clear();
+        }
+    });
+    rx
 }
 
 /// Object types `pg_restore --table` selects ("table" includes these, says its manual).
@@ -615,14 +719,16 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
+/// SQLSTATE `undefined_object`: what psql reports for a role (or type, collation) the script
+/// refers to and the target lacks. Missing roles are the usual case on a fresh cluster.
+const UNDEFINED_OBJECT: &str = "42704";
+
 fn advise(err: Error) -> Error {
-    let text = err.to_string();
-    if text.contains("role \"") && text.contains("does not exist") {
-        err.context(
-            "a role the backup refers to is missing on the target (add --globals to restore roles)",
-        )
-    } else {
-        err
+    match ToolFailure::find(&err).and_then(ToolFailure::sqlstate) {
+        Some(UNDEFINED_OBJECT) => err.advise(
+            "an object the backup refers to is missing on the target, usually a role: add --globals to restore roles first, or create it",
+        ),
+        _ => err,
     }
 }
 
@@ -683,8 +789,11 @@ fn filter_globals(
     current_user: &str,
     roles: &[String],
     tablespaces: &[String],
-) -> String {
-    let mut out = String::with_capacity(script.len());
+) -> GlobalsScript {
+    let mut out = GlobalsScript {
+        sql: String::with_capacity(script.len()),
+        creates_tablespace: false,
+    };
     for line in script.lines() {
         let skip = if let Some(rest) = line.strip_prefix("CREATE ROLE ") {
             parse_ident(rest).is_some_and(|(name, _)| roles.contains(&name))
@@ -699,11 +808,20 @@ fn filter_globals(
         if skip {
             tracing::debug!("skipping a globals statement that exists on the target already");
         } else {
-            out.push_str(line);
-            out.push('\n');
+            // pg_dumpall writes one statement per line, so a statement starts a line.
+            out.creates_tablespace |= line.starts_with("CREATE TABLESPACE ");
+            out.sql.push_str(line);
+            out.sql.push('\n');
         }
     }
     out
+}
+
+/// The globals statements to run on this target.
+struct GlobalsScript {
+    sql: String,
+    /// CREATE TABLESPACE cannot run inside a transaction block.
+    creates_tablespace: bool,
 }
 
 /// Parse one SQL identifier (quoted or not) at the start of `text`: (name, rest).
@@ -863,9 +981,16 @@ mod tests {
         let roles = vec!["postgres".to_string(), "app".to_string()];
         let out = filter_globals(script, "postgres", &roles, &[]);
         assert_eq!(
-            out,
+            out.sql,
             "ALTER ROLE app WITH LOGIN;\nCREATE ROLE \"New \"\"Role\"\"\";\nGRANT app TO \"New \"\"Role\"\"\" GRANTED BY postgres;\n"
         );
+        assert!(!out.creates_tablespace);
+
+        // Only a statement creates a tablespace; the words inside a comment do not.
+        let script = "-- CREATE TABLESPACE is below\nCOMMENT ON ROLE app IS 'after CREATE TABLESPACE';\nCREATE TABLESPACE fast OWNER app LOCATION '/ssd';\n";
+        assert!(filter_globals(script, "postgres", &roles, &[]).creates_tablespace);
+        let existing = vec!["fast".to_string()];
+        assert!(!filter_globals(script, "postgres", &roles, &existing).creates_tablespace);
     }
 
     #[test]
