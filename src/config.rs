@@ -246,6 +246,8 @@ pub struct FileConfig {
     pub log_format: Option<String>,
     /// Directory of pg_dump, pg_restore and psql (`--pg-bin-dir`).
     pub pg_bin_dir: Option<PathBuf>,
+    /// `--lock-wait-timeout`, e.g. "10m".
+    pub lock_wait_timeout: Option<String>,
     #[serde(default)]
     pub s3: S3File,
     #[serde(default)]

@@ -785,3 +785,75 @@ async fn sigterm_while_an_index_builds_rolls_the_restore_back() {
         "the half-restored database is gone"
     );
 }
+
+/// A session holding a table's ACCESS EXCLUSIVE lock would keep pg_dump waiting until the
+/// Job's deadline; with --lock-wait-timeout the backup fails soon, naming that session.
+#[test]
+fn a_backup_blocked_by_a_lock_fails_and_names_the_holder() {
+    let url = require!("KURA_TEST_PG_URL");
+    let db = unique("locked");
+    create_database(&url, &db, "");
+    psql(
+        &url,
+        &db,
+        "CREATE TABLE busy (v int); INSERT INTO busy VALUES (1);",
+    );
+    let mut holder = std::process::Command::new(common::pg_tool("psql"))
+        .args(["--no-psqlrc", "--quiet", "--set=ON_ERROR_STOP=1"])
+        .envs(common::pg_env(&url, &db))
+        .env("PGAPPNAME", "kura-test-migration")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let stdin = holder.stdin.as_mut().unwrap();
+        writeln!(stdin, "BEGIN; LOCK TABLE busy IN ACCESS EXCLUSIVE MODE;").unwrap();
+        stdin.flush().unwrap();
+    }
+    let granted = format!(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+         WHERE a.application_name = 'kura-test-migration' AND l.mode = 'AccessExclusiveLock' AND l.granted"
+    );
+    let started = std::time::Instant::now();
+    while psql(&url, &db, &granted) == "0" {
+        assert!(started.elapsed().as_secs() < 10, "the lock was never taken");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let holder_pid = psql(
+        &url,
+        &db,
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'kura-test-migration'",
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = kura();
+    file_storage(dir.path())(&mut command);
+    let started = std::time::Instant::now();
+    let result = run(command
+        .env("KURA_POSTGRES_URL", &url)
+        .env("KURA_LOCK_WAIT_TIMEOUT", "2s")
+        .args(["backup", "postgres", "--database", &db]));
+    let took = started.elapsed();
+    let _ = holder.kill();
+    let _ = holder.wait();
+
+    assert_eq!(result.code, 1, "{}", result.all());
+    assert!(took.as_secs() < 30, "the backup waited {took:?}");
+    let message = result.error_line()["message"].as_str().unwrap().to_string();
+    for wanted in [
+        format!("pid {holder_pid}"),
+        "kura-test-migration".to_string(),
+        "idle in transaction".to_string(),
+        "busy".to_string(),
+        "--lock-wait-timeout".to_string(),
+    ] {
+        assert!(message.contains(&wanted), "{wanted:?} not in {message}");
+    }
+    let manifests: Vec<_> = walk(dir.path())
+        .into_iter()
+        .filter(|p| p.ends_with("manifest.json"))
+        .collect();
+    assert!(manifests.is_empty(), "{manifests:?}");
+}

@@ -87,6 +87,15 @@ pub struct GlobalArgs {
     /// Directory of pg_dump, pg_restore, psql (default: PATH, then /usr/lib/postgresql/*/bin)
     #[arg(long, env = "KURA_PG_BIN_DIR", global = true)]
     pub pg_bin_dir: Option<PathBuf>,
+    /// How long pg_dump waits for a table lock before the backup fails, naming the session
+    /// that holds it, e.g. 30s, 10m [default: 10m]
+    #[arg(
+        long,
+        env = "KURA_LOCK_WAIT_TIMEOUT",
+        global = true,
+        value_name = "DURATION"
+    )]
+    pub lock_wait_timeout: Option<String>,
     /// zstd level, 1-22 [default: 3]
     #[arg(long, env = "KURA_COMPRESSION_LEVEL", global = true)]
     pub compression_level: Option<i32>,
@@ -195,6 +204,7 @@ pub struct Settings {
     pub pipeline: PipelineOptions,
     pub sources: Vec<Source>,
     pub pg_bin_dir: Option<PathBuf>,
+    pub lock_wait_timeout: Duration,
     /// The config file's `[retention]`, under the retention flags.
     pub retention: RetentionFile,
     pub cancel: CancellationToken,
@@ -235,6 +245,22 @@ impl Settings {
         }
         pipeline.validate()?;
 
+        let lock_wait_timeout = match args
+            .lock_wait_timeout
+            .as_ref()
+            .or(file.lock_wait_timeout.as_ref())
+        {
+            Some(raw) => {
+                config::parse_duration(raw).map_err(|e| e.context("--lock-wait-timeout"))?
+            }
+            None => crate::engine::DEFAULT_LOCK_WAIT_TIMEOUT,
+        };
+        if lock_wait_timeout.is_zero() {
+            return Err(Error::usage(
+                "--lock-wait-timeout 0 would wait forever, which is what it exists to prevent: give a duration such as 10m",
+            ));
+        }
+
         let mut sources = file.sources()?;
         for (name, kind, url) in [
             ("postgres", SourceKind::Postgres, &args.postgres_url),
@@ -271,6 +297,7 @@ impl Settings {
             pipeline,
             sources,
             pg_bin_dir: args.pg_bin_dir.clone().or(file.pg_bin_dir.clone()),
+            lock_wait_timeout,
             retention: file.retention,
             cancel: CancellationToken::new(),
         })
@@ -355,6 +382,7 @@ impl Settings {
     pub fn engine_options(&self) -> crate::engine::EngineOptions {
         crate::engine::EngineOptions {
             pg_bin_dir: self.pg_bin_dir.clone(),
+            lock_wait_timeout: self.lock_wait_timeout,
             single_attempt: false,
         }
     }
@@ -427,7 +455,7 @@ pub async fn run(cli: Cli) -> i32 {
             Command::Verify(options) => verify::run(&settings, options).await,
             Command::Status(options) => status::run(&settings, options).await,
             Command::WaitFor(options) => wait_for::run(&settings, options).await,
-            Command::Schedule(options) => schedule::run(&settings, &cli.global, options).await,
+            Command::Schedule(options) => schedule::run(&settings, options).await,
             Command::Unlock(options) => unlock::run(&settings, options).await,
         }
     };

@@ -7,9 +7,10 @@
 use std::ffi::OsString;
 
 use chrono::Utc;
-use clap::Args;
+use clap::parser::ValueSource;
+use clap::{ArgAction, ArgMatches, Args, CommandFactory};
 
-use super::{GlobalArgs, Settings};
+use super::{Cli, Settings};
 use crate::calendar::CronSchedule;
 use crate::error::{Error, ErrorKind, Result};
 
@@ -25,8 +26,13 @@ pub struct Options {
     pub command: Vec<String>,
 }
 
-pub async fn run(settings: &Settings, global: &GlobalArgs, options: &Options) -> Result<()> {
+pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
     let schedule = CronSchedule::parse(&options.expression, options.timezone.as_deref())?;
+    // Parsed again (it parsed once already): only the matches tell where each value came from.
+    let matches = Cli::command()
+        .try_get_matches_from(std::env::args_os())
+        .map_err(|e| Error::usage(e.to_string()))?;
+    let globals = ChildGlobals::from_matches(&matches)?;
     if options.command.first().map(String::as_str) == Some("schedule") {
         return Err(Error::usage("kura schedule cannot schedule itself"));
     }
@@ -59,8 +65,8 @@ pub async fn run(settings: &Settings, global: &GlobalArgs, options: &Options) ->
             }
         }
         let mut child = tokio::process::Command::new(&program);
-        child.args(child_args(global, &options.command));
-        child.envs(child_env(global));
+        child.args(&globals.args).args(&options.command);
+        child.envs(globals.env.iter().map(|(k, v)| (k, v)));
         child.kill_on_drop(false);
         let started = std::time::Instant::now();
         let mut child = child.spawn().map_err(|e| {
@@ -153,71 +159,105 @@ fn count_between(
     count
 }
 
-/// Verbosity travels as flags; everything else as KURA_* variables (below), so no URL with a
-/// password ever appears on a command line.
-fn child_args(global: &GlobalArgs, command: &[String]) -> Vec<String> {
-    let mut args = Vec::new();
-    for _ in 0..global.verbose {
-        args.push("-v".to_string());
-    }
-    for _ in 0..global.quiet {
-        args.push("-q".to_string());
-    }
-    args.extend(command.iter().cloned());
-    args
+/// The scheduler's global options, for its child. Read from clap's own definition of the
+/// options, so an option added later reaches the child without anyone remembering to forward
+/// it: each one given on the command line travels as the `KURA_*` variable it reads (so a
+/// password in a URL never appears in the child's argv); the environment is inherited anyway;
+/// verbosity, which has no variable, travels as flags.
+struct ChildGlobals {
+    args: Vec<String>,
+    env: Vec<(String, OsString)>,
 }
 
-fn child_env(global: &GlobalArgs) -> Vec<(&'static str, OsString)> {
-    let mut env: Vec<(&'static str, OsString)> = Vec::new();
-    let mut set = |name: &'static str, value: Option<OsString>| {
-        if let Some(value) = value {
-            env.push((name, value));
+impl ChildGlobals {
+    fn from_matches(matches: &ArgMatches) -> Result<ChildGlobals> {
+        let mut globals = ChildGlobals {
+            args: Vec::new(),
+            env: Vec::new(),
+        };
+        for arg in Cli::command().get_arguments().filter(|a| a.is_global_set()) {
+            let id = arg.get_id().as_str();
+            if matches.value_source(id) != Some(ValueSource::CommandLine) {
+                continue;
+            }
+            match (arg.get_env(), arg.get_action()) {
+                (_, ArgAction::Count) => {
+                    let long = arg.get_long().expect("count options have a long name");
+                    let times = matches.get_count(id);
+                    globals.args.extend((0..times).map(|_| format!("--{long}")));
+                }
+                (Some(var), _) => {
+                    let values: Vec<&std::ffi::OsStr> =
+                        matches.get_raw(id).into_iter().flatten().collect();
+                    // Repeatable options read their variable comma-separated.
+                    let joined = values.join(std::ffi::OsStr::new(","));
+                    globals
+                        .env
+                        .push((var.to_string_lossy().into_owned(), joined));
+                }
+                (None, _) => return Err(Error::failed(format!(
+                    "the global option --{} has no environment variable to reach a scheduled run",
+                    arg.get_long().unwrap_or(id)
+                ))),
+            }
         }
-    };
-    set("KURA_CONFIG", global.config.clone().map(Into::into));
-    set("KURA_STORAGE", global.storage.clone().map(Into::into));
-    set("KURA_TENANT", global.tenant.clone().map(Into::into));
-    set(
-        "KURA_LOG_FORMAT",
-        global.log_format.map(|f| f.as_str().to_string().into()),
-    );
-    set(
-        "KURA_POSTGRES_URL",
-        global.postgres_url.clone().map(Into::into),
-    );
-    set(
-        "KURA_COUCHDB_URL",
-        global.couchdb_url.clone().map(Into::into),
-    );
-    set(
-        "KURA_S3_ENDPOINT",
-        global.s3_endpoint.clone().map(Into::into),
-    );
-    set("KURA_S3_REGION", global.s3_region.clone().map(Into::into));
-    set(
-        "KURA_S3_PATH_STYLE",
-        global.s3_path_style.map(|b| b.to_string().into()),
-    );
-    set("KURA_PG_BIN_DIR", global.pg_bin_dir.clone().map(Into::into));
-    set(
-        "KURA_COMPRESSION_LEVEL",
-        global.compression_level.map(|v| v.to_string().into()),
-    );
-    set(
-        "KURA_COMPRESSION_THREADS",
-        global.compression_threads.map(|v| v.to_string().into()),
-    );
-    set("KURA_PART_SIZE", global.part_size.clone().map(Into::into));
-    set(
-        "KURA_UPLOAD_CONCURRENCY",
-        global.upload_concurrency.map(|v| v.to_string().into()),
-    );
-    env
+        Ok(globals)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every global option, given on the command line, reaches the scheduled child.
+    #[test]
+    fn every_global_option_reaches_the_child() {
+        let mut argv = vec!["kura".to_string()];
+        let mut expected = Vec::new();
+        for arg in Cli::command().get_arguments().filter(|a| a.is_global_set()) {
+            let long = arg.get_long().expect("global options have a long name");
+            if matches!(arg.get_action(), ArgAction::Count) {
+                argv.push(format!("--{long}"));
+                continue;
+            }
+            let value = match arg.get_possible_values().last() {
+                Some(possible) => possible.get_name().to_string(),
+                None => "7".to_string(),
+            };
+            argv.push(format!("--{long}={value}"));
+            let var = arg
+                .get_env()
+                .expect("a variable")
+                .to_string_lossy()
+                .into_owned();
+            expected.push((var, OsString::from(value)));
+        }
+        assert!(expected.len() >= 12, "{expected:?}");
+        argv.extend(["schedule", "@daily", "--", "list"].map(String::from));
+        let matches = Cli::command().try_get_matches_from(&argv).unwrap();
+        let globals = ChildGlobals::from_matches(&matches).unwrap();
+        for pair in &expected {
+            assert!(
+                globals.env.contains(pair),
+                "{pair:?} not in {:?}",
+                globals.env
+            );
+        }
+        assert_eq!(globals.args, vec!["--verbose", "--quiet"]);
+
+        // After the command name too, and only what was given.
+        let matches = Cli::command()
+            .try_get_matches_from([
+                "kura", "schedule", "@daily", "--tenant", "acme", "-vv", "--", "list",
+            ])
+            .unwrap();
+        let globals = ChildGlobals::from_matches(&matches).unwrap();
+        assert_eq!(
+            globals.env,
+            vec![("KURA_TENANT".to_string(), OsString::from("acme"))]
+        );
+        assert_eq!(globals.args, vec!["--verbose", "--verbose"]);
+    }
 
     #[test]
     fn passwords_in_scheduled_commands_are_not_logged() {

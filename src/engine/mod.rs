@@ -46,13 +46,28 @@ use crate::storage::ObjectStore;
 pub mod couchdb;
 pub mod postgres;
 
+/// How long a backup waits for a lock on a table before it fails (`--lock-wait-timeout`).
+pub const DEFAULT_LOCK_WAIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Settings an engine may need beyond its URL.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct EngineOptions {
     /// Directory of the PostgreSQL client tools.
     pub pg_bin_dir: Option<PathBuf>,
+    /// How long a dump waits for a table lock held by another session.
+    pub lock_wait_timeout: std::time::Duration,
     /// One attempt per request (`wait-for`, which retries on its own).
     pub single_attempt: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            pg_bin_dir: None,
+            lock_wait_timeout: DEFAULT_LOCK_WAIT_TIMEOUT,
+            single_attempt: false,
+        }
+    }
 }
 
 /// The registry: the one place that knows which engine serves which kind of source.

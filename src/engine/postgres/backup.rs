@@ -18,6 +18,7 @@ pub struct PostgresBackup {
     pub connection: Connection,
     pub selection: Selection,
     pub bin_dir: Option<PathBuf>,
+    pub lock_wait_timeout: std::time::Duration,
 }
 
 /// Checked before anything is uploaded: the server answers, the tools fit, the selection exists.
@@ -109,11 +110,16 @@ impl PostgresBackup {
         for (index, database) in databases.iter().enumerate() {
             let started = Instant::now();
             line.progress().set_label(&database.name);
-            let snapshot = Snapshot::export(&self.connection, &database.name).await?;
+            let snapshot =
+                Snapshot::export(&self.connection, &database.name, self.lock_wait_timeout).await?;
             let mut dump = self.connection.command(&tools.pg_dump, &database.name);
             // Custom format: one snapshot per database, restorable table by table. pg_dump's own
             // compression is off because zstd does it better and faster downstream.
             dump.args(["--format=custom", "--compress=0", "--no-password"]);
+            dump.arg(format!(
+                "--lock-wait-timeout={}",
+                self.lock_wait_timeout.as_millis()
+            ));
             dump.arg(format!("--snapshot={}", snapshot.id));
             let name = BackupContext::database_part_name(index, "pgdump");
             // Rows are counted in pg_dump's own snapshot while it runs, so `verify --deep` can
@@ -135,11 +141,21 @@ impl PostgresBackup {
                 },
                 counts = &mut counting => (dumping.await, counts),
             };
-            let stored = stored
-                .map_err(|e| e.context(format!("backing up database {:?}", database.name)))?;
-            let counts = counts.map_err(|e| {
-                e.context(format!("counting the rows of database {:?}", database.name))
-            })?;
+            let (stored, counts) = match (stored, counts) {
+                (Ok(stored), Ok(counts)) => (stored, counts),
+                (stored, counts) => {
+                    let err = match stored {
+                        Err(e) => e.context(format!("backing up database {:?}", database.name)),
+                        Ok(_) => counts
+                            .expect_err("one failed")
+                            .context(format!("counting the rows of database {:?}", database.name)),
+                    };
+                    let waited = started.elapsed();
+                    return Err(self
+                        .explain_lock_wait(&database.name, err, waited, ctx)
+                        .await);
+                }
+            };
             tracing::info!(
                 database = %database.name,
                 raw_bytes = stored.raw_bytes,
@@ -218,6 +234,71 @@ impl PostgresBackup {
     }
 }
 
+impl PostgresBackup {
+    /// A dump that failed after `--lock-wait-timeout` while another session holds an ACCESS
+    /// EXCLUSIVE lock in the database (the one lock mode that blocks pg_dump's ACCESS SHARE)
+    /// gave up waiting for it: say which session holds it, from the catalog, not from
+    /// pg_dump's translated text.
+    async fn explain_lock_wait(
+        &self,
+        database: &str,
+        err: Error,
+        waited: std::time::Duration,
+        ctx: &BackupContext<'_>,
+    ) -> Error {
+        if waited < self.lock_wait_timeout
+            || ctx.cancel.is_cancelled()
+            || pipeline::is_upload_stopped(&err)
+        {
+            return err;
+        }
+        let holders = match lock_holders(&self.connection, database).await {
+            Ok(holders) if !holders.is_empty() => holders,
+            Ok(_) => return err,
+            Err(e) => {
+                tracing::debug!(error = %e.chain(), "could not look for lock holders");
+                return err;
+            }
+        };
+        Error::new(
+            ErrorKind::Failed,
+            format!(
+                "backing up database {database:?}: pg_dump waited {} for a table lock and gave up: {}; end that session (pg_terminate_backend) or raise --lock-wait-timeout / KURA_LOCK_WAIT_TIMEOUT",
+                crate::config::format_duration(self.lock_wait_timeout),
+                holders.join("; ")
+            ),
+        )
+    }
+}
+
+/// Sessions holding an ACCESS EXCLUSIVE lock on a relation of `database`, described for people.
+async fn lock_holders(connection: &Connection, database: &str) -> Result<Vec<String>> {
+    // A fresh session: pg_stat_activity is read once per transaction, and the snapshot's
+    // transaction is too old to see the present.
+    let client = connection.connect(database).await?;
+    let rows = client
+        .query(
+            "SELECT a.pid, coalesce(a.usename::text, '?'), coalesce(a.application_name, ''),                     coalesce(a.state, '?'),                     to_char(coalesce(a.xact_start, a.backend_start) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),                     string_agg(DISTINCT coalesce(l.relation::regclass::text, l.relation::text), ', ')              FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid              WHERE l.granted AND l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock'                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())                AND a.pid <> pg_backend_pid()              GROUP BY 1, 2, 3, 4, 5 ORDER BY 5, 1",
+            &[],
+        )
+        .await
+        .map_err(|e| preflight::query_error(connection, "looking for sessions holding locks", e))?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            format!(
+                "session pid {} (user {}, application {:?}, {} since {}) holds an ACCESS EXCLUSIVE lock on {}",
+                row.get::<_, i32>(0),
+                row.get::<_, String>(1),
+                row.get::<_, String>(2),
+                row.get::<_, String>(3),
+                row.get::<_, String>(4),
+                row.get::<_, String>(5),
+            )
+        })
+        .collect())
+}
+
 fn part(
     key: &str,
     name: &str,
@@ -249,7 +330,11 @@ struct Snapshot {
 }
 
 impl Snapshot {
-    async fn export(connection: &Connection, database: &str) -> Result<Snapshot> {
+    async fn export(
+        connection: &Connection,
+        database: &str,
+        lock_wait_timeout: std::time::Duration,
+    ) -> Result<Snapshot> {
         let client = connection.connect(database).await?;
         let failed = |e: tokio_postgres::Error| {
             Error::with_source(
@@ -260,16 +345,16 @@ impl Snapshot {
         };
         // Named apart from pg_dump's own session, so a DBA looking at pg_stat_activity (or a
         // test terminating pg_dump) can tell the two apart.
-        client
-            .batch_execute(
-                // pg_dump lifts these limits for its own session; the counts must not trip on
-                // a role's or database's statement_timeout where the dump would not.
-                "SET application_name = 'kura snapshot'; SET statement_timeout = 0; \
-                 SET lock_timeout = 0; SET idle_in_transaction_session_timeout = 0; \
-                 BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
-            )
-            .await
-            .map_err(failed)?;
+        // pg_dump lifts these limits for its own session; the counts must not trip on a
+        // role's or database's statement_timeout where the dump would not, and wait for
+        // locks as long as pg_dump does.
+        let setup = format!(
+            "SET application_name = 'kura snapshot'; SET statement_timeout = 0; \
+             SET lock_timeout = {}; SET idle_in_transaction_session_timeout = 0; \
+             BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+            lock_wait_timeout.as_millis()
+        );
+        client.batch_execute(&setup).await.map_err(failed)?;
         let id: String = client
             .query_one("SELECT pg_export_snapshot()", &[])
             .await

@@ -71,6 +71,7 @@ impl Engine for PostgresEngine {
             connection: self.connection.clone(),
             selection: selection.clone(),
             bin_dir: self.options.pg_bin_dir.clone(),
+            lock_wait_timeout: self.options.lock_wait_timeout,
         };
         let plan = backup.plan().await?;
         Ok(Box::new(PlannedBackup { backup, plan }))
