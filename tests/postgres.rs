@@ -812,12 +812,10 @@ fn a_backup_blocked_by_a_lock_fails_and_names_the_holder() {
         writeln!(stdin, "BEGIN; LOCK TABLE busy IN ACCESS EXCLUSIVE MODE;").unwrap();
         stdin.flush().unwrap();
     }
-    let granted = format!(
-        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
-         WHERE a.application_name = 'kura-test-migration' AND l.mode = 'AccessExclusiveLock' AND l.granted"
-    );
+    let granted = "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+         WHERE a.application_name = 'kura-test-migration' AND l.mode = 'AccessExclusiveLock' AND l.granted";
     let started = std::time::Instant::now();
-    while psql(&url, &db, &granted) == "0" {
+    while psql(&url, &db, granted) == "0" {
         assert!(started.elapsed().as_secs() < 10, "the lock was never taken");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }

@@ -195,10 +195,12 @@ impl ChildGlobals {
                         .env
                         .push((var.to_string_lossy().into_owned(), joined));
                 }
-                (None, _) => return Err(Error::failed(format!(
+                (None, _) => {
+                    return Err(Error::failed(format!(
                     "the global option --{} has no environment variable to reach a scheduled run",
                     arg.get_long().unwrap_or(id)
-                ))),
+                )))
+                }
             }
         }
         Ok(globals)
