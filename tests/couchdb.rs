@@ -25,7 +25,11 @@ impl Couch {
         base.set_username("").unwrap();
         base.set_password(None).unwrap();
         Couch {
-            http: reqwest::Client::new(),
+            // pouchdb-server closes idle connections after 5 s; a reused one fails.
+            http: reqwest::Client::builder()
+                .pool_idle_timeout(std::time::Duration::from_secs(2))
+                .build()
+                .unwrap(),
             base,
             user,
             password,
@@ -314,6 +318,71 @@ async fn round_trip_keeps_revisions_conflicts_deletions_attachments_and_security
         "a forced restore adds nothing that is already there"
     );
 
+    // A target that lacks revisions: half of the attachment-free leaves, plus a document of
+    // its own. --force adds exactly the missing revisions and leaves the rest alone.
+    let partial = format!("{source}_partial");
+    couch
+        .ok(reqwest::Method::PUT, &Couch::db(&partial, ""), None)
+        .await;
+    let subset: Vec<Value> = source_docs
+        .values()
+        // Without the design document: its validate_doc_update would judge the restored
+        // revisions (CouchDB validates replicated writes too).
+        .filter(|doc| {
+            doc["_attachments"].is_null() && !doc["_id"].as_str().unwrap().starts_with("_design/")
+        })
+        .step_by(2)
+        .map(|doc| {
+            let mut doc = doc.clone();
+            doc.as_object_mut().unwrap().remove("_attachments");
+            doc
+        })
+        .collect();
+    assert!(subset.len() > 100, "{}", subset.len());
+    couch
+        .ok(
+            reqwest::Method::POST,
+            &Couch::db(&partial, "_bulk_docs"),
+            Some(json!({"docs": subset, "new_edits": false})),
+        )
+        .await;
+    let own = couch
+        .ok(
+            reqwest::Method::PUT,
+            &Couch::db(&partial, "only-in-target"),
+            Some(json!({"type": "local", "keep": true})),
+        )
+        .await;
+    let (before, _) = couch.snapshot(&partial).await;
+    assert!(before.len() < source_docs.len() / 2 + 2);
+    kura_couch(
+        &url,
+        dir.path(),
+        &[
+            "restore",
+            "couchdb",
+            &id,
+            "--database",
+            &format!("{source}:{partial}"),
+            "--force",
+        ],
+    )
+    .assert_ok();
+    let (mut after, _) = couch.snapshot(&partial).await;
+    let own_key = format!("only-in-target@{}", own["rev"].as_str().unwrap());
+    assert!(
+        after.remove(&own_key).is_some(),
+        "the target's own document is kept"
+    );
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        source_docs.keys().collect::<Vec<_>>(),
+        "every missing revision was added, none twice"
+    );
+    for (key, doc) in &source_docs {
+        assert_eq!(doc, &after[key], "document {key}");
+    }
+
     // A corrupted part fails, names the part, and leaves no database behind. The part of
     // the database without attachments: a damaged one with attachments makes kura abort an
     // attachment's upload, which CouchDB discards but pouchdb-server 4.2 answers by exiting
@@ -546,4 +615,66 @@ async fn a_backup_in_the_first_format_still_restores() {
         .await;
     assert_eq!(design["_rev"], "1-dddd");
     kura_couch(&url, dir.path(), &["verify", "couchdb", id]).assert_ok();
+}
+
+/// Large documents are paged by bytes: a first page that would weigh more than kura's cap is
+/// asked again with a smaller limit, and every revision still arrives exactly once.
+#[tokio::test]
+async fn large_documents_are_paged_by_bytes_and_round_trip() {
+    let url = require!("KURA_TEST_COUCH_URL");
+    let couch = Couch::new(&url);
+    let source = unique("couch_big_docs");
+    couch
+        .ok(reqwest::Method::PUT, &Couch::db(&source, ""), None)
+        .await;
+    // 18 documents of 2.5 MB: the first page (16 changes) would be 40 MB, past the 32 MiB cap.
+    let filler = "x".repeat(2_500_000);
+    for i in 0..18 {
+        let created = couch
+            .ok(
+                reqwest::Method::PUT,
+                &Couch::db(&source, &format!("big{i:02}")),
+                Some(json!({"i": i, "filler": filler})),
+            )
+            .await;
+        if i % 6 == 0 {
+            // An edited one goes through _bulk_get with its history.
+            couch
+                .ok(
+                    reqwest::Method::PUT,
+                    &Couch::db(&source, &format!("big{i:02}")),
+                    Some(json!({"_rev": created["rev"], "i": i, "edited": true, "filler": filler})),
+                )
+                .await;
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let result = kura_couch(
+        &url,
+        dir.path(),
+        &["-v", "backup", "couchdb", "--database", &source],
+    );
+    result.assert_ok();
+    assert!(
+        result.all().contains("a page of changes is too large"),
+        "the cap was never reached: {}",
+        result.all()
+    );
+    let target = format!("{source}_copy");
+    kura_couch(
+        &url,
+        dir.path(),
+        &[
+            "restore",
+            "couchdb",
+            &result.backup_id(),
+            "--database",
+            &format!("{source}:{target}"),
+        ],
+    )
+    .assert_ok();
+    let (before, _) = couch.snapshot(&source).await;
+    let (after, _) = couch.snapshot(&target).await;
+    assert_eq!(before.len(), 18);
+    assert!(before == after, "the restored documents differ");
 }

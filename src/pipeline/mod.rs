@@ -435,6 +435,24 @@ impl<R: Read> Read for TaggedReader<R> {
     }
 }
 
+/// Check the object at `key` against `expected` (size and SHA-256 of the stored bytes)
+/// without decompressing it: for a restore that may write only once the whole object is known
+/// to be intact (CouchDB has no transaction to roll back).
+pub async fn check_stored(
+    store: &dyn ObjectStore,
+    key: &str,
+    expected: &Digested,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+    let object = key.to_string();
+    let expected = expected.clone();
+    let check = tokio::task::spawn_blocking(move || {
+        VerifyingReader::new(rx, None).verify(&object, &expected)
+    });
+    download_into(store, key, tx, cancel, check).await
+}
+
 /// Stream an object into a channel, for a blocking consumer (`VerifyingReader`).
 pub async fn download(
     store: &dyn ObjectStore,

@@ -30,6 +30,17 @@ use crate::progress::{human_bytes, ProgressLine};
 /// Changes asked for per `_changes` page. Memory holds the revisions of one page at a time:
 /// for kilobyte-sized documents, a few MiB.
 const BATCH: usize = 1000;
+/// What one `_changes` page (with the winners' bodies) should weigh. Documents of up to 8 MB
+/// are CouchDB's default limit: a thousand of them in one answer would be gigabytes, so the
+/// next page's `limit` follows the weight of the last one.
+const PAGE_BYTES: usize = 4 << 20;
+/// A `_changes` answer past this is dropped unread and asked again with a smaller `limit`:
+/// the last page's weight is a guess about the next one, and documents vary.
+const PAGE_BYTES_CAP: usize = 32 << 20;
+/// The first page, whose weight is not known yet, asks for this many changes.
+const FIRST_PAGE: usize = 16;
+/// What one `_bulk_get` answer should weigh, by the sizes of the winners' bodies.
+const BULK_GET_BYTES: usize = 2 << 20;
 /// The version of the part's header line: 2 streams attachments after their document (and
 /// writes design documents last); restore reads 1 and 2.
 pub const PART_VERSION: u64 = 2;
@@ -300,18 +311,24 @@ async fn export_into(
         Arc::clone(client),
         db.to_string(),
         Value::from(0),
+        FIRST_PAGE,
     )));
     while let Some(pending) = next.take() {
-        let mut page = pending
+        let ChangesPage {
+            mut page,
+            bytes,
+            limit,
+        } = pending
             .await
             .map_err(|e| Error::failed(format!("reading the changes of {db:?} stopped: {e}")))??;
         let since = page["last_seq"].clone();
-        let full_page = page["results"].as_array().is_some_and(|r| r.len() >= BATCH);
-        if full_page && !since.is_null() {
+        let count = page["results"].as_array().map_or(0, Vec::len);
+        if count >= limit && !since.is_null() {
             next = Some(tokio::spawn(changes_page(
                 Arc::clone(client),
                 db.to_string(),
                 since,
+                next_limit(bytes, count),
             )));
         }
         let results = page["results"]
@@ -333,8 +350,8 @@ async fn export_into(
                 // Design documents go last, so a restore writes them after the data (a
                 // validate_doc_update must not judge restored documents) without holding them.
                 // Only the id and leaf revisions wait: the bodies are fetched again then.
-                change["doc"].take();
-                design_later.push(change);
+                let estimate = serde_json::to_vec(&change["doc"].take()).map_or(0, |b| b.len());
+                design_later.push((change, estimate));
                 continue;
             }
             stats.documents_in_changes += 1;
@@ -354,23 +371,34 @@ async fn export_into(
                 send_line(tx, &json!({ "doc": doc })).await?;
                 continue;
             }
+            // The winner's size stands for every leaf's: revisions of one document are alike.
+            let estimate = serde_json::to_vec(&change["doc"]).map_or(0, |b| b.len());
             for rev in revs {
-                wanted.push(json!({"id": id, "rev": rev}));
+                wanted.push(WantedRevision {
+                    id: id.clone(),
+                    rev,
+                    estimate,
+                });
             }
         }
         export_revisions(client, db, wanted, tx, &mut stats).await?;
     }
     let mut wanted = Vec::new();
-    for change in design_later {
+    for (change, estimate) in design_later {
         stats.documents_in_changes += 1;
         if change["deleted"].as_bool() == Some(true) {
             stats.deleted_documents += 1;
         } else {
             stats.live_documents += 1;
         }
+        let id = change["id"].as_str().unwrap_or_default();
         for rev in change["changes"].as_array().into_iter().flatten() {
             if let Some(rev) = rev["rev"].as_str() {
-                wanted.push(json!({"id": change["id"], "rev": rev}));
+                wanted.push(WantedRevision {
+                    id: id.to_string(),
+                    rev: rev.to_string(),
+                    estimate,
+                });
             }
         }
     }
@@ -378,28 +406,91 @@ async fn export_into(
     Ok((database_properties(&header, &stats), stats))
 }
 
+/// A page of `_changes`, its size in bytes, and the `limit` it was asked with.
+struct ChangesPage {
+    page: Value,
+    bytes: usize,
+    limit: usize,
+}
+
+/// The `limit` of the next `_changes` page: as many changes as should weigh [`PAGE_BYTES`]
+/// at the last page's bytes per change, between 1 and [`BATCH`].
+fn next_limit(bytes: usize, count: usize) -> usize {
+    let per_change = (bytes / count.max(1)).max(1);
+    (PAGE_BYTES / per_change).clamp(1, BATCH)
+}
+
+/// A leaf revision to fetch, with the expected size of its body.
+struct WantedRevision {
+    id: String,
+    rev: String,
+    estimate: usize,
+}
+
+/// `wanted` in `_bulk_get` requests of at most [`BULK_GET_CHUNK`] revisions and, by the
+/// estimates, [`BULK_GET_BYTES`] (a revision larger than that goes alone).
+fn bulk_get_requests(wanted: &[WantedRevision]) -> Vec<Vec<Value>> {
+    let mut requests: Vec<Vec<Value>> = Vec::new();
+    let mut weight = 0;
+    for revision in wanted {
+        let full = requests.last().is_none_or(|r| {
+            r.len() >= BULK_GET_CHUNK || weight + revision.estimate > BULK_GET_BYTES
+        });
+        if full {
+            requests.push(Vec::new());
+            weight = 0;
+        }
+        weight += revision.estimate;
+        requests
+            .last_mut()
+            .expect("pushed above")
+            .push(json!({"id": revision.id, "rev": revision.rev}));
+    }
+    requests
+}
+
 /// One page of `_changes` (all leaf revisions, winners' bodies) after `since`, which is passed
 /// back exactly as the server sent it (CouchDB: opaque string, pouchdb-server: integer).
-async fn changes_page(client: Arc<Client>, db: String, since: Value) -> Result<Value> {
+async fn changes_page(
+    client: Arc<Client>,
+    db: String,
+    since: Value,
+    mut limit: usize,
+) -> Result<ChangesPage> {
     let since_text = match &since {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     };
-    let path = Client::db_path(
-        &db,
-        &format!(
-            "_changes?style=all_docs&include_docs=true&limit={BATCH}&since={}",
-            percent_encoding::utf8_percent_encode(&since_text, percent_encoding::NON_ALPHANUMERIC)
-        ),
-    );
-    client
-        .json(
-            Method::GET,
-            &path,
-            None,
-            &format!("reading the changes of {db:?}"),
-        )
-        .await
+    loop {
+        let path = Client::db_path(
+            &db,
+            &format!(
+                "_changes?style=all_docs&include_docs=true&limit={limit}&since={}",
+                percent_encoding::utf8_percent_encode(
+                    &since_text,
+                    percent_encoding::NON_ALPHANUMERIC
+                )
+            ),
+        );
+        // One change is read whatever it weighs: it cannot be split.
+        let cap = (limit > 1).then_some(PAGE_BYTES_CAP);
+        let answer = client
+            .json_sized(
+                Method::GET,
+                &path,
+                None,
+                &format!("reading the changes of {db:?}"),
+                cap,
+            )
+            .await?;
+        match answer {
+            Some((page, bytes)) => return Ok(ChangesPage { page, bytes, limit }),
+            None => {
+                tracing::debug!(database = %db, limit, "a page of changes is too large; asking for fewer");
+                limit = (limit / 16).max(1);
+            }
+        }
+    }
 }
 
 /// A document whose only leaf is its first revision has that revision as its whole history,
@@ -428,7 +519,7 @@ fn first_generation_only(revs: &[String], mut doc: Value) -> Option<Value> {
 async fn export_revisions(
     client: &Client,
     db: &str,
-    wanted: Vec<Value>,
+    wanted: Vec<WantedRevision>,
     tx: &mpsc::Sender<Result<Chunk>>,
     stats: &mut DatabaseStats,
 ) -> Result<()> {
@@ -437,7 +528,8 @@ async fn export_revisions(
     }
     // A few requests in flight keep the server busy while kura writes; answers are written
     // as they arrive, in order, so a backup of the same data is the same bytes.
-    let mut chunks = wanted.chunks(BULK_GET_CHUNK);
+    let requests = bulk_get_requests(&wanted);
+    let mut chunks = requests.iter().map(Vec::as_slice);
     let mut answers = futures::stream::FuturesOrdered::new();
     for chunk in chunks.by_ref().take(BULK_GET_CONCURRENCY) {
         answers.push_back(bulk_get(client, db, chunk, false));
@@ -627,6 +719,32 @@ async fn bulk_get(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pages_and_requests_are_bounded_by_bytes_as_well_as_count() {
+        // Small documents: the count bounds the page.
+        assert_eq!(next_limit(300_000, 1000), BATCH);
+        // 1 MB documents: a few per page; 20 MB ones: one at a time.
+        assert_eq!(next_limit(64 << 20, 64), 4);
+        assert_eq!(next_limit(20 << 20, 1), 1);
+        assert_eq!(next_limit(0, 0), BATCH);
+
+        let revision = |estimate| WantedRevision {
+            id: "d".into(),
+            rev: "1-a".into(),
+            estimate,
+        };
+        let small: Vec<WantedRevision> = (0..250).map(|_| revision(100)).collect();
+        let sizes: Vec<usize> = bulk_get_requests(&small).iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![100, 100, 50]);
+        let large: Vec<WantedRevision> = [1 << 20, 1 << 20, 1 << 20, 8 << 20, 10]
+            .into_iter()
+            .map(revision)
+            .collect();
+        let sizes: Vec<usize> = bulk_get_requests(&large).iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![2, 1, 1, 1]);
+        assert!(bulk_get_requests(&[]).is_empty());
+    }
 
     #[test]
     fn only_unedited_documents_skip_the_revision_fetch() {

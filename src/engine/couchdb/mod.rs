@@ -87,6 +87,10 @@ impl Client {
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(Duration::from_secs(300))
             .pool_max_idle_per_host(16)
+            // Servers close idle keep-alive connections (Node's default, pouchdb-server's,
+            // is 5 s); reusing one at that moment fails the request before it is sent, and
+            // a streamed attachment cannot be sent again.
+            .pool_idle_timeout(Duration::from_secs(3))
             .build()
             .map_err(|e| Error::failed(format!("cannot build the HTTP client: {e}")))?;
         Ok(Client {
@@ -371,6 +375,21 @@ impl Client {
         body: Option<Value>,
         what: &str,
     ) -> Result<Value> {
+        let answer = self.json_sized(method, path, body, what, None).await?;
+        Ok(answer.expect("no cap, never too large").0)
+    }
+
+    /// [`Client::json`], also returning the size of the answer in bytes (to size the next
+    /// page by bytes, not only by count). An answer longer than `cap` is not read further:
+    /// `Ok(None)`, and the caller asks for less.
+    pub async fn json_sized(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        what: &str,
+        cap: Option<usize>,
+    ) -> Result<Option<(Value, usize)>> {
         let body = body.map(|b| Bytes::from(serde_json::to_vec(&b).expect("JSON serializes")));
         // A connection lost while the answer streams in is retried like one lost before it;
         // every endpoint kura calls this way is safe to repeat.
@@ -379,8 +398,9 @@ impl Client {
             attempt += 1;
             let response = self.request(method.clone(), path, body.clone()).await?;
             let status = response.status();
-            match response.bytes().await {
-                Ok(bytes) => break (status, bytes),
+            match read_capped(response, cap).await {
+                Ok(Some(bytes)) => break (status, bytes),
+                Ok(None) => return Ok(None),
                 Err(e) if self.retry.allows_another(attempt) => {
                     tracing::debug!(error = %e, attempt, "reading a CouchDB answer failed; retrying");
                     tokio::time::sleep(self.retry.delay(attempt)).await;
@@ -413,12 +433,13 @@ impl Client {
                 ),
             ));
         }
-        serde_json::from_slice(&bytes).map_err(|e| {
+        let value = serde_json::from_slice(&bytes).map_err(|e| {
             Error::failed(format!(
                 "{what} at CouchDB {}: the answer is not JSON: {e}",
                 self.shown
             ))
-        })
+        })?;
+        Ok(Some((value, bytes.len())))
     }
 
     /// Every database name, paged through `_all_dbs`.
@@ -462,6 +483,24 @@ impl Client {
         }
         Ok(names)
     }
+}
+
+/// The whole body, or `None` once it grows past `cap`.
+async fn read_capped(
+    mut response: reqwest::Response,
+    cap: Option<usize>,
+) -> reqwest::Result<Option<Bytes>> {
+    let Some(cap) = cap else {
+        return response.bytes().await.map(Some);
+    };
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > cap {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(Bytes::from(body)))
 }
 
 #[cfg(test)]

@@ -108,22 +108,18 @@ impl CouchRestore {
             let key = ctx.path.object_key(&ctx.backup_id, &part.key);
             if exists {
                 // No transactions in CouchDB: a database that already exists is only written
-                // to once the whole part is known to be intact.
-                pipeline::read_verified(
-                    ctx.store,
-                    &key,
-                    &part.digest(),
-                    None,
-                    &ctx.cancel,
-                    |input: &mut dyn Read| Ok(std::io::copy(input, &mut std::io::sink())?),
-                )
-                .await
-                .map_err(|e| {
-                    e.context(format!(
+                // to once the whole part is known to be intact. That costs a second download
+                // of the compressed bytes (hashed, not decompressed); the alternative, a
+                // scratch database on the server copied into the target, would cost a second
+                // write of every revision there, which is the slower side of a restore.
+                pipeline::check_stored(ctx.store, &key, &part.digest(), &ctx.cancel)
+                    .await
+                    .map_err(|e| {
+                        e.context(format!(
                         "checking the backup of {:?} before writing into the existing {target:?}",
                         part.name
                     ))
-                })?;
+                    })?;
             } else {
                 self.create_database(&target, part).await?;
             }
