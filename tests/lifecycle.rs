@@ -260,9 +260,10 @@ fn backup_with_prune_applies_the_policy_after_a_good_backup() {
     let first = run(pg_kura(&pg, &storage, "t").args(["backup", "postgres", "--database", &db]))
         .assert_ok()
         .backup_id();
-    for days in [40, 20, 10] {
-        clone_backup(dir.path(), "t", "postgres", &first, days_ago(days), true);
-    }
+    let old: Vec<String> = [40, 20, 10]
+        .into_iter()
+        .map(|days| clone_backup(dir.path(), "t", "postgres", &first, days_ago(days), true))
+        .collect();
     // A missing policy is a config error before any dump starts.
     let no_policy =
         run(pg_kura(&pg, &storage, "t").args(["backup", "--prune", "postgres", "--database", &db]));
@@ -273,11 +274,25 @@ fn backup_with_prune_applies_the_policy_after_a_good_backup() {
     backed_up.assert_ok();
     let listed = run(pg_kura(&pg, &storage, "t").args(["list", "postgres", "--json"]));
     let rows = json_stdout(&listed);
+    let mut survivors: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["backup_id"].as_str().unwrap())
+        .collect();
+    survivors.sort();
+    let mut expected = vec![backed_up.backup_id(), first.clone(), old[2].clone()];
+    expected.sort();
     assert_eq!(
-        rows.as_array().unwrap().len(),
-        3,
-        "the new one, the first and the 10-day-old: {rows:#}"
+        survivors, expected,
+        "the new one, the first and the 10-day-old survive; the 40- and 20-day-old are gone"
     );
+    for gone in &old[..2] {
+        assert!(
+            !dir.path().join("t/postgres").join(gone).exists(),
+            "{gone} was deleted"
+        );
+    }
 }
 
 #[test]

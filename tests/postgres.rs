@@ -500,12 +500,10 @@ fn unreachable_storage_and_wrong_password_are_clear_errors() {
         !result.all().contains("wrong-password"),
         "the password is never printed"
     );
+    let stored = walk(dir.path());
     assert!(
-        std::fs::read_dir(dir.path())
-            .map(|d| d.count())
-            .unwrap_or(0)
-            <= 1,
-        "nothing was uploaded"
+        stored.is_empty(),
+        "nothing was uploaded, not even a lock: {stored:?}"
     );
 
     let mut command = kura();

@@ -435,5 +435,32 @@ mod tests {
                 .kind(),
             ErrorKind::Integrity
         );
+
+        let manifest = |encryption: serde_json::Value| {
+            serde_json::to_vec(&serde_json::json!({
+                "format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION,
+                "kura_version": "0.1.0", "backup_id": "20260102T030405Z-abcdef",
+                "tenant": "t", "source": "main", "kind": "postgres",
+                "server_version": "15.18", "tool_version": "pg_dump 15.18",
+                "started_at": "2026-01-02T03:04:05Z", "finished_at": "2026-01-02T03:05:05Z",
+                "parts": [{
+                    "key": "db-0001.pgdump.zst", "name": "app", "kind": "postgres.database",
+                    "format": "pg_dump-custom", "raw_bytes": 10, "stored_bytes": 8,
+                    "sha256": "00", "compression": {"algorithm": "zstd", "level": 3},
+                    "encryption": encryption
+                }]
+            }))
+            .unwrap()
+        };
+        assert!(parse_manifest(&manifest(serde_json::Value::Null)).is_ok());
+        let err = parse_manifest(&manifest(
+            serde_json::json!({"algorithm": "age", "key_id": "age1example"}),
+        ))
+        .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Usage);
+        assert!(
+            err.to_string().contains("db-0001.pgdump.zst is encrypted"),
+            "{err}"
+        );
     }
 }

@@ -49,6 +49,7 @@ use crate::error::{Error, Result};
 
 pub mod local;
 pub mod s3;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
