@@ -20,7 +20,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::{Client, DATABASE_KIND, FORMAT};
+use super::{encode_segment, Client, DATABASE_KIND, FORMAT};
 use crate::catalog::{BackupId, Part};
 use crate::engine::{BackupContext, BackupOutcome, Selection};
 use crate::error::{Error, ErrorKind, Result};
@@ -466,10 +466,7 @@ async fn changes_page(
             &db,
             &format!(
                 "_changes?style=all_docs&include_docs=true&limit={limit}&since={}",
-                percent_encoding::utf8_percent_encode(
-                    &since_text,
-                    percent_encoding::NON_ALPHANUMERIC
-                )
+                encode_segment(&since_text)
             ),
         );
         // One change is read whatever it weighs: it cannot be split.
@@ -649,15 +646,13 @@ async fn export_attachments(
 /// `/{db}/{doc}/{attachment}?rev=…`, each part percent-encoded; `_design/` stays literal and
 /// the `/` inside attachment names too, as CouchDB's URL scheme has them.
 pub fn attachment_path(db: &str, id: &str, name: &str, rev: &str) -> String {
-    let encode = |text: &str| {
-        percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
-    };
-    let doc = match id.strip_prefix("_design/") {
-        Some(rest) => format!("_design/{}", encode(rest)),
-        None => encode(id),
-    };
-    let name: Vec<String> = name.split('/').map(encode).collect();
-    Client::db_path(db, &format!("{doc}/{}?rev={}", name.join("/"), encode(rev)))
+    let name: Vec<String> = name.split('/').map(encode_segment).collect();
+    format!(
+        "{}/{}?rev={}",
+        Client::doc_path(db, id),
+        name.join("/"),
+        encode_segment(rev)
+    )
 }
 
 struct Fetched {

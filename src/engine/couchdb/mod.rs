@@ -118,12 +118,20 @@ impl Client {
 
     /// `/{db}/{rest}` with the database name percent-encoded (names may contain `/`).
     pub fn db_path(db: &str, rest: &str) -> String {
-        let encoded = percent_encoding::utf8_percent_encode(db, percent_encoding::NON_ALPHANUMERIC)
-            .to_string();
+        let encoded = encode_segment(db);
         if rest.is_empty() {
             encoded
         } else {
             format!("{encoded}/{rest}")
+        }
+    }
+
+    /// `/{db}/{doc}`, each percent-encoded, with the `_design/` of a design document kept
+    /// literal (CouchDB routes `_design%2Fx` elsewhere).
+    pub fn doc_path(db: &str, id: &str) -> String {
+        match id.strip_prefix("_design/") {
+            Some(rest) => Client::db_path(db, &format!("_design/{}", encode_segment(rest))),
+            None => Client::db_path(db, &encode_segment(id)),
         }
     }
 
@@ -452,13 +460,7 @@ impl Client {
             if let Some(start) = &start {
                 let key = serde_json::to_string(start).expect("string serializes");
                 path.push_str("&skip=1&startkey=");
-                path.push_str(
-                    &percent_encoding::utf8_percent_encode(
-                        &key,
-                        percent_encoding::NON_ALPHANUMERIC,
-                    )
-                    .to_string(),
-                );
+                path.push_str(&encode_segment(&key));
             }
             let page = self
                 .json(Method::GET, &path, None, "listing databases")
@@ -483,6 +485,11 @@ impl Client {
         }
         Ok(names)
     }
+}
+
+/// One path segment (or query value), percent-encoded.
+pub fn encode_segment(text: &str) -> String {
+    percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
 /// The whole body, or `None` once it grows past `cap`.
@@ -511,5 +518,7 @@ mod tests {
     fn database_names_are_encoded() {
         assert_eq!(Client::db_path("a/b c", "_changes"), "a%2Fb%20c/_changes");
         assert_eq!(Client::db_path("plain", ""), "plain");
+        assert_eq!(Client::doc_path("db", "a/b"), "db/a%2Fb");
+        assert_eq!(Client::doc_path("db", "_design/x y"), "db/_design/x%20y");
     }
 }

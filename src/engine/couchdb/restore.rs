@@ -528,7 +528,7 @@ impl Writer {
         let body = reqwest::Body::wrap_stream(futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         }));
-        let path = doc_path(&self.db, &id) + "?new_edits=false";
+        let path = Client::doc_path(&self.db, &id) + "?new_edits=false";
         let client = Arc::clone(&self.client);
         let content_type = format!("multipart/related; boundary=\"{boundary}\"");
         let length = framing.length;
@@ -651,17 +651,6 @@ impl Framing {
             .sum::<u64>()
             + end.len() as u64;
         Framing { parts, end, length }
-    }
-}
-
-/// `/{db}/{doc}`, with `_design/` kept literal.
-fn doc_path(db: &str, id: &str) -> String {
-    let encode = |text: &str| {
-        percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
-    };
-    match id.strip_prefix("_design/") {
-        Some(rest) => Client::db_path(db, &format!("_design/{}", encode(rest))),
-        None => Client::db_path(db, &encode(id)),
     }
 }
 
