@@ -255,7 +255,20 @@ pub struct FileConfig {
     #[serde(default)]
     pub retention: RetentionFile,
     #[serde(default)]
+    pub encryption: EncryptionFile,
+    #[serde(default)]
     pub sources: BTreeMap<String, SourceFile>,
+}
+
+/// `[encryption]`: age public keys to encrypt to, and identity files to read with.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionFile {
+    #[serde(default)]
+    pub recipients: Vec<String>,
+    pub recipients_file: Option<PathBuf>,
+    #[serde(default)]
+    pub identity_files: Vec<PathBuf>,
 }
 
 /// `[retention]`: the policy of `prune` and `backup --prune`; flags and KURA_KEEP_* override.

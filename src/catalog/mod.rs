@@ -26,8 +26,10 @@ pub const MANIFEST_NAME: &str = "manifest.json";
 pub const MANIFEST_FORMAT: &str = "kura-backup-manifest";
 /// Bump when a reader of the previous version would misread a new manifest.
 /// 2: CouchDB parts stream attachments after their document (`kura-couchdb-ndjson-v2`).
-/// Manifests of version 1 are still read, and their parts restored.
-pub const MANIFEST_VERSION: u32 = 2;
+/// 3: parts may be age-encrypted (`encryption: {algorithm: "age", recipients: [...]}`); a
+/// version-2 kura would try to decompress their ciphertext.
+/// Manifests of versions 1 and 2 are still read, and their parts restored.
+pub const MANIFEST_VERSION: u32 = 3;
 
 /// `20261128T020304Z-a1b2c3`: UTC time to the second, then a suffix of the millisecond and
 /// random bits so two runs in the same second never collide. Lexical order is time order.
@@ -104,11 +106,12 @@ pub struct Compression {
     pub level: i32,
 }
 
-/// Reserved for the encryption stage; a manifest naming one this version cannot undo is refused.
+/// How a part is encrypted: `age` to these recipients (public keys, not secrets: recorded so
+/// a restore can say which key it needs before it touches anything).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Encryption {
     pub algorithm: String,
-    pub key_id: String,
+    pub recipients: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -240,12 +243,6 @@ pub fn parse_manifest(json: &[u8]) -> Result<Manifest> {
     }
     let manifest: Manifest = serde_json::from_slice(json)
         .map_err(|e| Error::integrity(format!("manifest is malformed: {e}")))?;
-    if let Some(part) = manifest.parts.iter().find(|p| p.encryption.is_some()) {
-        return Err(Error::usage(format!(
-            "part {} is encrypted, which this kura version cannot decrypt: upgrade kura",
-            part.key
-        )));
-    }
     Ok(manifest)
 }
 
@@ -453,14 +450,28 @@ mod tests {
             .unwrap()
         };
         assert!(parse_manifest(&manifest(serde_json::Value::Null)).is_ok());
-        let err = parse_manifest(&manifest(
-            serde_json::json!({"algorithm": "age", "key_id": "age1example"}),
+        let parsed = parse_manifest(&manifest(
+            serde_json::json!({"algorithm": "age", "recipients": ["age1example"]}),
         ))
-        .unwrap_err();
+        .unwrap();
+        // Readable without a key (list, status, prune); restoring it needs one.
+        let part = &parsed.parts[0];
+        assert_eq!(
+            part.encryption.as_ref().unwrap().recipients,
+            ["age1example"]
+        );
+        let err = crate::pipeline::encryption::check_can_read("b", [part], None).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Usage);
         assert!(
-            err.to_string().contains("db-0001.pgdump.zst is encrypted"),
+            err.to_string().contains("age1example") && err.to_string().contains("--identity"),
             "{err}"
         );
+        // An algorithm this kura does not know is refused, not misread.
+        let other = parse_manifest(&manifest(
+            serde_json::json!({"algorithm": "rot13", "recipients": []}),
+        ))
+        .unwrap();
+        let err = crate::pipeline::encryption::check_can_read("b", &other.parts, None).unwrap_err();
+        assert!(err.to_string().contains("upgrade kura"), "{err}");
     }
 }

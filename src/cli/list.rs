@@ -27,6 +27,8 @@ pub struct Row {
     pub parts: Option<usize>,
     pub raw_bytes: Option<u64>,
     pub stored_bytes: u64,
+    /// Whether the parts are age-encrypted (`None`: unknown, no manifest).
+    pub encrypted: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub problem: Option<String>,
 }
@@ -53,6 +55,7 @@ impl Row {
             stored_bytes: manifest
                 .map(|m| m.stored_bytes())
                 .unwrap_or(entry.object_bytes),
+            encrypted: manifest.map(|m| m.parts.iter().any(|p| p.encryption.is_some())),
             problem: entry.problem.clone(),
         }
     }
@@ -107,6 +110,11 @@ fn table(rows: &[Row]) -> String {
                     .unwrap_or_else(|| "-".into()),
                 r.parts.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                 human_bytes(r.stored_bytes),
+                match r.encrypted {
+                    Some(true) => "age".into(),
+                    Some(false) => "no".into(),
+                    None => "-".into(),
+                },
             ]
         })
         .collect();
@@ -119,6 +127,7 @@ fn table(rows: &[Row]) -> String {
             "DURATION",
             "PARTS",
             "SIZE",
+            "ENCRYPTED",
         ],
         &cells,
     )

@@ -12,6 +12,7 @@ use crate::catalog::{self, SourcePath};
 use crate::config::{self, FileConfig, RetentionFile, Source, SourceKind, SourceUrl};
 use crate::error::{Error, Result};
 use crate::logging::{self, LogFormat};
+use crate::pipeline::encryption::{Identities, Recipients};
 use crate::pipeline::PipelineOptions;
 use crate::retention::{Policy, DEFAULT_GRACE};
 use crate::storage::{self, ObjectStore, S3Options};
@@ -19,6 +20,7 @@ use crate::storage::{self, ObjectStore, S3Options};
 pub mod backup;
 pub mod list;
 pub mod prune;
+pub mod reencrypt;
 pub mod restore;
 pub mod schedule;
 pub mod show;
@@ -87,6 +89,44 @@ pub struct GlobalArgs {
     /// Directory of pg_dump, pg_restore, psql (default: PATH, then /usr/lib/postgresql/*/bin)
     #[arg(long, env = "KURA_PG_BIN_DIR", global = true)]
     pub pg_bin_dir: Option<PathBuf>,
+    /// Encrypt every part to this age public key (age1…); repeatable, any one of the keys
+    /// decrypts. The backup job needs only public keys.
+    #[arg(
+        long,
+        env = "KURA_ENCRYPT_TO",
+        global = true,
+        value_name = "RECIPIENT",
+        value_delimiter = ',',
+        help_heading = "Encryption"
+    )]
+    pub encrypt_to: Vec<String>,
+    /// Encrypt to the recipients in FILE (one age1… key per line, as `age -R` reads)
+    #[arg(
+        long,
+        env = "KURA_ENCRYPT_TO_FILE",
+        global = true,
+        value_name = "FILE",
+        help_heading = "Encryption"
+    )]
+    pub encrypt_to_file: Option<PathBuf>,
+    /// Back up unencrypted although recipients are configured
+    #[arg(
+        long,
+        env = "KURA_NO_ENCRYPT",
+        global = true,
+        help_heading = "Encryption"
+    )]
+    pub no_encrypt: bool,
+    /// age identity file (AGE-SECRET-KEY-1…) to read encrypted backups with; repeatable
+    #[arg(
+        long,
+        env = "KURA_IDENTITY_FILE",
+        global = true,
+        value_name = "FILE",
+        value_delimiter = ',',
+        help_heading = "Encryption"
+    )]
+    pub identity: Vec<PathBuf>,
     /// How long pg_dump waits for a table lock before the backup fails, naming the session
     /// that holds it, e.g. 30s, 10m [default: 10m]
     #[arg(
@@ -132,6 +172,8 @@ pub enum Command {
     Schedule(schedule::Options),
     /// Remove the backup/prune lock of a source left behind by a run that died.
     Unlock(unlock::Options),
+    /// Rewrite a backup for new age recipients (--identity OLD --encrypt-to NEW), commit-last.
+    Reencrypt(reencrypt::Options),
 }
 
 /// Retention rules shared by `prune` and `backup --prune`.
@@ -205,6 +247,8 @@ pub struct Settings {
     pub sources: Vec<Source>,
     pub pg_bin_dir: Option<PathBuf>,
     pub lock_wait_timeout: Duration,
+    /// `--identity` files, read when an encrypted backup is opened.
+    pub identity_files: Vec<PathBuf>,
     /// The config file's `[retention]`, under the retention flags.
     pub retention: RetentionFile,
     pub cancel: CancellationToken,
@@ -244,6 +288,24 @@ impl Settings {
             pipeline.upload_concurrency = n;
         }
         pipeline.validate()?;
+        let recipient_keys = match args.encrypt_to.is_empty() {
+            true => file.encryption.recipients.clone(),
+            false => args.encrypt_to.clone(),
+        };
+        let recipient_files: Vec<PathBuf> = args
+            .encrypt_to_file
+            .clone()
+            .or(file.encryption.recipients_file.clone())
+            .into_iter()
+            .collect();
+        let recipients = Recipients::parse(&recipient_keys, &recipient_files)?;
+        if !args.no_encrypt {
+            pipeline.encryption = recipients;
+        }
+        let identity_files = match args.identity.is_empty() {
+            true => file.encryption.identity_files.clone(),
+            false => args.identity.clone(),
+        };
 
         let lock_wait_timeout = match args
             .lock_wait_timeout
@@ -298,6 +360,7 @@ impl Settings {
             sources,
             pg_bin_dir: args.pg_bin_dir.clone().or(file.pg_bin_dir.clone()),
             lock_wait_timeout,
+            identity_files,
             retention: file.retention,
             cancel: CancellationToken::new(),
         })
@@ -376,6 +439,11 @@ impl Settings {
             ));
         }
         Ok(self.sources.iter().map(|s| s.name.clone()).collect())
+    }
+
+    /// The `--identity` keys, or `None` when none are configured.
+    pub fn identities(&self) -> Result<Option<Arc<Identities>>> {
+        Identities::load(&self.identity_files)
     }
 
     /// What the engines need beyond a source's URL.
@@ -457,6 +525,7 @@ pub async fn run(cli: Cli) -> i32 {
             Command::WaitFor(options) => wait_for::run(&settings, options).await,
             Command::Schedule(options) => schedule::run(&settings, options).await,
             Command::Unlock(options) => unlock::run(&settings, options).await,
+            Command::Reencrypt(options) => reencrypt::run(&settings, options).await,
         }
     };
     tokio::pin!(work);

@@ -68,15 +68,16 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
         force: options.force,
         batch_bytes: options.batch_bytes,
     };
-    ops::restore::restore(
-        store.as_ref(),
-        &path,
-        &manifest,
-        engine.as_ref(),
-        &request,
-        &settings.cancel,
-        settings.show_progress(),
-    )
+    ops::restore::restore(ops::restore::RestoreJob {
+        store: store.as_ref(),
+        path: &path,
+        manifest: &manifest,
+        engine: engine.as_ref(),
+        request: &request,
+        identities: settings.identities()?,
+        cancel: &settings.cancel,
+        show_progress: settings.show_progress(),
+    })
     .await?;
     Ok(())
 }

@@ -181,6 +181,11 @@ impl ChildGlobals {
                 continue;
             }
             match (arg.get_env(), arg.get_action()) {
+                (Some(var), ArgAction::SetTrue) => {
+                    globals
+                        .env
+                        .push((var.to_string_lossy().into_owned(), OsString::from("true")));
+                }
                 (_, ArgAction::Count) => {
                     let long = arg.get_long().expect("count options have a long name");
                     let times = matches.get_count(id);
@@ -222,16 +227,21 @@ mod tests {
                 argv.push(format!("--{long}"));
                 continue;
             }
-            let value = match arg.get_possible_values().last() {
-                Some(possible) => possible.get_name().to_string(),
-                None => "7".to_string(),
-            };
-            argv.push(format!("--{long}={value}"));
             let var = arg
                 .get_env()
                 .expect("a variable")
                 .to_string_lossy()
                 .into_owned();
+            if matches!(arg.get_action(), ArgAction::SetTrue) {
+                argv.push(format!("--{long}"));
+                expected.push((var, OsString::from("true")));
+                continue;
+            }
+            let value = match arg.get_possible_values().last() {
+                Some(possible) => possible.get_name().to_string(),
+                None => "7".to_string(),
+            };
+            argv.push(format!("--{long}={value}"));
             expected.push((var, OsString::from(value)));
         }
         assert!(expected.len() >= 12, "{expected:?}");

@@ -60,6 +60,18 @@ fn describe(manifest: &crate::catalog::Manifest) -> String {
         human_bytes(manifest.raw_bytes()),
         human_bytes(manifest.stored_bytes())
     ));
+    let mut recipients: Vec<&str> = manifest
+        .parts
+        .iter()
+        .filter_map(|p| p.encryption.as_ref())
+        .flat_map(|e| e.recipients.iter().map(String::as_str))
+        .collect();
+    recipients.sort();
+    recipients.dedup();
+    line(match recipients.is_empty() {
+        true => "encrypted   no".to_string(),
+        false => format!("encrypted   age, to {}", recipients.join(", ")),
+    });
     line(format!(
         "kura        {} (manifest format {})",
         manifest.kura_version, manifest.format_version

@@ -63,6 +63,7 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
         deep: deep.as_deref(),
         cancel: settings.cancel.clone(),
         show_progress: settings.show_progress(),
+        identities: settings.identities()?,
     })
     .await
 }

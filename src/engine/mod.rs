@@ -37,9 +37,12 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{BackupId, Compression, Manifest, Part, SourcePath};
+use std::sync::Arc;
+
+use crate::catalog::{BackupId, Compression, Encryption, Manifest, Part, SourcePath};
 use crate::config::{SourceKind, SourceUrl};
 use crate::error::{Error, Result};
+use crate::pipeline::encryption::Identities;
 use crate::pipeline::PipelineOptions;
 use crate::storage::ObjectStore;
 
@@ -183,6 +186,14 @@ impl BackupContext<'_> {
         }
     }
 
+    /// How the pipeline encrypts, as every part's manifest entry records it.
+    pub fn encryption(&self) -> Option<Encryption> {
+        self.pipeline
+            .encryption
+            .as_ref()
+            .map(|recipients| recipients.manifest_entry())
+    }
+
     /// The object name of the `index`-th database (from 0): `db-0001.<extension>.zst`. Names
     /// carry no database name, which may hold any character.
     pub fn database_part_name(index: usize, extension: &str) -> String {
@@ -197,6 +208,23 @@ pub struct RestoreContext<'a> {
     pub backup_id: BackupId,
     pub cancel: CancellationToken,
     pub show_progress: bool,
+    /// Keys for encrypted parts; the operation checked they open every part it reads.
+    pub identities: Option<Arc<Identities>>,
+}
+
+impl RestoreContext<'_> {
+    /// The keys to read `part` with: `None` for a part that is not encrypted.
+    pub fn unseal(&self, part: &Part) -> Result<Option<Arc<Identities>>> {
+        match (&part.encryption, &self.identities) {
+            (None, _) => Ok(None),
+            (Some(_), Some(identities)) => Ok(Some(Arc::clone(identities))),
+            (Some(encryption), None) => Err(Error::usage(format!(
+                "part {} is encrypted to {}: pass --identity FILE",
+                part.key,
+                encryption.recipients.join(", ")
+            ))),
+        }
+    }
 }
 
 /// `--database SRC[:DST]`: restore SRC from the backup under the name DST.

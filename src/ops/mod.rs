@@ -4,5 +4,6 @@
 
 pub mod backup;
 pub mod prune;
+pub mod reencrypt;
 pub mod restore;
 pub mod verify;

@@ -1,23 +1,44 @@
 //! Restore a backup through its engine: the engine decides what "holds data" means and how
 //! to hold back the commit; this says what to do when the backup itself is damaged.
 
+use std::sync::Arc;
+
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Manifest, SourcePath};
 use crate::engine::{Engine, RestoreContext, RestoreRequest, RestoreSummary};
 use crate::error::{Error, ErrorKind, Result};
+use crate::pipeline::encryption::{self, Identities};
 use crate::progress::human_bytes;
 use crate::storage::ObjectStore;
 
-pub async fn restore(
-    store: &dyn ObjectStore,
-    path: &SourcePath,
-    manifest: &Manifest,
-    engine: &dyn Engine,
-    request: &RestoreRequest,
-    cancel: &CancellationToken,
-    show_progress: bool,
-) -> Result<RestoreSummary> {
+/// One restore, as the command line asked for it.
+pub struct RestoreJob<'a> {
+    pub store: &'a dyn ObjectStore,
+    pub path: &'a SourcePath,
+    pub manifest: &'a Manifest,
+    pub engine: &'a dyn Engine,
+    pub request: &'a RestoreRequest,
+    /// Keys for an encrypted backup.
+    pub identities: Option<Arc<Identities>>,
+    pub cancel: &'a CancellationToken,
+    pub show_progress: bool,
+}
+
+pub async fn restore(job: RestoreJob<'_>) -> Result<RestoreSummary> {
+    let RestoreJob {
+        store,
+        path,
+        manifest,
+        engine,
+        request,
+        identities,
+        cancel,
+        show_progress,
+    } = job;
+    // Before anything is created on the target: the keys open every part (all of them, the
+    // parts a selection skips included, so a wrong key is found at once, not halfway).
+    encryption::check_can_read(&manifest.backup_id, &manifest.parts, identities.as_deref())?;
     tracing::info!(
         source = %path.source,
         backup_id = %manifest.backup_id,
@@ -33,6 +54,7 @@ pub async fn restore(
         backup_id: manifest.id()?,
         cancel: cancel.clone(),
         show_progress,
+        identities,
     };
     let summary = engine
         .restore(&ctx, manifest, request)

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
+use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
@@ -11,6 +12,7 @@ use crate::catalog::{Manifest, Part, SourcePath};
 use crate::engine::{Engine, RestoreContext};
 use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline;
+use crate::pipeline::encryption::{self, Identities};
 use crate::progress::{human_bytes, Progress, ProgressLine};
 use crate::storage::ObjectStore;
 
@@ -22,6 +24,9 @@ pub struct VerifyJob<'a> {
     pub deep: Option<&'a dyn Engine>,
     pub cancel: CancellationToken,
     pub show_progress: bool,
+    /// Keys for encrypted parts. Without them encrypted parts are checked by size and
+    /// SHA-256 only; `--deep` needs them.
+    pub identities: Option<Arc<Identities>>,
 }
 
 pub async fn verify(job: &VerifyJob<'_>) -> Result<()> {
@@ -43,6 +48,13 @@ pub async fn verify(job: &VerifyJob<'_>) -> Result<()> {
         human_bytes(manifest.stored_bytes())
     );
 
+    if job.deep.is_some() {
+        encryption::check_can_read(
+            &manifest.backup_id,
+            &manifest.parts,
+            job.identities.as_deref(),
+        )?;
+    }
     let mut bad = Vec::new();
     let line = ProgressLine::start(
         "verifying",
@@ -52,17 +64,42 @@ pub async fn verify(job: &VerifyJob<'_>) -> Result<()> {
     for part in &manifest.parts {
         let key = path.object_key(&manifest.id()?, &part.key);
         line.progress().set_label(&part.name);
-        match check_part(&job.cancel, *store, &key, part, line.progress()).await {
-            Ok(raw) => tracing::info!(
+        let unseal = match (&part.encryption, &job.identities) {
+            (None, _) => Some(None),
+            (Some(e), Some(ids)) if ids.opens(&e.recipients) => Some(Some(Arc::clone(ids))),
+            // No key that opens it: what can be checked without one is checked.
+            (Some(_), _) => None,
+        };
+        let checked = match unseal {
+            Some(unseal) => check_part(&job.cancel, *store, &key, part, unseal, line.progress())
+                .await
+                .map(Some),
+            None => pipeline::check_stored(*store, &key, &part.digest(), &job.cancel)
+                .await
+                .map(|_| None)
+                .map_err(|e| missing_part(e, &key)),
+        };
+        match checked {
+            Ok(None) => tracing::info!(
+                part = %part.key,
+                name = %part.name,
+                stored_bytes = part.stored_bytes,
+                "part {} ({}) is intact: {} stored, SHA-256 matches (encrypted: pass --identity to also decrypt and decompress it)",
+                part.key,
+                part.name,
+                human_bytes(part.stored_bytes),
+            ),
+            Ok(Some(raw)) => tracing::info!(
                 part = %part.key,
                 name = %part.name,
                 stored_bytes = part.stored_bytes,
                 raw_bytes = raw,
-                "part {} ({}) is intact: {} stored, SHA-256 matches, {} decompressed",
+                "part {} ({}) is intact: {} stored, SHA-256 matches, {} decompressed{}",
                 part.key,
                 part.name,
                 human_bytes(part.stored_bytes),
-                human_bytes(raw)
+                human_bytes(raw),
+                if part.encryption.is_some() { " (decrypted)" } else { "" }
             ),
             Err(err) if err.kind() == ErrorKind::Interrupted || job.cancel.is_cancelled() => {
                 return Err(Error::interrupted())
@@ -108,12 +145,14 @@ async fn check_part(
     store: &dyn ObjectStore,
     key: &str,
     part: &Part,
+    unseal: Option<Arc<Identities>>,
     progress: Progress,
 ) -> Result<u64> {
     let raw = pipeline::read_verified(
         store,
         key,
         &part.digest(),
+        unseal,
         Some(progress),
         cancel,
         |reader: &mut dyn Read| {
@@ -122,12 +161,7 @@ async fn check_part(
         },
     )
     .await
-    .map_err(|e| match e.kind() {
-        ErrorKind::NotFound => Error::integrity(format!(
-            "part {key} is missing from storage (the manifest lists it)"
-        )),
-        _ => e,
-    })?;
+    .map_err(|e| missing_part(e, key))?;
     if raw != part.raw_bytes {
         return Err(Error::integrity(format!(
             "part {key} decompresses to {raw} bytes, but the manifest recorded {}",
@@ -135,6 +169,15 @@ async fn check_part(
         )));
     }
     Ok(raw)
+}
+
+fn missing_part(err: Error, key: &str) -> Error {
+    match err.kind() {
+        ErrorKind::NotFound => Error::integrity(format!(
+            "part {key} is missing from storage (the manifest lists it)"
+        )),
+        _ => err,
+    }
 }
 
 async fn deep(job: &VerifyJob<'_>, engine: &dyn Engine) -> Result<()> {
@@ -145,6 +188,7 @@ async fn deep(job: &VerifyJob<'_>, engine: &dyn Engine) -> Result<()> {
         backup_id: manifest.id()?,
         cancel: job.cancel.clone(),
         show_progress: job.show_progress,
+        identities: job.identities.clone(),
     };
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let mut mismatches = Vec::new();

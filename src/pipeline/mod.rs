@@ -1,8 +1,10 @@
 //! Streaming stages between a database tool and the object store.
 //!
-//! Backup: `producer (blocking thread: child stdout → zstd → ChunkSink)` → bounded channel →
-//! `upload::upload_stream` (async multipart upload). Restore: `download` (async) → bounded
-//! channel → `VerifyingReader` (blocking: SHA-256 and size) → zstd decoder → child stdin.
+//! Backup: `producer (blocking thread: child stdout → zstd → [age] → ChunkSink)` → bounded
+//! channel → `upload::upload_stream` (async multipart upload). Restore: `download` (async) →
+//! bounded channel → `VerifyingReader` (blocking: SHA-256 and size) → [age] → zstd decoder →
+//! child stdin. The SHA-256 is of the stored bytes, encrypted or not, so checking a backup's
+//! integrity never needs a key.
 //!
 //! Backpressure is the bounded channel: when uploads are slow the sink blocks, zstd stops
 //! reading, and the dump tool blocks on its stdout pipe. Peak memory is therefore set by the
@@ -22,7 +24,11 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::progress::Progress;
 use crate::storage::ObjectStore;
 
+pub mod encryption;
 pub mod upload;
+
+use encryption::{AgeWriter, Identities, Recipients};
+use std::sync::Arc;
 
 /// Size of the chunks handed from the blocking stages to the async ones.
 pub const CHUNK_SIZE: usize = 512 << 10;
@@ -39,6 +45,8 @@ pub struct PipelineOptions {
     pub part_size: u64,
     /// Parts uploaded at the same time.
     pub upload_concurrency: usize,
+    /// Encrypt every part to these age recipients.
+    pub encryption: Option<Recipients>,
 }
 
 impl Default for PipelineOptions {
@@ -49,6 +57,7 @@ impl Default for PipelineOptions {
             part_size: 8 << 20,
             // Two parts in flight keep a link to ICOS busy; each one more costs a part of memory.
             upload_concurrency: 2,
+            encryption: None,
         }
     }
 }
@@ -247,6 +256,43 @@ impl<W: Write> Write for CountingWriter<W> {
     }
 }
 
+/// Where zstd writes: straight to the sink, or through age first.
+enum Sealing {
+    Plain(ChunkSink),
+    Age(AgeWriter<ChunkSink>),
+}
+
+impl Sealing {
+    fn new(sink: ChunkSink, encryption: Option<&Recipients>) -> io::Result<Sealing> {
+        Ok(match encryption {
+            None => Sealing::Plain(sink),
+            Some(recipients) => Sealing::Age(recipients.encrypt(sink)?),
+        })
+    }
+
+    fn finish(self) -> io::Result<ChunkSink> {
+        match self {
+            Sealing::Plain(sink) => Ok(sink),
+            Sealing::Age(writer) => writer.finish(),
+        }
+    }
+}
+
+impl Write for Sealing {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        match self {
+            Sealing::Plain(sink) => sink.write(data),
+            Sealing::Age(writer) => writer.write(data),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sealing::Plain(sink) => sink.flush(),
+            Sealing::Age(writer) => writer.flush(),
+        }
+    }
+}
+
 /// What one stored object took.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {
@@ -283,8 +329,10 @@ where
                 Error::with_source(ErrorKind::Failed, "compressing", e)
             }
         };
-        let mut encoder = zstd::Encoder::new(ChunkSink::new(tx), compression.compression_level)
-            .map_err(io_error)?;
+        let sealing =
+            Sealing::new(ChunkSink::new(tx), compression.encryption.as_ref()).map_err(io_error)?;
+        let mut encoder =
+            zstd::Encoder::new(sealing, compression.compression_level).map_err(io_error)?;
         // zstd's own frame checksum lets even a copy taken without the manifest be checked.
         encoder.include_checksum(true).map_err(io_error)?;
         if compression.compression_threads > 0 {
@@ -302,8 +350,11 @@ where
         };
         producer(&mut counting)?;
         let raw = counting.bytes;
-        let sink = counting.inner.finish().map_err(io_error)?;
-        let digest = sink.finish().map_err(io_error)?;
+        let sealing = counting.inner.finish().map_err(io_error)?;
+        let digest = sealing
+            .finish()
+            .and_then(ChunkSink::finish)
+            .map_err(io_error)?;
         Ok((raw, digest))
     });
     let uploaded = upload::upload_stream(store, key, rx, options, cancel).await;
@@ -323,6 +374,66 @@ where
     }
 }
 
+/// Copy the object at `from` to `to` with new recipients: downloaded and checked against
+/// `expected`, decrypted with `unseal` if it is encrypted, and encrypted to `options`'
+/// recipients (or stored plain without any), never decompressed. Nothing is visible at `to`
+/// unless every byte of `from` matched; returns what was stored.
+pub async fn reseal(
+    store: &dyn ObjectStore,
+    from: &str,
+    expected: &Digested,
+    unseal: Option<Arc<Identities>>,
+    to: &str,
+    options: &PipelineOptions,
+    cancel: &CancellationToken,
+) -> Result<Digested> {
+    let (in_tx, in_rx) = mpsc::channel(CHANNEL_DEPTH);
+    let (out_tx, out_rx) = mpsc::channel(CHANNEL_DEPTH);
+    let object = from.to_string();
+    let expected = expected.clone();
+    let recipients = options.encryption.clone();
+    let copy = tokio::task::spawn_blocking(move || -> Result<Digested> {
+        let io_error = |e: io::Error| {
+            if is_upload_stopped_io(&e) {
+                Error::upload_stopped()
+            } else {
+                Error::with_source(ErrorKind::Failed, format!("re-encrypting {object}"), e)
+            }
+        };
+        let mut verifying = VerifyingReader::new(in_rx, None);
+        let mut sealing =
+            Sealing::new(ChunkSink::new(out_tx), recipients.as_ref()).map_err(io_error)?;
+        let copied = {
+            let mut plain: Box<dyn Read + '_> = match &unseal {
+                None => Box::new(&mut verifying),
+                Some(identities) => identities.decrypt(&mut verifying)?,
+            };
+            copy_large(&mut plain, &mut sealing)
+        };
+        // The whole object must match before the copy may complete.
+        verifying.verify(&object, &expected)?;
+        copied.map_err(io_error)?;
+        sealing
+            .finish()
+            .and_then(ChunkSink::finish)
+            .map_err(io_error)
+    });
+    let (downloaded, uploaded) = tokio::join!(
+        download(store, from, in_tx, cancel),
+        upload::upload_stream(store, to, out_rx, options, cancel)
+    );
+    let copied = copy
+        .await
+        .map_err(|e| Error::failed(format!("re-encryption task failed: {e}")))?;
+    downloaded?;
+    match (copied, uploaded) {
+        (Ok(digest), Ok(_)) => Ok(digest),
+        (Err(e), _) if !is_upload_stopped(&e) => Err(e),
+        (_, Err(e)) => Err(e),
+        (Err(e), Ok(_)) => Err(e),
+    }
+}
+
 /// Read the object at `key`, checking it against `expected` (size and SHA-256 of the stored
 /// bytes), and hand its decompressed bytes to `consumer` on a blocking thread.
 ///
@@ -330,10 +441,13 @@ where
 /// transaction) that the caller commits only after this function returned `Ok`, which happens
 /// only when every byte was read and matched. A corrupt or truncated object is an
 /// [`ErrorKind::Integrity`] error naming `key`.
+///
+/// `unseal` holds the keys for an age-encrypted object (`None`: the object is not encrypted).
 pub async fn read_verified<F, T>(
     store: &dyn ObjectStore,
     key: &str,
     expected: &Digested,
+    unseal: Option<Arc<Identities>>,
     progress: Option<Progress>,
     cancel: &CancellationToken,
     consumer: F,
@@ -348,16 +462,42 @@ where
     let decode = tokio::task::spawn_blocking(move || -> Result<T> {
         let decode_error = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
         let mut verifying = VerifyingReader::new(rx, progress);
+        let mut unsealing_failed = None;
         let consumed = {
-            let decoder = zstd::Decoder::new(&mut verifying).map_err(|e| {
-                Error::with_source(ErrorKind::Failed, "starting the zstd decoder", e)
-            })?;
-            let mut tagged = TaggedReader {
-                inner: decoder,
-                error: std::sync::Arc::clone(&decode_error),
+            let compressed: Option<Box<dyn Read + '_>> = match &unseal {
+                None => Some(Box::new(&mut verifying)),
+                Some(identities) => match identities.decrypt(&mut verifying) {
+                    Ok(reader) => Some(reader),
+                    Err(e) => {
+                        unsealing_failed = Some(e);
+                        None
+                    }
+                },
             };
-            consumer(&mut tagged)
+            match compressed {
+                None => None,
+                Some(compressed) => {
+                    let decoder = zstd::Decoder::new(compressed).map_err(|e| {
+                        Error::with_source(ErrorKind::Failed, "starting the zstd decoder", e)
+                    })?;
+                    let mut tagged = TaggedReader {
+                        inner: decoder,
+                        error: std::sync::Arc::clone(&decode_error),
+                    };
+                    Some(consumer(&mut tagged))
+                }
+            }
         };
+        if let Some(e) = unsealing_failed {
+            // A damaged age header is corruption; the digest says so more exactly when the
+            // object was altered or cut.
+            return Err(match (e.kind(), verifying.verify(&object, &expected)) {
+                (_, Err(digest)) if digest.kind() == ErrorKind::Integrity => digest,
+                (ErrorKind::Integrity, _) => e.context(format!("backup object {object}")),
+                _ => e,
+            });
+        }
+        let consumed = consumed.expect("consumed unless unsealing failed");
         let decode_error = decode_error.lock().expect("decode error lock").take();
         if let Some(transport) = verifying.transport_error.take() {
             return Err(Error::new(ErrorKind::Storage, transport));
@@ -403,6 +543,7 @@ async fn download_into<T>(
 pub async fn peek<F, T>(
     store: &dyn ObjectStore,
     key: &str,
+    unseal: Option<Arc<Identities>>,
     cancel: &CancellationToken,
     consumer: F,
 ) -> Result<T>
@@ -414,7 +555,11 @@ where
     let decode = tokio::task::spawn_blocking(move || -> Result<T> {
         // Dropping the reader at the end closes the channel, which stops the download.
         let mut reader = VerifyingReader::new(rx, None);
-        let mut decoder = zstd::Decoder::new(&mut reader)
+        let compressed: Box<dyn Read + '_> = match &unseal {
+            None => Box::new(&mut reader),
+            Some(identities) => identities.decrypt(&mut reader)?,
+        };
+        let mut decoder = zstd::Decoder::new(compressed)
             .map_err(|e| Error::with_source(ErrorKind::Failed, "starting the zstd decoder", e))?;
         consumer(&mut decoder)
     });

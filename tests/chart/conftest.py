@@ -46,6 +46,11 @@ def three() -> Rendered:
 
 
 @pytest.fixture(scope="session")
+def encrypted() -> Rendered:
+    return render(values_file("encryption.yaml"))
+
+
+@pytest.fixture(scope="session")
 def many() -> Rendered:
     return render(many_tenant_values())
 
@@ -59,6 +64,6 @@ def long_name() -> Rendered:
     return render(values)
 
 
-@pytest.fixture(scope="session", params=["one", "three", "long_name", "many"])
+@pytest.fixture(scope="session", params=["one", "three", "long_name", "encrypted", "many"])
 def tenant_render(request) -> Rendered:
     return request.getfixturevalue(request.param)

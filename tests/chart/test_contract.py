@@ -380,3 +380,58 @@ def test_helm_test_pod_passes(kura_bin, rendered, backed_up, s3, couch, postgres
     for c in pod.containers():
         result, command = run_container(kura_bin, rendered, c, s3, couch, postgres)
         assert result.returncode == 0, explain(result, command)
+
+
+def test_encrypted_backup_and_a_restore_from_the_template(kura_bin, rendered, s3, couch, postgres, tmp_path):
+    """With `encryption.recipients` the backup Job writes age-encrypted parts holding only the
+    public key; the restore template reads them with the operator's Secret, mounted where the
+    chart says, and nothing else."""
+    require(shutil.which("age-keygen") is not None, "age-keygen is not installed")
+    keyfile = tmp_path / "operator.txt"
+    subprocess.run(["age-keygen", "-o", str(keyfile)], check=True, capture_output=True)
+    public = subprocess.run(["age-keygen", "-y", str(keyfile)], check=True, capture_output=True, text=True).stdout.strip()
+    values = contract_values(s3, couch)
+    values["objectStorage"]["prefix"] = "chart-contract-enc"
+    tenant = values["tenants"][TENANT]
+    # The same server as the other tests: its password, not a newly generated one.
+    tenant["postgres"] = {"auth": {"password": postgres.password}}
+    tenant["encryption"] = {"recipients": [public], "identitySecret": "kura-age-identity"}
+    encrypted = render(values)
+
+    backup = container(template_named(encrypted, f"{TENANT}-backup"), "kura")
+    assert not any(e["name"] == "KURA_IDENTITY_FILE" for e in backup["env"]), "the backup job holds no key"
+    result, command = run_container(kura_bin, encrypted, backup, s3, couch, postgres)
+    assert result.returncode == 0, explain(result, command)
+    _, client, bucket = s3
+    prefix = f"chart-contract-enc/{TENANT}/postgres/"
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
+    (manifest_key,) = [k for k in keys if k.endswith("/manifest.json")]
+    manifest = json.loads(client.get_object(Bucket=bucket, Key=manifest_key)["Body"].read())
+    assert manifest["parts"] and all(p["encryption"]["recipients"] == [public] for p in manifest["parts"])
+    backup_id = manifest["backup_id"]
+
+    # The kubelet's part: the operator's Secret, mounted where the template says.
+    template = template_named(encrypted, f"{TENANT}-restore")
+    restore = container(template, "kura")
+    identity_env = next(e["value"] for e in restore["env"] if e["name"] == "KURA_IDENTITY_FILE")
+    mount = next(m for m in restore["volumeMounts"] if identity_env.startswith(m["mountPath"] + "/"))
+    assert mount.get("readOnly") is True
+    volume = next(v for v in template.spec["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"] == "kura-age-identity"
+    assert encrypted.find("Secret", "kura-age-identity", NAMESPACE) is None, "the chart never holds the key"
+    item = volume["secret"]["items"][0]
+    mounted = tmp_path / "mount"
+    mounted.mkdir()
+    (mounted / item["path"]).write_bytes(keyfile.read_bytes())
+    local_identity = str(mounted / os.path.relpath(identity_env, mount["mountPath"]))
+
+    postgres.sql("DROP DATABASE IF EXISTS shop")
+    result, command = run_container(
+        kura_bin, encrypted, restore, s3, couch, postgres,
+        {"KURA_RESTORE_BACKUP": backup_id, "KURA_IDENTITY_FILE": local_identity},
+    )
+    assert result.returncode == 0, explain(result, command)
+    assert postgres.sql("SELECT count(*), sum(total) FROM orders", "shop") == "2|29.5"
+    secret = keyfile.read_text()
+    assert "AGE-SECRET-KEY-1" not in result.stdout + result.stderr
+    assert all(line not in result.stdout + result.stderr for line in secret.splitlines() if line.startswith("AGE-SECRET"))

@@ -541,13 +541,16 @@ require_valid_user_except_for_up = true
 {{/*
 kura.cronJob: a CronJob running one kura command for a tenant.
   root, tenant, component, name, schedule, suspend, job (the tenant's settings block for it),
-  args, env (list of extra EnvVars), clients (list of NetworkPolicy client labels).
+  args, env (list of extra EnvVars), clients (list of NetworkPolicy client labels),
+  recipients (true: KURA_ENCRYPT_TO from encryption.recipients), identity (true: the age identity
+  from encryption.identitySecret, see kura.identityVolume).
 The Job fails at once on exit codes retrying cannot fix (job.failJobOnExitCodes) and does not
 count pods lost to node drains or preemption against backoffLimit.
 */}}
 {{- define "kura.cronJob" -}}
 {{- $t := .tenant -}}
 {{- $job := .job -}}
+{{- $identity := and .identity $t.encryption.identitySecret -}}
 apiVersion: batch/v1
 kind: CronJob
 metadata:
@@ -614,6 +617,12 @@ spec:
               env:
                 {{- include "kura.storageEnv" $t | nindent 16 }}
                 {{- include "kura.sourceEnv" $t | trim | nindent 16 }}
+                {{- if .recipients }}
+                {{- with include "kura.encryptToEnv" $t | trim }}{{ . | nindent 16 }}{{ end }}
+                {{- end }}
+                {{- if $identity }}
+                {{- include "kura.identityEnv" $t | nindent 16 }}
+                {{- end }}
                 {{- with .env }}
                 {{- toYaml . | nindent 16 }}
                 {{- end }}
@@ -628,10 +637,54 @@ spec:
               volumeMounts:
                 - name: tmp
                   mountPath: /tmp
+                {{- if $identity }}
+                - name: age-identity
+                  mountPath: {{ include "kura.identityDir" . }}
+                  readOnly: true
+                {{- end }}
           volumes:
             - name: tmp
               emptyDir:
                 sizeLimit: {{ $job.tmpSizeLimit }}
+            {{- if $identity }}
+            {{- include "kura.identityVolume" $t | nindent 12 }}
+            {{- end }}
+{{- end -}}
+
+{{/*
+age encryption (tenant encryption.*). Public keys only: KURA_ENCRYPT_TO, for the Jobs that write
+or check backups, and nothing when no recipients are set.
+*/}}
+{{- define "kura.encryptToEnv" -}}
+{{- with .encryption.recipients }}
+- name: KURA_ENCRYPT_TO
+  value: {{ join "," . | quote }}
+{{- end }}
+{{- end -}}
+
+{{/*
+The age identity (secret key): the operator's Secret encryption.identitySecret, never one the
+chart creates, mounted read-only into the Jobs that decrypt (restore, verify --deep) and nowhere
+else. Mode 0400: with the pod's fsGroup the kubelet makes the file root:<fsGroup> 0440, readable
+by kura's user through its group and by no other UID.
+*/}}
+{{- define "kura.identityDir" -}}/etc/kura/age{{- end -}}
+{{- define "kura.identityFile" -}}{{ include "kura.identityDir" . }}/identity.txt{{- end -}}
+
+{{- define "kura.identityEnv" -}}
+- name: KURA_IDENTITY_FILE
+  value: {{ include "kura.identityFile" . | quote }}
+{{- end -}}
+
+{{- define "kura.identityVolume" -}}
+- name: age-identity
+  secret:
+    secretName: {{ .encryption.identitySecret }}
+    # 0400
+    defaultMode: 256
+    items:
+      - key: {{ .encryption.identityKey | quote }}
+        path: identity.txt
 {{- end -}}
 
 {{/*

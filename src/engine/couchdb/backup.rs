@@ -196,7 +196,7 @@ impl CouchBackup {
                 stored_bytes: stored.stored.bytes,
                 sha256: stored.stored.sha256.clone(),
                 compression: compression.clone(),
-                encryption: None,
+                encryption: ctx.encryption(),
                 properties,
                 counts: Some(
                     [

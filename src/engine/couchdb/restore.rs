@@ -135,6 +135,7 @@ impl CouchRestore {
                 ctx.store,
                 &key,
                 &part.digest(),
+                ctx.unseal(part)?,
                 Some(line.progress()),
                 &ctx.cancel,
                 move |input: &mut dyn Read| {

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::preflight::{self, DatabaseProps, ServerInfo};
 use super::{Connection, Tools, DATABASE_KIND, GLOBALS_KIND};
-use crate::catalog::{BackupId, Compression, Part};
+use crate::catalog::{BackupId, Part};
 use crate::engine::{BackupContext, BackupOutcome, Selection};
 use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline::{self, Stored};
@@ -74,7 +74,6 @@ impl PostgresBackup {
         // On-disk size, a fair estimate of the dump: indexes are not dumped, but TOAST is compressed.
         let total = databases.iter().map(|d| d.size_bytes.max(0) as u64).sum();
         let line = ProgressLine::start("backing up", ctx.show_progress, Some(total));
-        let compression = ctx.compression();
         let mut parts = Vec::with_capacity(databases.len() + 1);
 
         let mut globals = self
@@ -103,7 +102,7 @@ impl PostgresBackup {
             GLOBALS_KIND,
             "pg_dumpall-sql",
             &stored,
-            &compression,
+            ctx,
             serde_json::Value::Null,
         ));
 
@@ -174,7 +173,7 @@ impl PostgresBackup {
                 DATABASE_KIND,
                 "pg_dump-custom",
                 &stored,
-                &compression,
+                ctx,
                 properties,
             );
             database_part.counts = Some(counts);
@@ -305,7 +304,7 @@ fn part(
     kind: &str,
     format: &str,
     stored: &Stored,
-    compression: &Compression,
+    ctx: &BackupContext<'_>,
     properties: serde_json::Value,
 ) -> Part {
     Part {
@@ -316,8 +315,8 @@ fn part(
         raw_bytes: stored.raw_bytes,
         stored_bytes: stored.stored.bytes,
         sha256: stored.stored.sha256.clone(),
-        compression: compression.clone(),
-        encryption: None,
+        compression: ctx.compression(),
+        encryption: ctx.encryption(),
         properties,
         counts: None,
     }

@@ -317,6 +317,7 @@ impl PostgresRestore {
             ctx.store,
             &key,
             &step.part.digest(),
+            ctx.unseal(step.part)?,
             Some(progress),
             &ctx.cancel,
             move |input: &mut dyn Read| {
@@ -347,6 +348,7 @@ impl PostgresRestore {
             ctx.store,
             &key,
             &part.digest(),
+            ctx.unseal(part)?,
             Some(progress),
             &ctx.cancel,
             |input: &mut dyn Read| {
@@ -601,33 +603,40 @@ async fn check_tables_in_backup(
     let key = ctx.path.object_key(&ctx.backup_id, &part.key);
     let mut list = Command::new(&tools.pg_restore);
     list.arg("--list");
-    let toc = pipeline::peek(ctx.store, &key, &ctx.cancel, move |input: &mut dyn Read| {
-        let mut child = ChildProcess::spawn(list, "pg_restore --list", true, true)?;
-        let mut stdin = child.take_stdin().expect("stdin is piped");
-        let mut stdout = child.take_stdout().expect("stdout is piped");
-        let reader = std::thread::spawn(move || {
-            let mut text = String::new();
-            stdout.read_to_string(&mut text).map(|_| text)
-        });
-        // pg_restore stops reading once it has the table of contents: a broken pipe is the
-        // expected end of feeding it.
-        match pipeline::copy_large(input, &mut stdin) {
-            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-                return Err(Error::with_source(
-                    ErrorKind::Failed,
-                    "reading the backup",
-                    e,
-                ))
+    let unseal = ctx.unseal(part)?;
+    let toc = pipeline::peek(
+        ctx.store,
+        &key,
+        unseal,
+        &ctx.cancel,
+        move |input: &mut dyn Read| {
+            let mut child = ChildProcess::spawn(list, "pg_restore --list", true, true)?;
+            let mut stdin = child.take_stdin().expect("stdin is piped");
+            let mut stdout = child.take_stdout().expect("stdout is piped");
+            let reader = std::thread::spawn(move || {
+                let mut text = String::new();
+                stdout.read_to_string(&mut text).map(|_| text)
+            });
+            // pg_restore stops reading once it has the table of contents: a broken pipe is the
+            // expected end of feeding it.
+            match pipeline::copy_large(input, &mut stdin) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    return Err(Error::with_source(
+                        ErrorKind::Failed,
+                        "reading the backup",
+                        e,
+                    ))
+                }
+                _ => {}
             }
-            _ => {}
-        }
-        drop(stdin);
-        child.wait_success()?;
-        reader
-            .join()
-            .map_err(|_| Error::failed("the pg_restore --list reader panicked"))?
-            .map_err(|e| Error::with_source(ErrorKind::Failed, "reading pg_restore --list", e))
-    })
+            drop(stdin);
+            child.wait_success()?;
+            reader
+                .join()
+                .map_err(|_| Error::failed("the pg_restore --list reader panicked"))?
+                .map_err(|e| Error::with_source(ErrorKind::Failed, "reading pg_restore --list", e))
+        },
+    )
     .await
     .map_err(|e| e.context(format!("reading the table of contents of {key}")))?;
     let entries: Vec<&str> = toc
