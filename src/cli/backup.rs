@@ -28,6 +28,9 @@ pub struct Options {
 }
 
 pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
+    if settings.recipients_dropped {
+        tracing::warn!("--no-encrypt: backing up unencrypted although recipients are configured");
+    }
     // A missing retention policy is a configuration error: report it before dumping anything.
     let prune = match options.prune {
         true => Some(options.retention.resolve(&settings.retention)?),

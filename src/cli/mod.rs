@@ -249,6 +249,8 @@ pub struct Settings {
     pub lock_wait_timeout: Duration,
     /// `--identity` files, read when an encrypted backup is opened.
     pub identity_files: Vec<PathBuf>,
+    /// `--no-encrypt` although recipients are configured: backups say so in a warning.
+    pub recipients_dropped: bool,
     /// The config file's `[retention]`, under the retention flags.
     pub retention: RetentionFile,
     pub cancel: CancellationToken,
@@ -288,19 +290,30 @@ impl Settings {
             pipeline.upload_concurrency = n;
         }
         pipeline.validate()?;
-        let recipient_keys = match args.encrypt_to.is_empty() {
-            true => file.encryption.recipients.clone(),
-            false => args.encrypt_to.clone(),
+        // Recipients given by flag or environment replace the config file's as a whole: a
+        // rotation with --encrypt-to NEW must not keep encrypting to the file's old key.
+        let given = !args.encrypt_to.is_empty() || args.encrypt_to_file.is_some();
+        if given
+            && args.encrypt_to_file.is_none()
+            && args.encrypt_to.iter().all(|k| k.trim().is_empty())
+        {
+            // `KURA_ENCRYPT_TO="$(age-keygen -y missing.txt)"` must not mean "unencrypted".
+            return Err(Error::usage(
+                "--encrypt-to / KURA_ENCRYPT_TO is set but holds no key: give age1… recipients, or --no-encrypt to back up unencrypted",
+            ));
+        }
+        let (recipient_keys, recipient_files) = match given {
+            true => (args.encrypt_to.clone(), args.encrypt_to_file.clone()),
+            false => (
+                file.encryption.recipients.clone(),
+                file.encryption.recipients_file.clone(),
+            ),
         };
-        let recipient_files: Vec<PathBuf> = args
-            .encrypt_to_file
-            .clone()
-            .or(file.encryption.recipients_file.clone())
-            .into_iter()
-            .collect();
-        let recipients = Recipients::parse(&recipient_keys, &recipient_files)?;
+        let recipient_files: Vec<PathBuf> = recipient_files.into_iter().collect();
+        let recipients_dropped =
+            args.no_encrypt && (!recipient_keys.is_empty() || !recipient_files.is_empty());
         if !args.no_encrypt {
-            pipeline.encryption = recipients;
+            pipeline.encryption = Recipients::parse(&recipient_keys, &recipient_files)?;
         }
         let identity_files = match args.identity.is_empty() {
             true => file.encryption.identity_files.clone(),
@@ -361,6 +374,7 @@ impl Settings {
             pg_bin_dir: args.pg_bin_dir.clone().or(file.pg_bin_dir.clone()),
             lock_wait_timeout,
             identity_files,
+            recipients_dropped,
             retention: file.retention,
             cancel: CancellationToken::new(),
         })
@@ -693,5 +707,50 @@ impl StopSignals {
             }
             None => std::future::pending::<()>().await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(config: &std::path::Path, args: &[&str]) -> Result<Settings> {
+        let mut argv = vec!["kura", "--config", config.to_str().unwrap()];
+        argv.extend_from_slice(args);
+        argv.extend(["list"]);
+        Settings::resolve(&Cli::try_parse_from(argv).unwrap().global)
+    }
+
+    /// Recipients from flags (or the environment) replace the config file's as a whole, so a
+    /// key rotation cannot silently keep the old key; blank ones are an error, not "plain".
+    #[test]
+    fn encryption_recipients_follow_flags_over_the_file_as_a_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = age::x25519::Identity::generate().to_public().to_string();
+        let new = age::x25519::Identity::generate().to_public().to_string();
+        let old_file = dir.path().join("old.txt");
+        std::fs::write(&old_file, format!("{old}\n")).unwrap();
+        let config = dir.path().join("kura.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[encryption]\nrecipients = [\"{old}\"]\nrecipients_file = \"{}\"\n",
+                old_file.display()
+            ),
+        )
+        .unwrap();
+        let names = |s: &Settings| s.pipeline.encryption.as_ref().map(|r| r.names().to_vec());
+
+        assert_eq!(
+            names(&settings(&config, &[]).unwrap()),
+            Some(vec![old.clone()])
+        );
+        let flag = settings(&config, &["--encrypt-to", &new]).unwrap();
+        assert_eq!(names(&flag), Some(vec![new.clone()]));
+        let unencrypted = settings(&config, &["--no-encrypt"]).unwrap();
+        assert_eq!(names(&unencrypted), None);
+        assert!(unencrypted.recipients_dropped);
+        let blank = settings(&config, &["--encrypt-to", " "]).unwrap_err();
+        assert_eq!(blank.kind(), crate::ErrorKind::Usage);
     }
 }

@@ -56,9 +56,16 @@ async fn rewrite(job: &ReencryptJob<'_>, old: &Manifest) -> Result<Manifest> {
     let id = old.id()?;
     // Read the manifest again under the lock: another reencrypt may have just replaced it.
     let old = catalog::load_manifest(store, &job.path, &id).await?;
+    encryption::check_can_read(&old.backup_id, &old.parts, job.identities.as_deref())?;
     remove_unreferenced(store, &job.path, &old).await?;
 
-    let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
+    // A tag none of the current keys carries, so no new object lands on an old one.
+    let tag = loop {
+        let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
+        if old.parts.iter().all(|p| renamed(&p.key, &tag) != p.key) {
+            break tag;
+        }
+    };
     let mut manifest = old.clone();
     let mut written: Vec<String> = Vec::new();
     let copied = async {
@@ -101,7 +108,14 @@ async fn rewrite(job: &ReencryptJob<'_>, old: &Manifest) -> Result<Manifest> {
         .insert("reencrypted_at".into(), Utc::now().to_rfc3339());
     // The commit point: the manifest names the new parts from here on.
     if let Err(err) = catalog::write_manifest(store, &job.path, &manifest).await {
-        let _ = store.delete(&written).await;
+        // The PUT may have landed although it reported failure: the new parts may only go
+        // when the stored manifest is provably still the old one.
+        match catalog::load_manifest(store, &job.path, &id).await {
+            Ok(stored) if stored == old => {
+                let _ = store.delete(&written).await;
+            }
+            _ => tracing::warn!("the new manifest may have been stored; the new parts are kept (the next reencrypt of this backup removes whichever set is unreferenced)"),
+        }
         return Err(err.context(format!("committing the re-encrypted backup {id}")));
     }
     let old_keys: Vec<String> = old

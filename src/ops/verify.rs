@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{Manifest, Part, SourcePath};
+use crate::catalog::{self, Manifest, Part, SourcePath};
 use crate::engine::{Engine, RestoreContext};
 use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline;
@@ -30,12 +30,23 @@ pub struct VerifyJob<'a> {
 }
 
 pub async fn verify(job: &VerifyJob<'_>) -> Result<()> {
-    let VerifyJob {
-        store,
-        path,
-        manifest,
-        ..
-    } = job;
+    match verify_manifest(job, job.manifest).await? {
+        None => Ok(()),
+        // `reencrypt` replaced the parts while this read the old ones: verify what is there now.
+        Some(current) => match verify_manifest(job, &current).await? {
+            None => Ok(()),
+            Some(_) => Err(Error::failed(format!(
+                "backup {} changed twice while it was being verified (reencrypt running?): verify it again",
+                job.manifest.backup_id
+            ))),
+        },
+    }
+}
+
+/// Verify `manifest`'s parts; `Some(current)` when a part went missing because the backup's
+/// manifest was replaced meanwhile.
+async fn verify_manifest(job: &VerifyJob<'_>, manifest: &Manifest) -> Result<Option<Manifest>> {
+    let VerifyJob { store, path, .. } = job;
     let source = &path.source;
     tracing::info!(
         source = %source,
@@ -76,18 +87,34 @@ pub async fn verify(job: &VerifyJob<'_>) -> Result<()> {
                 .map(Some),
             None => pipeline::check_stored(*store, &key, &part.digest(), &job.cancel)
                 .await
-                .map(|_| None)
-                .map_err(|e| missing_part(e, &key)),
+                .map(|_| None),
         };
+        if checked
+            .as_ref()
+            .is_err_and(|e| e.kind() == ErrorKind::NotFound)
+        {
+            let current = catalog::load_manifest(*store, path, &manifest.id()?).await;
+            if let Ok(current) = current {
+                if current != *manifest {
+                    tracing::info!(backup_id = %manifest.backup_id, "the backup was re-encrypted while being verified; verifying its new parts");
+                    return Ok(Some(current));
+                }
+            }
+        }
+        let checked = checked.map_err(|e| missing_part(e, &key));
         match checked {
             Ok(None) => tracing::info!(
                 part = %part.key,
                 name = %part.name,
                 stored_bytes = part.stored_bytes,
-                "part {} ({}) is intact: {} stored, SHA-256 matches (encrypted: pass --identity to also decrypt and decompress it)",
+                "part {} ({}) is intact: {} stored, SHA-256 matches (encrypted; {})",
                 part.key,
                 part.name,
                 human_bytes(part.stored_bytes),
+                match &job.identities {
+                    None => "pass --identity to also decrypt and decompress it",
+                    Some(_) => "none of the --identity keys is one of its recipients, so it was not decrypted",
+                }
             ),
             Ok(Some(raw)) => tracing::info!(
                 part = %part.key,
@@ -125,7 +152,7 @@ pub async fn verify(job: &VerifyJob<'_>) -> Result<()> {
         )));
     }
     if let Some(engine) = job.deep {
-        deep(job, engine).await?;
+        deep(job, manifest, engine).await?;
     }
     tracing::info!(
         source = %source,
@@ -136,7 +163,7 @@ pub async fn verify(job: &VerifyJob<'_>) -> Result<()> {
         source,
         if job.deep.is_some() { " (restored and counted)" } else { "" }
     );
-    Ok(())
+    Ok(None)
 }
 
 /// Read the part to the end; returns its decompressed length.
@@ -160,8 +187,7 @@ async fn check_part(
                 .map_err(|e| Error::with_source(ErrorKind::Integrity, "decompressing", e))
         },
     )
-    .await
-    .map_err(|e| missing_part(e, key))?;
+    .await?;
     if raw != part.raw_bytes {
         return Err(Error::integrity(format!(
             "part {key} decompresses to {raw} bytes, but the manifest recorded {}",
@@ -180,8 +206,7 @@ fn missing_part(err: Error, key: &str) -> Error {
     }
 }
 
-async fn deep(job: &VerifyJob<'_>, engine: &dyn Engine) -> Result<()> {
-    let manifest = job.manifest;
+async fn deep(job: &VerifyJob<'_>, manifest: &Manifest, engine: &dyn Engine) -> Result<()> {
     let ctx = RestoreContext {
         store: job.store,
         path: job.path.clone(),

@@ -67,19 +67,23 @@ impl Recipients {
             names: Vec::new(),
         };
         for (key, origin) in given {
-            if key.starts_with("AGE-SECRET-KEY-") {
+            // Bech32 ignores case, and a pasted key may carry quotes: look anywhere, in any case.
+            if key.to_ascii_lowercase().contains("age-secret-key-") {
                 // Said without echoing it: the value is a secret.
                 return Err(Error::usage(format!(
                     "{origin} holds a secret key where a public recipient (age1…) belongs: pass the public key (`age-keygen -y key.txt` prints it); the backup job must never hold the secret key"
                 )));
             }
-            let parsed = age::x25519::Recipient::from_str(&key).map_err(|e| {
+            // Not echoed either: a malformed value may still be (part of) a secret.
+            let parsed = age::x25519::Recipient::from_str(&key).map_err(|_| {
                 Error::usage(format!(
-                    "{origin}: {key:?} is not an age X25519 recipient (age1…): {e}"
+                    "{origin}: not an age X25519 recipient (expected age1… as `age-keygen -y` prints it)"
                 ))
             })?;
-            if !recipients.names.contains(&key) {
-                recipients.names.push(key);
+            // The canonical (lower-case) form, which identities are compared with.
+            let name = parsed.to_string();
+            if !recipients.names.contains(&name) {
+                recipients.names.push(name);
                 recipients.keys.push(parsed);
             }
         }
@@ -235,29 +239,28 @@ pub fn check_can_read<'p>(
     identities: Option<&Identities>,
 ) -> Result<()> {
     let mut recipients: Vec<String> = Vec::new();
-    let mut encrypted = false;
+    let mut locked = false;
     for part in parts {
-        if let Some(encryption) = &part.encryption {
-            encrypted = true;
-            if encryption.algorithm != AGE {
-                return Err(Error::usage(format!(
-                    "part {} of backup {backup} is encrypted with {:?}, which this kura cannot decrypt: upgrade kura",
-                    part.key, encryption.algorithm
-                )));
-            }
-            match identities {
-                Some(identities) if identities.opens(&encryption.recipients) => {}
-                _ => {
-                    for r in &encryption.recipients {
-                        if !recipients.contains(r) {
-                            recipients.push(r.clone());
-                        }
-                    }
-                }
+        let Some(encryption) = &part.encryption else {
+            continue;
+        };
+        if encryption.algorithm != AGE {
+            return Err(Error::usage(format!(
+                "part {} of backup {backup} is encrypted with {:?}, which this kura cannot decrypt: upgrade kura",
+                part.key, encryption.algorithm
+            )));
+        }
+        if identities.is_some_and(|i| i.opens(&encryption.recipients)) {
+            continue;
+        }
+        locked = true;
+        for r in &encryption.recipients {
+            if !recipients.contains(r) {
+                recipients.push(r.clone());
             }
         }
     }
-    if !encrypted || recipients.is_empty() {
+    if !locked {
         return Ok(());
     }
     Err(Error::usage(match identities {
@@ -348,9 +351,27 @@ mod tests {
     #[test]
     fn secret_keys_are_refused_as_recipients_without_being_echoed() {
         let secret = age::x25519::Identity::generate().to_string();
-        let err = Recipients::parse(&[secret.expose_secret().to_string()], &[]).unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::Usage);
-        assert!(!err.chain().contains(secret.expose_secret()));
+        let secret = secret.expose_secret();
+        for given in [
+            secret.to_string(),
+            secret.to_lowercase(),
+            format!("\"{secret}\""),
+            format!("x{}", &secret[3..]),
+        ] {
+            let err = Recipients::parse(std::slice::from_ref(&given), &[]).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Usage);
+            assert!(!err.chain().contains(&given), "{}", err.chain());
+            assert!(!err
+                .chain()
+                .to_lowercase()
+                .contains(&secret[20..].to_lowercase()));
+        }
+        // Upper case is a valid spelling of a recipient; the manifest records the canonical one.
+        let public = age::x25519::Identity::generate().to_public().to_string();
+        let upper = Recipients::parse(&[public.to_uppercase()], &[])
+            .unwrap()
+            .unwrap();
+        assert_eq!(upper.names(), [public]);
         assert!(Recipients::parse(&[], &[]).unwrap().is_none());
         assert!(Recipients::parse(&["age1nope".into()], &[]).is_err());
     }

@@ -374,6 +374,26 @@ where
     }
 }
 
+/// Why an age file could not be opened, said as exactly as possible: a lost connection is
+/// a storage error; a part that does not match its digest (or a damaged header in one that
+/// does) is corruption, even where age reports it as "no matching key" (a flipped byte in
+/// the wrapped file key); only a part intact by its digest that no key opens is a key problem.
+fn unsealing_error(
+    err: Error,
+    mut verifying: VerifyingReader,
+    object: &str,
+    expected: &Digested,
+) -> Error {
+    if let Some(transport) = verifying.transport_error.take() {
+        return Error::new(ErrorKind::Storage, transport);
+    }
+    match (err.kind(), verifying.verify(object, expected)) {
+        (_, Err(checked)) => checked,
+        (ErrorKind::Integrity, Ok(())) => err.context(format!("backup object {object}")),
+        (_, Ok(())) => err,
+    }
+}
+
 /// Copy the object at `from` to `to` with new recipients: downloaded and checked against
 /// `expected`, decrypted with `unseal` if it is encrypted, and encrypted to `options`'
 /// recipients (or stored plain without any), never decompressed. Nothing is visible at `to`
@@ -403,13 +423,27 @@ pub async fn reseal(
         let mut verifying = VerifyingReader::new(in_rx, None);
         let mut sealing =
             Sealing::new(ChunkSink::new(out_tx), recipients.as_ref()).map_err(io_error)?;
+        let mut unsealing_failed = None;
         let copied = {
-            let mut plain: Box<dyn Read + '_> = match &unseal {
-                None => Box::new(&mut verifying),
-                Some(identities) => identities.decrypt(&mut verifying)?,
+            let plain: Option<Box<dyn Read + '_>> = match &unseal {
+                None => Some(Box::new(&mut verifying)),
+                Some(identities) => match identities.decrypt(&mut verifying) {
+                    Ok(reader) => Some(reader),
+                    Err(e) => {
+                        unsealing_failed = Some(e);
+                        None
+                    }
+                },
             };
-            copy_large(&mut plain, &mut sealing)
+            plain.map(|mut plain| copy_large(&mut plain, &mut sealing))
         };
+        if let Some(e) = unsealing_failed {
+            return Err(unsealing_error(e, verifying, &object, &expected));
+        }
+        let copied = copied.expect("copied unless unsealing failed");
+        if let Some(transport) = verifying.transport_error.take() {
+            return Err(Error::new(ErrorKind::Storage, transport));
+        }
         // The whole object must match before the copy may complete.
         verifying.verify(&object, &expected)?;
         copied.map_err(io_error)?;
@@ -489,13 +523,7 @@ where
             }
         };
         if let Some(e) = unsealing_failed {
-            // A damaged age header is corruption; the digest says so more exactly when the
-            // object was altered or cut.
-            return Err(match (e.kind(), verifying.verify(&object, &expected)) {
-                (_, Err(digest)) if digest.kind() == ErrorKind::Integrity => digest,
-                (ErrorKind::Integrity, _) => e.context(format!("backup object {object}")),
-                _ => e,
-            });
+            return Err(unsealing_error(e, verifying, &object, &expected));
         }
         let consumed = consumed.expect("consumed unless unsealing failed");
         let decode_error = decode_error.lock().expect("decode error lock").take();
@@ -540,9 +568,13 @@ async fn download_into<T>(
 /// whenever it has what it needs; the rest of the object is not downloaded. Nothing is
 /// verified, so what the consumer reads may only be looked at (an archive's table of
 /// contents), never restored: restores go through [`read_verified`].
+///
+/// `expected` is read only when the object cannot be opened (an encrypted one whose age
+/// header fails): then the whole object is checked, so damage is reported as damage.
 pub async fn peek<F, T>(
     store: &dyn ObjectStore,
     key: &str,
+    expected: &Digested,
     unseal: Option<Arc<Identities>>,
     cancel: &CancellationToken,
     consumer: F,
@@ -552,16 +584,34 @@ where
     T: Send + 'static,
 {
     let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+    let object = key.to_string();
+    let expected = expected.clone();
     let decode = tokio::task::spawn_blocking(move || -> Result<T> {
         // Dropping the reader at the end closes the channel, which stops the download.
         let mut reader = VerifyingReader::new(rx, None);
-        let compressed: Box<dyn Read + '_> = match &unseal {
-            None => Box::new(&mut reader),
-            Some(identities) => identities.decrypt(&mut reader)?,
+        let mut unsealing_failed = None;
+        let peeked = {
+            let compressed: Option<Box<dyn Read + '_>> = match &unseal {
+                None => Some(Box::new(&mut reader)),
+                Some(identities) => match identities.decrypt(&mut reader) {
+                    Ok(opened) => Some(opened),
+                    Err(e) => {
+                        unsealing_failed = Some(e);
+                        None
+                    }
+                },
+            };
+            compressed.map(|compressed| {
+                let mut decoder = zstd::Decoder::new(compressed).map_err(|e| {
+                    Error::with_source(ErrorKind::Failed, "starting the zstd decoder", e)
+                })?;
+                consumer(&mut decoder)
+            })
         };
-        let mut decoder = zstd::Decoder::new(compressed)
-            .map_err(|e| Error::with_source(ErrorKind::Failed, "starting the zstd decoder", e))?;
-        consumer(&mut decoder)
+        match (unsealing_failed, peeked) {
+            (Some(e), _) => Err(unsealing_error(e, reader, &object, &expected)),
+            (None, peeked) => peeked.expect("peeked unless unsealing failed"),
+        }
     });
     download_into(store, key, tx, cancel, decode).await
 }

@@ -106,6 +106,8 @@ impl CouchRestore {
             let started = Instant::now();
             line.progress().set_label(&target);
             let key = ctx.path.object_key(&ctx.backup_id, &part.key);
+            // Before the database is created: a part that cannot be opened leaves nothing.
+            let unseal = ctx.unseal(part)?;
             if exists {
                 // No transactions in CouchDB: a database that already exists is only written
                 // to once the whole part is known to be intact. That costs a second download
@@ -135,7 +137,7 @@ impl CouchRestore {
                 ctx.store,
                 &key,
                 &part.digest(),
-                ctx.unseal(part)?,
+                unseal,
                 Some(line.progress()),
                 &ctx.cancel,
                 move |input: &mut dyn Read| {

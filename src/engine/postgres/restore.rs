@@ -436,7 +436,8 @@ fn check_cancel(ctx: &RestoreContext<'_>) -> Result<()> {
 /// A restore whose script has been fed to psql except its final COMMIT.
 struct PendingCommit {
     psql: ChildProcess,
-    stdin: ChildStdin,
+    /// `None` once closed (the end of input that lets psql finish).
+    stdin: Option<ChildStdin>,
     /// Signalled when psql prints `marker`: it has then run every statement before it.
     /// (A `\echo` would be simpler, but pg_dump 15.14+ scripts run under `\restrict`, which
     /// forbids backslash commands until the end.)
@@ -445,6 +446,14 @@ struct PendingCommit {
     held: Vec<u8>,
     /// Stops psql on a signal until the COMMIT is sent.
     stopper: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PendingCommit {
+    fn drop(&mut self) {
+        // An uncommitted restore dropped on a failure path: psql is killed (ChildProcess's
+        // own Drop), and its terminator must not outlive it to signal a reused pid.
+        self.stopper.abort();
+    }
 }
 
 impl PendingCommit {
@@ -462,8 +471,9 @@ impl PendingCommit {
                 "the restore script has no final COMMIT: the archive is incomplete",
             ));
         }
-        let applied = writeln!(self.stdin, "SELECT '{}';", self.marker)
-            .and_then(|_| self.stdin.flush())
+        let stdin = self.stdin.as_mut().expect("open until the end");
+        let applied = writeln!(stdin, "SELECT '{}';", self.marker)
+            .and_then(|_| stdin.flush())
             .and_then(|_| {
                 self.applied.recv().map_err(|_| {
                     std::io::Error::new(
@@ -484,11 +494,10 @@ impl PendingCommit {
                 None => Error::with_source(ErrorKind::Failed, "waiting for psql", e),
             });
         }
-        let sent = self
-            .stdin
-            .write_all(&self.held)
-            .and_then(|_| self.stdin.flush());
-        drop(self.stdin);
+        let stdin = self.stdin.as_mut().expect("open until the end");
+        let sent = stdin.write_all(&self.held).and_then(|_| stdin.flush());
+        // End of input: psql commits, then exits.
+        drop(self.stdin.take());
         self.psql.wait_success()?;
         sent.map_err(|e| Error::with_source(ErrorKind::Failed, "sending COMMIT to psql", e))
     }
@@ -535,7 +544,7 @@ fn run_restore_tools(
     match (fed, restored, forwarded) {
         (Ok(_), Ok(_), Ok((stdin, held))) => Ok(PendingCommit {
             psql,
-            stdin,
+            stdin: Some(stdin),
             applied,
             marker,
             held,
@@ -607,6 +616,7 @@ async fn check_tables_in_backup(
     let toc = pipeline::peek(
         ctx.store,
         &key,
+        &part.digest(),
         unseal,
         &ctx.cancel,
         move |input: &mut dyn Read| {
