@@ -186,6 +186,9 @@ impl ToolFailure {
     /// The SQLSTATE of the first error psql reported. psql prints it when run with
     /// `VERBOSITY=verbose` (`ERROR:  42704: role "x" does not exist`); the severity word and
     /// the message are translated by the server's `lc_messages`, the five-character code never is.
+    ///
+    /// Notices and warnings carry codes too (class 00 success, 01 warning, 02 no data, e.g.
+    /// `WARNING:  01007: no privileges were granted`); they are skipped.
     pub fn sqlstate(&self) -> Option<&str> {
         self.stderr.lines().find_map(|line| {
             let (_, rest) = line.split_once(":  ")?;
@@ -194,7 +197,8 @@ impl ToolFailure {
                 && code
                     .bytes()
                     .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase());
-            is_sqlstate.then_some(code)
+            let is_error = !matches!(&code[..code.len().min(2)], "00" | "01" | "02");
+            (is_sqlstate && is_error).then_some(code)
         })
     }
 }
@@ -272,6 +276,10 @@ mod tests {
             "psql:<stdin>:12: ERROR:  42704: role \"app\" does not exist\nLOCATION:  get_role_oid, acl.c:5201\n",
         );
         assert_eq!(english.sqlstate(), Some("42704"));
+        let after_notices = failure(
+            "NOTICE:  00000: role \"x\" is already a member\nWARNING:  01007: no privileges were granted for \"t\"\nERROR:  42704: role \"app\" does not exist\n",
+        );
+        assert_eq!(after_notices.sqlstate(), Some("42704"));
         let german = failure("FEHLER:  42704: Rolle »app« existiert nicht\n");
         assert_eq!(german.sqlstate(), Some("42704"));
         assert_eq!(

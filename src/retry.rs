@@ -20,11 +20,12 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// Requests to the object store and to CouchDB: about 30 s of retries in all (200 ms
-    /// doubling to 20 s), enough to ride out a server restart or a throttling burst.
+    /// Requests to the object store and to CouchDB: 6 attempts, waits of 0.5 s doubling (at
+    /// most 20 s), so 8 to 15.5 s of waiting in all: enough to ride out a server or pod
+    /// restart or a throttling burst.
     pub const REQUESTS: RetryPolicy = RetryPolicy {
         max_attempts: 6,
-        initial: Duration::from_millis(200),
+        initial: Duration::from_millis(500),
         max: Duration::from_secs(20),
     };
 
@@ -100,8 +101,11 @@ mod tests {
             }
             longest_before = longest;
         }
-        assert_eq!(policy.ceiling(1), Duration::from_millis(200));
-        assert_eq!(policy.ceiling(4), Duration::from_millis(1600));
+        assert_eq!(policy.ceiling(1), Duration::from_millis(500));
+        assert_eq!(policy.ceiling(4), Duration::from_millis(4000));
+        // What a request rides out before it fails: waits after attempts 1 to 5.
+        let total: Duration = (1..policy.max_attempts).map(|a| policy.ceiling(a)).sum();
+        assert_eq!(total, Duration::from_millis(15_500));
         assert_eq!(policy.ceiling(12), policy.max);
         let mean = |attempt| samples(attempt).iter().sum::<Duration>() / 200;
         assert!(mean(5) > mean(3) * 3, "{:?} vs {:?}", mean(5), mean(3));

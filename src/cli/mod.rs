@@ -330,6 +330,12 @@ impl Settings {
             }
             None => crate::engine::DEFAULT_LOCK_WAIT_TIMEOUT,
         };
+        if lock_wait_timeout.as_millis() > i32::MAX as u128 {
+            // PostgreSQL's lock_timeout is an int of milliseconds.
+            return Err(Error::usage(
+                "--lock-wait-timeout is longer than PostgreSQL accepts (about 24 days)",
+            ));
+        }
         if lock_wait_timeout.is_zero() {
             return Err(Error::usage(
                 "--lock-wait-timeout 0 would wait forever, which is what it exists to prevent: give a duration such as 10m",

@@ -141,7 +141,14 @@ impl PostgresBackup {
                 counts = &mut counting => (dumping.await, counts),
             };
             let (stored, counts) = match (stored, counts) {
-                (Ok(stored), Ok(counts)) => (stored, counts),
+                (Ok(stored), Ok(counts)) => (stored, Some(counts)),
+                // The dump is whole; only the counting queued behind another session's lock
+                // request (a migration waiting for pg_dump). The counts are a check for
+                // `verify --deep`, not part of the backup: keep the dump without them.
+                (Ok(stored), Err(e)) if gave_up_on_a_lock(&e) => {
+                    tracing::warn!(database = %database.name, "counting the rows waited {} for a lock and gave up; the database is backed up without row counts, so verify --deep will only restore it", crate::config::format_duration(self.lock_wait_timeout));
+                    (stored, None)
+                }
                 (stored, counts) => {
                     let err = match stored {
                         Err(e) => e.context(format!("backing up database {:?}", database.name)),
@@ -176,7 +183,7 @@ impl PostgresBackup {
                 ctx,
                 properties,
             );
-            database_part.counts = Some(counts);
+            database_part.counts = counts;
             parts.push(database_part);
         }
         line.finish().await;
@@ -248,6 +255,7 @@ impl PostgresBackup {
         if waited < self.lock_wait_timeout
             || ctx.cancel.is_cancelled()
             || pipeline::is_upload_stopped(&err)
+            || !gave_up_on_a_lock(&err)
         {
             return err;
         }
@@ -259,15 +267,35 @@ impl PostgresBackup {
                 return err;
             }
         };
-        Error::new(
+        Error::with_source(
             ErrorKind::Failed,
             format!(
                 "backing up database {database:?}: pg_dump waited {} for a table lock and gave up: {}; end that session (pg_terminate_backend) or raise --lock-wait-timeout / KURA_LOCK_WAIT_TIMEOUT",
                 crate::config::format_duration(self.lock_wait_timeout),
                 holders.join("; ")
             ),
+            err,
         )
     }
+}
+
+/// Whether `err` is a lock wait that timed out: pg_dump failing on its `LOCK TABLE` (its
+/// "Query was:" detail quotes the SQL, which is never translated), or a query of kura's own
+/// failing with SQLSTATE 55P03 (lock_not_available).
+fn gave_up_on_a_lock(err: &Error) -> bool {
+    if crate::process::ToolFailure::find(err).is_some_and(|f| f.stderr.contains("LOCK TABLE ")) {
+        return true;
+    }
+    let mut next: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+    while let Some(cause) = next {
+        if let Some(db) = cause.downcast_ref::<tokio_postgres::Error>() {
+            if db.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+                return true;
+            }
+        }
+        next = cause.source();
+    }
+    false
 }
 
 /// Sessions holding an ACCESS EXCLUSIVE lock on a relation of `database`, described for people.
@@ -277,7 +305,7 @@ async fn lock_holders(connection: &Connection, database: &str) -> Result<Vec<Str
     let client = connection.connect(database).await?;
     let rows = client
         .query(
-            "SELECT a.pid, coalesce(a.usename::text, '?'), coalesce(a.application_name, ''),                     coalesce(a.state, '?'),                     to_char(coalesce(a.xact_start, a.backend_start) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),                     string_agg(DISTINCT coalesce(l.relation::regclass::text, l.relation::text), ', ')              FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid              WHERE l.granted AND l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock'                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())                AND a.pid <> pg_backend_pid()              GROUP BY 1, 2, 3, 4, 5 ORDER BY 5, 1",
+            "SELECT a.pid, coalesce(a.usename::text, '?'), coalesce(a.application_name, ''),                     coalesce(a.state, '?'),                     coalesce(to_char(coalesce(a.xact_start, a.backend_start) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), 'an unknown time'),                     string_agg(DISTINCT coalesce(l.relation::regclass::text, l.relation::text), ', ')              FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid              WHERE l.granted AND l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock'                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())                AND a.pid <> pg_backend_pid()              GROUP BY 1, 2, 3, 4, 5 ORDER BY 5, 1",
             &[],
         )
         .await

@@ -296,7 +296,7 @@ impl PostgresRestore {
             pg_restore.args(["--clean", "--if-exists"]);
         }
         let mut preamble = String::new();
-        if server_major >= 14 {
+        if self.checks_client_connection(server_major).await {
             // A stopped restore (SIGTERM, a corrupt part) kills psql; without this the server
             // would notice only after the statement in progress, e.g. an hour-long CREATE
             // INDEX, and hold the target's locks until then.
@@ -394,6 +394,26 @@ impl PostgresRestore {
             ran.map_err(|e| Error::failed(format!("running the globals script: {e}")))?;
         exited.map_err(|e| advise(e).or_interrupted(&ctx.cancel))?;
         written.map_err(|e| Error::with_source(ErrorKind::Failed, "feeding psql", e))
+    }
+
+    /// Whether the server can notice a client that went away in the middle of a statement
+    /// (`client_connection_check_interval`, PostgreSQL 14+, and only on platforms that can
+    /// report closed sockets: elsewhere a non-zero value is refused, and would fail the script).
+    async fn checks_client_connection(&self, server_major: u32) -> bool {
+        if server_major < 14 {
+            return false;
+        }
+        match self
+            .target
+            .connect(&self.target.maintenance_database())
+            .await
+        {
+            Ok(client) => client
+                .batch_execute("SET client_connection_check_interval = '1s'")
+                .await
+                .is_ok(),
+            Err(_) => false,
+        }
     }
 
     async fn existing_tablespaces(&self) -> Result<Vec<String>> {
