@@ -58,7 +58,7 @@ fn assert_no_secret(runs: &[&Run], keys: &[&Key], storage: &Path) {
             assert!(!run.all().contains(&key.secret), "a secret key was printed");
         }
     }
-    for entry in walk(storage) {
+    for entry in common::walk(storage) {
         let bytes = std::fs::read(&entry).unwrap();
         let text = String::from_utf8_lossy(&bytes);
         for key in keys {
@@ -69,19 +69,6 @@ fn assert_no_secret(runs: &[&Run], keys: &[&Key], storage: &Path) {
             );
         }
     }
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(walk(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
 }
 
 #[test]

@@ -500,7 +500,7 @@ fn unreachable_storage_and_wrong_password_are_clear_errors() {
         !result.all().contains("wrong-password"),
         "the password is never printed"
     );
-    let stored = walk(dir.path());
+    let stored = common::walk(dir.path());
     assert!(
         stored.is_empty(),
         "nothing was uploaded, not even a lock: {stored:?}"
@@ -607,7 +607,7 @@ fn passwords_never_leak_into_logs_errors_manifests_or_argv() {
         "{argv}"
     );
     let mut manifests = String::new();
-    for entry in walk(&storage) {
+    for entry in common::walk(&storage) {
         if entry.ends_with("manifest.json") {
             manifests.push_str(&std::fs::read_to_string(&entry).unwrap());
         }
@@ -627,19 +627,6 @@ fn passwords_never_leak_into_logs_errors_manifests_or_argv() {
         outputs.contains(&format!("{role}:***@")),
         "URLs are shown redacted:\n{outputs}"
     );
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(walk(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
 }
 
 #[tokio::test]
@@ -847,7 +834,7 @@ fn a_backup_blocked_by_a_lock_fails_and_names_the_holder() {
     ] {
         assert!(message.contains(&wanted), "{wanted:?} not in {message}");
     }
-    let manifests: Vec<_> = walk(dir.path())
+    let manifests: Vec<_> = common::walk(dir.path())
         .into_iter()
         .filter(|p| p.ends_with("manifest.json"))
         .collect();

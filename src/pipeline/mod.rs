@@ -374,6 +374,22 @@ where
     }
 }
 
+/// Hand `read` the object's compressed stream: through age when `unseal` holds keys (the
+/// object is encrypted), the stored bytes as they are otherwise. `Err` when the age header
+/// cannot be opened: the caller reports it with [`unsealing_error`], which needs the reader
+/// back, so `read` runs in here and its result carries no borrow of it.
+fn with_unsealed<T>(
+    reader: &mut VerifyingReader,
+    unseal: &Option<Arc<Identities>>,
+    read: impl FnOnce(Box<dyn Read + '_>) -> T,
+) -> Result<T> {
+    let compressed: Box<dyn Read + '_> = match unseal {
+        None => Box::new(reader),
+        Some(identities) => identities.decrypt(reader)?,
+    };
+    Ok(read(compressed))
+}
+
 /// Why an age file could not be opened, said as exactly as possible: a lost connection is
 /// a storage error; a part that does not match its digest (or a damaged header in one that
 /// does) is corruption, even where age reports it as "no matching key" (a flipped byte in
@@ -423,24 +439,11 @@ pub async fn reseal(
         let mut verifying = VerifyingReader::new(in_rx, None);
         let mut sealing =
             Sealing::new(ChunkSink::new(out_tx), recipients.as_ref()).map_err(io_error)?;
-        let mut unsealing_failed = None;
-        let copied = {
-            let plain: Option<Box<dyn Read + '_>> = match &unseal {
-                None => Some(Box::new(&mut verifying)),
-                Some(identities) => match identities.decrypt(&mut verifying) {
-                    Ok(reader) => Some(reader),
-                    Err(e) => {
-                        unsealing_failed = Some(e);
-                        None
-                    }
-                },
-            };
-            plain.map(|mut plain| copy_large(&mut plain, &mut sealing))
+        let copy = |mut plain: Box<dyn Read + '_>| copy_large(&mut plain, &mut sealing);
+        let copied = match with_unsealed(&mut verifying, &unseal, copy) {
+            Ok(copied) => copied,
+            Err(e) => return Err(unsealing_error(e, verifying, &object, &expected)),
         };
-        if let Some(e) = unsealing_failed {
-            return Err(unsealing_error(e, verifying, &object, &expected));
-        }
-        let copied = copied.expect("copied unless unsealing failed");
         if let Some(transport) = verifying.transport_error.take() {
             return Err(Error::new(ErrorKind::Storage, transport));
         }
@@ -496,36 +499,20 @@ where
     let decode = tokio::task::spawn_blocking(move || -> Result<T> {
         let decode_error = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
         let mut verifying = VerifyingReader::new(rx, progress);
-        let mut unsealing_failed = None;
-        let consumed = {
-            let compressed: Option<Box<dyn Read + '_>> = match &unseal {
-                None => Some(Box::new(&mut verifying)),
-                Some(identities) => match identities.decrypt(&mut verifying) {
-                    Ok(reader) => Some(reader),
-                    Err(e) => {
-                        unsealing_failed = Some(e);
-                        None
-                    }
-                },
+        let decode = |compressed: Box<dyn Read + '_>| -> Result<T> {
+            let decoder = zstd::Decoder::new(compressed).map_err(|e| {
+                Error::with_source(ErrorKind::Failed, "starting the zstd decoder", e)
+            })?;
+            let mut tagged = TaggedReader {
+                inner: decoder,
+                error: std::sync::Arc::clone(&decode_error),
             };
-            match compressed {
-                None => None,
-                Some(compressed) => {
-                    let decoder = zstd::Decoder::new(compressed).map_err(|e| {
-                        Error::with_source(ErrorKind::Failed, "starting the zstd decoder", e)
-                    })?;
-                    let mut tagged = TaggedReader {
-                        inner: decoder,
-                        error: std::sync::Arc::clone(&decode_error),
-                    };
-                    Some(consumer(&mut tagged))
-                }
-            }
+            consumer(&mut tagged)
         };
-        if let Some(e) = unsealing_failed {
-            return Err(unsealing_error(e, verifying, &object, &expected));
-        }
-        let consumed = consumed.expect("consumed unless unsealing failed");
+        let consumed = match with_unsealed(&mut verifying, &unseal, decode) {
+            Ok(consumed) => consumed,
+            Err(e) => return Err(unsealing_error(e, verifying, &object, &expected)),
+        };
         let decode_error = decode_error.lock().expect("decode error lock").take();
         if let Some(transport) = verifying.transport_error.take() {
             return Err(Error::new(ErrorKind::Storage, transport));
@@ -589,28 +576,15 @@ where
     let decode = tokio::task::spawn_blocking(move || -> Result<T> {
         // Dropping the reader at the end closes the channel, which stops the download.
         let mut reader = VerifyingReader::new(rx, None);
-        let mut unsealing_failed = None;
-        let peeked = {
-            let compressed: Option<Box<dyn Read + '_>> = match &unseal {
-                None => Some(Box::new(&mut reader)),
-                Some(identities) => match identities.decrypt(&mut reader) {
-                    Ok(opened) => Some(opened),
-                    Err(e) => {
-                        unsealing_failed = Some(e);
-                        None
-                    }
-                },
-            };
-            compressed.map(|compressed| {
-                let mut decoder = zstd::Decoder::new(compressed).map_err(|e| {
-                    Error::with_source(ErrorKind::Failed, "starting the zstd decoder", e)
-                })?;
-                consumer(&mut decoder)
-            })
+        let decode = |compressed: Box<dyn Read + '_>| -> Result<T> {
+            let mut decoder = zstd::Decoder::new(compressed).map_err(|e| {
+                Error::with_source(ErrorKind::Failed, "starting the zstd decoder", e)
+            })?;
+            consumer(&mut decoder)
         };
-        match (unsealing_failed, peeked) {
-            (Some(e), _) => Err(unsealing_error(e, reader, &object, &expected)),
-            (None, peeked) => peeked.expect("peeked unless unsealing failed"),
+        match with_unsealed(&mut reader, &unseal, decode) {
+            Ok(peeked) => peeked,
+            Err(e) => Err(unsealing_error(e, reader, &object, &expected)),
         }
     });
     download_into(store, key, tx, cancel, decode).await

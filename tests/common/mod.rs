@@ -348,3 +348,17 @@ pub async fn start_private_pouchdb(npm_bin: &str, dir: &Path) -> (std::process::
     }
     (server, url)
 }
+
+/// Every file under `dir`, at any depth (objects of a `file://` store).
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
