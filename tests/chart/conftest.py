@@ -51,6 +51,11 @@ def encrypted() -> Rendered:
 
 
 @pytest.fixture(scope="session")
+def managed() -> Rendered:
+    return render(values_file("managed-services.yaml"))
+
+
+@pytest.fixture(scope="session")
 def many() -> Rendered:
     return render(many_tenant_values())
 
@@ -64,6 +69,6 @@ def long_name() -> Rendered:
     return render(values)
 
 
-@pytest.fixture(scope="session", params=["one", "three", "long_name", "encrypted", "many"])
+@pytest.fixture(scope="session", params=["one", "three", "long_name", "encrypted", "managed", "many"])
 def tenant_render(request) -> Rendered:
     return request.getfixturevalue(request.param)

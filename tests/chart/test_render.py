@@ -23,7 +23,7 @@ def validator(version: str) -> KubeValidator:
 # only, to keep the suite fast.
 @pytest.mark.parametrize(
     "name, version",
-    [(name, version) for name in ("defaults", "one", "three", "long_name", "encrypted") for version in (KUBE_MIN, KUBE_MAX)]
+    [(name, version) for name in ("defaults", "one", "three", "long_name", "encrypted", "managed") for version in (KUBE_MIN, KUBE_MAX)]
     + [("many", KUBE_MIN)],
 )
 def test_every_object_is_valid_kubernetes(request, name, version):
@@ -40,8 +40,8 @@ def test_defaults_render_only_what_needs_no_tenant(defaults):
 
 @pytest.mark.parametrize(
     "values",
-    [None, one_tenant_values(), values_file("three-tenants.yaml"), values_file("encryption.yaml")],
-    ids=["defaults", "one", "three", "encrypted"],
+    [None, one_tenant_values(), values_file("three-tenants.yaml"), values_file("encryption.yaml"), values_file("managed-services.yaml")],
+    ids=["defaults", "one", "three", "encrypted", "managed"],
 )
 def test_lint_strict_is_clean(values):
     report = chartlib.lint(values)

@@ -131,8 +131,9 @@ sprig's mergeOverwrite, which older Helm releases ship with a bug that ignores f
 {{/*
 kura.init: resolves every tenant once per render and keeps the result on the root context as
 `KuraTenants` (a list sorted by name). Each entry is tenantDefaults deep-merged with the tenant's
-values, plus: name, ns (namespace), objectStorage (merged over the global one), apps (each merged
-over appDefaults, enabled only), and schedules.backup/status/verify.
+values, plus: name, ns (namespace), objectStorage (merged over the global one), credentialKinds
+(kura.credentialKinds of its credentials), postgresExternal and couchdbExternal (kura.externalDatabases),
+apps (each merged over appDefaults, enabled only), and schedules.backup/status/verify.
 */}}
 {{- define "kura.init" -}}
 {{- if not (hasKey . "KuraTenants") -}}
@@ -177,18 +178,97 @@ over appDefaults, enabled only), and schedules.backup/status/verify.
 {{- fail (printf "tenant %q: backup.retention needs at least one keep rule (kura refuses to prune without one)" $name) -}}
 {{- end -}}
 {{- $usesStorage := or $t.backup.enabled $t.restore.enabled $t.status.enabled $t.verify.enabled $t.tests.enabled -}}
-{{- if and $usesStorage (not (or $os.credentials.existingSecret (and $os.credentials.accessKeyId $os.credentials.secretAccessKey))) -}}
-{{- fail (printf "tenant %q: set objectStorage.credentials.accessKeyId and secretAccessKey (ICOS HMAC keys) or objectStorage.credentials.existingSecret" $name) -}}
+{{- $kinds := include "kura.credentialKinds" $os.credentials | fromJson -}}
+{{- $_ := set $t "credentialKinds" $kinds -}}
+{{- if and $usesStorage (not (or $kinds.hmac $kinds.apikey)) -}}
+{{- fail (printf "tenant %q: set objectStorage.credentials: accessKeyId and secretAccessKey (ICOS HMAC keys), apikey (an IBM Cloud API key), or existingSecret (with credentials.type saying which of them it holds)" $name) -}}
+{{- end -}}
+{{- if and $kinds.apikey $root.Values.networkPolicy.enabled (not (and $os.iamEgress.cidrs $os.iamEgress.ports)) -}}
+{{- /* A rule without peers would let the Jobs reach every address. */ -}}
+{{- fail (printf "tenant %q: with an API key, objectStorage.iamEgress.cidrs and ports must name where %s is (resolve it from inside the cluster)" $name $os.iamEndpoint) -}}
 {{- end -}}
 {{- if not (or $t.postgres.enabled $t.couchdb.enabled) -}}
 {{- fail (printf "tenant %q: enable postgres or couchdb (or both)" $name) -}}
 {{- end -}}
+{{- include "kura.externalDatabases" (dict "root" $root "tenant" $t) -}}
 {{- include "kura.secretData" (dict "tenant" $t) -}}
 {{- $tenants = append $tenants $t -}}
 {{- end -}}
 {{- include "kura.schedules" (dict "root" $root "tenants" $tenants) -}}
 {{- $_ := set . "KuraTenants" $tenants -}}
 {{- end -}}
+{{- end -}}
+
+{{/*
+kura.credentialKinds CREDENTIALS: which object-storage credentials are configured, as JSON
+{"hmac": bool, "apikey": bool}. An existingSecret holds what credentials.type says (the chart
+cannot look inside it); without one, what the values set: both HMAC keys, the API key, or all.
+*/}}
+{{- define "kura.credentialKinds" -}}
+{{- $hmac := false -}}
+{{- $apikey := false -}}
+{{- if .existingSecret -}}
+{{- $type := .type | default "hmac" -}}
+{{- $hmac = has $type (list "hmac" "both") -}}
+{{- $apikey = has $type (list "apikey" "both") -}}
+{{- else -}}
+{{- $hmac = not (not (and .accessKeyId .secretAccessKey)) -}}
+{{- $apikey = not (not .apikey) -}}
+{{- end -}}
+{{- toJson (dict "hmac" $hmac "apikey" $apikey) -}}
+{{- end -}}
+
+{{/*
+kura.externalDatabases (dict "root" $ "tenant" T): databases managed outside the chart
+(postgres.external, couchdb.external), resolved with their defaults into T.postgresExternal and
+T.couchdbExternal (empty dicts for in-cluster servers), after the checks a render can make:
+a password that is given rather than generated, a CA where the mode verifies, and addresses for
+the NetworkPolicies (which match CIDRs, never names).
+*/}}
+{{- define "kura.externalDatabases" -}}
+{{- $t := .tenant -}}
+{{- $np := .root.Values.networkPolicy -}}
+{{- $pg := dict -}}
+{{- $ext := $t.postgres.external -}}
+{{- if and $t.postgres.enabled $ext -}}
+{{- if not $ext.host -}}
+{{- fail (printf "tenant %q: postgres.external.host is required" $t.name) -}}
+{{- end -}}
+{{- $ca := $ext.caSecret | default dict -}}
+{{- $pg = dict "host" $ext.host "port" (int ($ext.port | default 5432)) "sslmode" ($ext.sslmode | default "verify-full") "database" ($ext.database | default "postgres") "caSecret" ($ca.name | default "") "caKey" ($ca.key | default "ca.crt") "cidrs" (dig "egress" "cidrs" (list) $ext) -}}
+{{- if and (has $pg.sslmode (list "verify-ca" "verify-full")) (not $pg.caSecret) -}}
+{{- fail (printf "tenant %q: postgres.external.sslmode %s checks the server's certificate against a CA, and the kura image has none for it: set postgres.external.caSecret (an existing Secret in %s with the CA certificate), or a sslmode that does not verify (require)" $t.name $pg.sslmode $t.ns) -}}
+{{- end -}}
+{{- if not (or $t.postgres.auth.existingSecret $t.postgres.auth.password) -}}
+{{- fail (printf "tenant %q: postgres.external needs the server's password for %s: set postgres.auth.existingSecret (a Secret in %s holding it under postgres.auth.passwordKey) or postgres.auth.password" $t.name $t.postgres.auth.username $t.ns) -}}
+{{- end -}}
+{{- if and $np.enabled (not $pg.cidrs) -}}
+{{- fail (printf "tenant %q: postgres.external.egress.cidrs is required with networkPolicy.enabled: NetworkPolicies match addresses, not names. Resolve %s from inside the cluster (kubectl run --rm -it dns --image=busybox --restart=Never -- nslookup %s) and list its addresses, e.g. [10.240.64.5/32]" $t.name $pg.host $pg.host) -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set $t "postgresExternal" $pg -}}
+{{- $couch := dict -}}
+{{- $ext = $t.couchdb.external -}}
+{{- if and $t.couchdb.enabled $ext -}}
+{{- if not $ext.url -}}
+{{- fail (printf "tenant %q: couchdb.external.url is required" $t.name) -}}
+{{- end -}}
+{{- $url := urlParse ($ext.url | trimSuffix "/") -}}
+{{- $tls := eq $url.scheme "https" -}}
+{{- $ca := $ext.caSecret | default dict -}}
+{{- $port := regexFind ":[0-9]+$" $url.host | trimPrefix ":" | default (ternary "443" "80" $tls) | int -}}
+{{- $couch = dict "scheme" $url.scheme "host" $url.host "hostname" $url.hostname "port" $port "path" $url.path "caSecret" ($ca.name | default "") "caKey" ($ca.key | default "ca.crt") "cidrs" (dig "egress" "cidrs" (list) $ext) -}}
+{{- if and $couch.caSecret (not $tls) -}}
+{{- fail (printf "tenant %q: couchdb.external.caSecret is for an https URL; %s is plain http" $t.name $ext.url) -}}
+{{- end -}}
+{{- if not (or $t.couchdb.auth.existingSecret $t.couchdb.auth.password) -}}
+{{- fail (printf "tenant %q: couchdb.external needs the server's password for %s: set couchdb.auth.existingSecret (a Secret in %s holding it under couchdb.auth.passwordKey) or couchdb.auth.password" $t.name $t.couchdb.auth.username $t.ns) -}}
+{{- end -}}
+{{- if and $np.enabled (not $couch.cidrs) -}}
+{{- fail (printf "tenant %q: couchdb.external.egress.cidrs is required with networkPolicy.enabled: NetworkPolicies match addresses, not names. Resolve %s from inside the cluster (kubectl run --rm -it dns --image=busybox --restart=Never -- nslookup %s) and list its addresses, e.g. [10.240.64.6/32]" $t.name $couch.hostname $couch.hostname) -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set $t "couchdbExternal" $couch -}}
 {{- end -}}
 
 {{/*
@@ -256,12 +336,63 @@ labels:
 {{- .objectStorage.credentials.existingSecret | default (include "kura.objectName" (list .name "object-storage" 63)) -}}
 {{- end -}}
 
-{{/* Service URLs, without passwords: those travel in separate variables from Secrets. */}}
+{{/*
+Service URLs, without passwords: those travel in separate variables from Secrets. An external
+PostgreSQL gets libpq's sslmode, and sslrootcert when its CA is mounted; an external CouchDB's CA
+travels in KURA_COUCHDB_CA_FILE (kura.sourceEnv).
+*/}}
 {{- define "kura.postgresUrl" -}}
+{{- with .postgresExternal -}}
+{{- printf "postgres://%s@%s:%d/%s?sslmode=%s" $.postgres.auth.username .host (int .port) .database .sslmode -}}
+{{- if .caSecret }}{{ printf "&sslrootcert=%s" (include "kura.caFile" "postgres") }}{{ end -}}
+{{- else -}}
 {{- printf "postgres://%s@%s.%s.svc:%d/postgres" .postgres.auth.username (include "kura.postgresName" .) .ns (int .postgres.port) -}}
 {{- end -}}
+{{- end -}}
 {{- define "kura.couchdbUrl" -}}
+{{- with .couchdbExternal -}}
+{{- printf "%s://%s@%s%s" .scheme $.couchdb.auth.username .host .path -}}
+{{- else -}}
 {{- printf "http://%s@%s.%s.svc:%d" .couchdb.auth.username (include "kura.couchdbName" .) .ns (int .couchdb.port) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+CA certificates of external databases (postgres.external.caSecret, couchdb.external.caSecret):
+one projected volume, mounted read-only at /etc/kura/tls in every container of the tenant that
+connects to a database, <db>/ca.crt each. CAs are public: mode 0444.
+*/}}
+{{- define "kura.caDir" -}}/etc/kura/tls{{- end -}}
+{{- define "kura.caFile" -}}{{ include "kura.caDir" . }}/{{ . }}/ca.crt{{- end -}}
+
+{{/* kura.hasCa T: "true" when the tenant mounts any CA, else empty. */}}
+{{- define "kura.hasCa" -}}
+{{- if or (get (.postgresExternal | default dict) "caSecret") (get (.couchdbExternal | default dict) "caSecret") }}true{{ end -}}
+{{- end -}}
+
+{{- define "kura.caMount" -}}
+- name: tls-ca
+  mountPath: {{ include "kura.caDir" . }}
+  readOnly: true
+{{- end -}}
+
+{{- define "kura.caVolume" -}}
+- name: tls-ca
+  projected:
+    # 0444
+    defaultMode: 292
+    sources:
+      {{- range $db := list "postgres" "couchdb" }}
+      {{- with get $ (printf "%sExternal" $db) }}
+      {{- if .caSecret }}
+      - secret:
+          name: {{ .caSecret }}
+          items:
+            - key: {{ .caKey | quote }}
+              path: {{ $db }}/ca.crt
+      {{- end }}
+      {{- end }}
+      {{- end }}
 {{- end -}}
 {{- define "kura.storageUrl" -}}
 {{- $prefix := .objectStorage.prefix | trimAll "/" -}}
@@ -298,18 +429,24 @@ always generates.
 
 {{/*
 kura.secretData (dict "tenant" T): the data of the database Secrets the chart creates, as
-T.postgresSecretData and T.couchdbSecretData (plain text). Computed once per render, in kura.init:
+T.postgresSecretData and T.couchdbSecretData (plain text); for an external server only the given
+password, never a generated one. Computed once per render, in kura.init:
 the Secret and the CouchDB pod's checksum of it must see the same generated values, and `lookup`
 should run once per Secret.
 */}}
 {{- define "kura.secretData" -}}
 {{- $t := .tenant -}}
-{{- if and $t.postgres.enabled (not $t.postgres.auth.existingSecret) -}}
+{{- if and $t.postgres.enabled (not $t.postgres.auth.existingSecret) $t.postgresExternal -}}
+{{- $_ := set $t "postgresSecretData" (dict $t.postgres.auth.passwordKey $t.postgres.auth.password) -}}
+{{- else if and $t.postgres.enabled (not $t.postgres.auth.existingSecret) -}}
 {{- $auth := $t.postgres.auth -}}
 {{- $live := lookup "v1" "Secret" $t.ns (include "kura.postgresName" $t) -}}
 {{- $_ := set $t "postgresSecretData" (dict $auth.passwordKey (include "kura.secretValue" (dict "value" $auth.password "live" $live "key" $auth.passwordKey))) -}}
 {{- end -}}
-{{- if and $t.couchdb.enabled (not $t.couchdb.auth.existingSecret) -}}
+{{- if and $t.couchdb.enabled (not $t.couchdb.auth.existingSecret) $t.couchdbExternal -}}
+{{- /* Only the password: the cookie secrets belong to an in-cluster CouchDB node. */ -}}
+{{- $_ := set $t "couchdbSecretData" (dict $t.couchdb.auth.passwordKey $t.couchdb.auth.password) -}}
+{{- else if and $t.couchdb.enabled (not $t.couchdb.auth.existingSecret) -}}
 {{- $auth := $t.couchdb.auth -}}
 {{- $live := lookup "v1" "Secret" $t.ns (include "kura.couchdbName" $t) -}}
 {{- $data := dict $auth.passwordKey (include "kura.secretValue" (dict "value" $auth.password "live" $live "key" $auth.passwordKey)) -}}
@@ -414,7 +551,10 @@ scaled to 0 may still have a pod shutting down, hence the pods.
 {{- end -}}
 {{- end -}}
 
-{{/* The environment every kura container gets: storage, tenant, log format, credentials. */}}
+{{/*
+The environment every kura container gets: storage, tenant, log format, credentials. HMAC keys as
+AWS_*, an API key as IBM_API_KEY_ID with IAM's endpoint; kura uses the HMAC keys when it has both.
+*/}}
 {{- define "kura.storageEnv" -}}
 - name: HOME
   value: /tmp
@@ -430,6 +570,7 @@ scaled to 0 may still have a pod shutting down, hence the pods.
   value: {{ .objectStorage.region | quote }}
 - name: KURA_S3_PATH_STYLE
   value: {{ .objectStorage.pathStyle | toString | quote }}
+{{- if .credentialKinds.hmac }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
     secretKeyRef:
@@ -440,6 +581,20 @@ scaled to 0 may still have a pod shutting down, hence the pods.
     secretKeyRef:
       name: {{ include "kura.objectStorageSecretName" . }}
       key: {{ .objectStorage.credentials.secretAccessKeyKey }}
+{{- end }}
+{{- if .credentialKinds.apikey }}
+- name: IBM_API_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "kura.objectStorageSecretName" . }}
+      key: {{ .objectStorage.credentials.apikeyKey }}
+- name: IBM_AUTH_ENDPOINT
+  value: {{ .objectStorage.iamEndpoint | quote }}
+{{- end }}
+{{- with .objectStorage.credentials.serviceInstanceId }}
+- name: IBM_SERVICE_INSTANCE_ID
+  value: {{ . | quote }}
+{{- end }}
 {{- end -}}
 
 {{/* The tenant's databases as kura sources: URL without password, password from the Secret. */}}
@@ -461,6 +616,10 @@ scaled to 0 may still have a pod shutting down, hence the pods.
     secretKeyRef:
       name: {{ include "kura.couchdbSecretName" . }}
       key: {{ .couchdb.auth.passwordKey }}
+{{- if get (.couchdbExternal | default dict) "caSecret" }}
+- name: KURA_COUCHDB_CA_FILE
+  value: {{ include "kura.caFile" "couchdb" | quote }}
+{{- end }}
 {{- end }}
 {{- end -}}
 
@@ -642,12 +801,18 @@ spec:
                   mountPath: {{ include "kura.identityDir" . }}
                   readOnly: true
                 {{- end }}
+                {{- if include "kura.hasCa" $t }}
+                {{- include "kura.caMount" . | nindent 16 }}
+                {{- end }}
           volumes:
             - name: tmp
               emptyDir:
                 sizeLimit: {{ $job.tmpSizeLimit }}
             {{- if $identity }}
             {{- include "kura.identityVolume" $t | nindent 12 }}
+            {{- end }}
+            {{- if include "kura.hasCa" $t }}
+            {{- include "kura.caVolume" $t | nindent 12 }}
             {{- end }}
 {{- end -}}
 
