@@ -28,6 +28,12 @@ impl Secret {
     }
 }
 
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Secret, D::Error> {
+        String::deserialize(d).map(Secret::new)
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("***")
@@ -251,6 +257,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub s3: S3File,
     #[serde(default)]
+    pub couchdb: CouchdbFile,
+    #[serde(default)]
     pub pipeline: PipelineFile,
     #[serde(default)]
     pub retention: RetentionFile,
@@ -292,6 +300,23 @@ pub struct S3File {
     pub endpoint: Option<String>,
     pub region: Option<String>,
     pub path_style: Option<bool>,
+    /// CA files trusted for the endpoint besides the system's roots.
+    #[serde(default)]
+    pub ca_files: Vec<PathBuf>,
+    /// An ICOS service credential JSON file (API key and/or HMAC keys).
+    pub icos_credentials: Option<PathBuf>,
+    pub ibm_service_instance_id: Option<String>,
+    pub ibm_auth_endpoint: Option<String>,
+}
+
+/// `[couchdb]`: TLS for https:// CouchDB URLs.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CouchdbFile {
+    #[serde(default)]
+    pub ca_files: Vec<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]

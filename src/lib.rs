@@ -15,5 +15,6 @@ pub mod progress;
 pub mod retention;
 pub mod retry;
 pub mod storage;
+pub mod tls;
 
 pub use error::{Error, ErrorKind, Result};

@@ -126,6 +126,7 @@ async fn requests_are_icos_compatible() {
             endpoint: Some(proxy),
             region: Some("eu-de".into()),
             path_style: true,
+            ..S3Options::default()
         },
     )
     .await

@@ -278,6 +278,7 @@ async fn s3_store(
             endpoint: Some(endpoint.to_string()),
             region: Some("us-east-1".into()),
             path_style: true,
+            ..S3Options::default()
         },
     )
     .await

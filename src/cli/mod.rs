@@ -86,6 +86,86 @@ pub struct GlobalArgs {
     /// Path-style bucket addressing (endpoint/bucket/key) instead of virtual hosts
     #[arg(long, env = "KURA_S3_PATH_STYLE", global = true, num_args = 0..=1, default_missing_value = "true")]
     pub s3_path_style: Option<bool>,
+    /// CA certificate (PEM) trusted for the S3 endpoint besides the system's roots, e.g. a
+    /// private CA; repeatable. AWS_CA_BUNDLE is read when this is not given.
+    #[arg(
+        long,
+        env = "KURA_S3_CA_FILE",
+        global = true,
+        value_name = "FILE",
+        value_delimiter = ',',
+        help_heading = "TLS"
+    )]
+    pub s3_ca_file: Vec<PathBuf>,
+    /// CA certificate (PEM) trusted for https:// CouchDB URLs besides the system's roots;
+    /// repeatable. (PostgreSQL: sslrootcert=FILE in the URL, or PGSSLROOTCERT.)
+    #[arg(
+        long,
+        env = "KURA_COUCHDB_CA_FILE",
+        global = true,
+        value_name = "FILE",
+        value_delimiter = ',',
+        help_heading = "TLS"
+    )]
+    pub couchdb_ca_file: Vec<PathBuf>,
+    /// Client certificate (PEM) for a CouchDB server that asks for one; needs --couchdb-key
+    #[arg(
+        long,
+        env = "KURA_COUCHDB_CERT",
+        global = true,
+        value_name = "FILE",
+        help_heading = "TLS"
+    )]
+    pub couchdb_cert: Option<PathBuf>,
+    /// The private key (PEM) of --couchdb-cert
+    #[arg(
+        long,
+        env = "KURA_COUCHDB_KEY",
+        global = true,
+        value_name = "FILE",
+        help_heading = "TLS"
+    )]
+    pub couchdb_key: Option<PathBuf>,
+    /// IBM Cloud API key for ICOS, used when no HMAC keys are configured. Prefer the
+    /// environment or --icos-credentials: a command line is visible to the host's other users.
+    #[arg(
+        long = "ibm-api-key",
+        env = "IBM_API_KEY_ID",
+        global = true,
+        hide_env_values = true,
+        value_name = "KEY",
+        help_heading = "IBM Cloud IAM"
+    )]
+    pub ibm_api_key: Option<String>,
+    /// ICOS service instance (its CRN), sent on the requests ICOS wants it on
+    #[arg(
+        long,
+        env = "IBM_SERVICE_INSTANCE_ID",
+        global = true,
+        value_name = "ID",
+        help_heading = "IBM Cloud IAM"
+    )]
+    pub ibm_service_instance_id: Option<String>,
+    /// IAM token endpoint; private networks use https://private.iam.cloud.ibm.com/identity/token
+    /// [default: https://iam.cloud.ibm.com/identity/token]
+    #[arg(
+        long,
+        env = "IBM_AUTH_ENDPOINT",
+        global = true,
+        value_name = "URL",
+        help_heading = "IBM Cloud IAM"
+    )]
+    pub ibm_auth_endpoint: Option<String>,
+    /// ICOS service credential (JSON, as the IBM Cloud console downloads it): its apikey,
+    /// resource_instance_id and cos_hmac_keys
+    #[arg(
+        long,
+        env = "KURA_ICOS_CREDENTIALS",
+        global = true,
+        value_name = "FILE",
+        help_heading = "IBM Cloud IAM"
+    )]
+    pub icos_credentials: Option<PathBuf>,
     /// Directory of pg_dump, pg_restore, psql (default: PATH, then /usr/lib/postgresql/*/bin)
     #[arg(long, env = "KURA_PG_BIN_DIR", global = true)]
     pub pg_bin_dir: Option<PathBuf>,
@@ -247,6 +327,8 @@ pub struct Settings {
     pub sources: Vec<Source>,
     pub pg_bin_dir: Option<PathBuf>,
     pub lock_wait_timeout: Duration,
+    /// CA files and client certificate for https:// CouchDB URLs.
+    pub couchdb_tls: crate::tls::TlsFiles,
     /// `--identity` files, read when an encrypted backup is opened.
     pub identity_files: Vec<PathBuf>,
     /// `--no-encrypt` although recipients are configured: backups say so in a warning.
@@ -342,6 +424,27 @@ impl Settings {
             ));
         }
 
+        let (credentials, credentials_note) = s3_credentials(args, &file)?;
+        let couchdb_tls = crate::tls::TlsFiles {
+            ca_files: match args.couchdb_ca_file.is_empty() {
+                false => args.couchdb_ca_file.clone(),
+                true => file.couchdb.ca_files.clone(),
+            },
+            system_roots: true,
+            client_cert: match (
+                args.couchdb_cert.clone().or(file.couchdb.cert_file.clone()),
+                args.couchdb_key.clone().or(file.couchdb.key_file.clone()),
+            ) {
+                (Some(cert), Some(key)) => Some(crate::tls::ClientCert { cert, key }),
+                (None, None) => None,
+                _ => {
+                    return Err(Error::usage(
+                        "--couchdb-cert and --couchdb-key go together: give both (KURA_COUCHDB_CERT, KURA_COUCHDB_KEY), or neither",
+                    ))
+                }
+            },
+        };
+
         let mut sources = file.sources()?;
         for (name, kind, url) in [
             ("postgres", SourceKind::Postgres, &args.postgres_url),
@@ -374,7 +477,19 @@ impl Settings {
                 endpoint: args.s3_endpoint.clone().or(file.s3.endpoint.clone()),
                 region: args.s3_region.clone().or(file.s3.region.clone()),
                 path_style: args.s3_path_style.or(file.s3.path_style).unwrap_or(false),
+                ca_files: match (args.s3_ca_file.is_empty(), file.s3.ca_files.is_empty()) {
+                    (false, _) => args.s3_ca_file.clone(),
+                    (true, false) => file.s3.ca_files.clone(),
+                    (true, true) => std::env::var_os("AWS_CA_BUNDLE")
+                        .filter(|v| !v.is_empty())
+                        .map(PathBuf::from)
+                        .into_iter()
+                        .collect(),
+                },
+                credentials,
+                credentials_note,
             },
+            couchdb_tls,
             pipeline,
             sources,
             pg_bin_dir: args.pg_bin_dir.clone().or(file.pg_bin_dir.clone()),
@@ -472,6 +587,7 @@ impl Settings {
             pg_bin_dir: self.pg_bin_dir.clone(),
             lock_wait_timeout: self.lock_wait_timeout,
             single_attempt: false,
+            couchdb_tls: self.couchdb_tls.clone(),
         }
     }
 
@@ -489,6 +605,81 @@ impl Settings {
             LogFormat::Json => std::io::stderr().lock().write_all(text.as_bytes()),
         };
     }
+}
+
+/// ICOS credentials: HMAC keys win over an API key when both are configured (they need no
+/// token round trip, and a service credential with both is common); the note says which was
+/// chosen, for the log.
+fn s3_credentials(
+    args: &GlobalArgs,
+    file: &FileConfig,
+) -> Result<(storage::S3Credentials, Option<String>)> {
+    use storage::iam::{IamSettings, ServiceCredential, DEFAULT_AUTH_ENDPOINT};
+    use storage::S3Credentials;
+    let credential_file = args
+        .icos_credentials
+        .as_ref()
+        .or(file.s3.icos_credentials.as_ref());
+    let credential = match credential_file {
+        Some(path) => Some(ServiceCredential::load(path)?),
+        None => None,
+    };
+    let (file_key, file_instance, file_hmac) = match credential {
+        Some(c) => (c.apikey, c.resource_instance_id, c.cos_hmac_keys),
+        None => (None, None, None),
+    };
+    let (api_key, key_from) =
+        match args.ibm_api_key.as_deref().map(str::trim) {
+            Some("") => return Err(Error::usage(
+                "IBM_API_KEY_ID / --ibm-api-key is set but empty: give the API key, or unset it",
+            )),
+            Some(key) => (Some(config::Secret::new(key)), "IBM_API_KEY_ID"),
+            None => (file_key, "the service credential's apikey"),
+        };
+    let env_hmac = std::env::var_os("AWS_ACCESS_KEY_ID").is_some_and(|v| !v.is_empty());
+    let unused_key = api_key.as_ref().map(|_| key_from);
+    let ignored = |hmac_from: &str| {
+        unused_key.map(|key| {
+            format!("HMAC keys ({hmac_from}) and an IBM API key ({key}) are both configured: using the HMAC keys")
+        })
+    };
+    Ok(match (env_hmac, file_hmac, api_key) {
+        (true, _, _) => (S3Credentials::AwsChain, ignored("AWS_ACCESS_KEY_ID")),
+        (false, Some(hmac), _) => (
+            S3Credentials::Hmac {
+                access_key_id: hmac.access_key_id,
+                secret_access_key: hmac.secret_access_key,
+            },
+            ignored("the service credential's cos_hmac_keys"),
+        ),
+        (false, None, Some(api_key)) => {
+            let auth_endpoint = args
+                .ibm_auth_endpoint
+                .clone()
+                .or(file.s3.ibm_auth_endpoint.clone())
+                .unwrap_or_else(|| DEFAULT_AUTH_ENDPOINT.to_string());
+            url::Url::parse(&auth_endpoint).map_err(|e| {
+                Error::usage(format!(
+                    "IBM_AUTH_ENDPOINT {auth_endpoint:?} is not a URL ({e}): e.g. {DEFAULT_AUTH_ENDPOINT}"
+                ))
+            })?;
+            (
+                S3Credentials::Iam(IamSettings {
+                    api_key,
+                    service_instance_id: args
+                        .ibm_service_instance_id
+                        .clone()
+                        .or(file.s3.ibm_service_instance_id.clone())
+                        .or(file_instance),
+                    auth_endpoint,
+                }),
+                Some(format!(
+                    "authenticating to the object store with an IBM Cloud API key ({key_from})"
+                )),
+            )
+        }
+        (false, None, None) => (S3Credentials::AwsChain, None),
+    })
 }
 
 /// `--json` output: one object per line (NDJSON), so it can share stdout with JSON log lines

@@ -61,6 +61,9 @@ pub struct EngineOptions {
     pub lock_wait_timeout: std::time::Duration,
     /// One attempt per request (`wait-for`, which retries on its own).
     pub single_attempt: bool,
+    /// CA files and client certificate for `https://` CouchDB URLs. PostgreSQL takes its TLS
+    /// settings from the URL and the `PGSSL*` environment, as libpq does.
+    pub couchdb_tls: crate::tls::TlsFiles,
 }
 
 impl Default for EngineOptions {
@@ -69,6 +72,7 @@ impl Default for EngineOptions {
             pg_bin_dir: None,
             lock_wait_timeout: DEFAULT_LOCK_WAIT_TIMEOUT,
             single_attempt: false,
+            couchdb_tls: crate::tls::TlsFiles::default(),
         }
     }
 }

@@ -47,6 +47,7 @@ use futures::stream::BoxStream;
 
 use crate::error::{Error, Result};
 
+pub mod iam;
 pub mod local;
 pub mod s3;
 #[cfg(any(test, feature = "testing"))]
@@ -150,6 +151,27 @@ pub struct S3Options {
     pub endpoint: Option<String>,
     pub region: Option<String>,
     pub path_style: bool,
+    /// PEM CA files trusted besides the system's roots (`--s3-ca-file`, `AWS_CA_BUNDLE`).
+    pub ca_files: Vec<std::path::PathBuf>,
+    pub credentials: S3Credentials,
+    /// Which credentials were chosen and why, logged when the store is opened.
+    pub credentials_note: Option<String>,
+}
+
+/// How requests to the store are authenticated.
+#[derive(Debug, Clone, Default)]
+pub enum S3Credentials {
+    /// The AWS SDK's chain: `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` (ICOS HMAC keys),
+    /// profiles, web identity.
+    #[default]
+    AwsChain,
+    /// HMAC keys from an ICOS service credential file (`cos_hmac_keys`).
+    Hmac {
+        access_key_id: String,
+        secret_access_key: crate::config::Secret,
+    },
+    /// An IBM Cloud IAM API key, exchanged for bearer tokens.
+    Iam(iam::IamSettings),
 }
 
 /// Open the store named by a storage URL (`s3://bucket/prefix` or `file:///dir`).

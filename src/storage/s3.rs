@@ -24,9 +24,10 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use md5::{Digest, Md5};
 
+use super::iam::{IamAuth, Tokens};
 use super::{
     join_key, validate_key, Created, GetResult, MultipartUpload, ObjectMeta, ObjectStore,
-    PendingUpload, Refused, S3Options,
+    PendingUpload, Refused, S3Credentials, S3Options,
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::retry::RetryPolicy;
@@ -40,7 +41,13 @@ pub struct S3Store {
     bucket: String,
     prefix: String,
     endpoint: String,
+    /// Where the credentials come from, for advice on a refusal.
+    credentials_hint: &'static str,
 }
+
+const HMAC_HINT: &str =
+    "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (ICOS HMAC keys) or the service credential's cos_hmac_keys";
+const IAM_HINT: &str = "check the API key's service ID or user has a role on the bucket (IBM_API_KEY_ID / the service credential's apikey)";
 
 impl S3Store {
     pub async fn new(bucket: &str, prefix: &str, options: &S3Options) -> Result<Self> {
@@ -51,10 +58,24 @@ impl S3Store {
             .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
             // ICOS ignores the signing region for its regional endpoints; any value signs.
             .unwrap_or_else(|| "us-east-1".to_string());
-        let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(Region::new(region))
-            .load()
-            .await;
+        let mut loader =
+            aws_config::defaults(aws_config::BehaviorVersion::latest()).region(Region::new(region));
+        loader = match &options.credentials {
+            S3Credentials::AwsChain => loader,
+            S3Credentials::Hmac {
+                access_key_id,
+                secret_access_key,
+            } => loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
+                access_key_id,
+                secret_access_key.expose(),
+                None,
+                None,
+                "ICOS service credential",
+            )),
+            // Bearer tokens replace SigV4: no AWS credential chain to probe.
+            S3Credentials::Iam(_) => loader.no_credentials(),
+        };
+        let shared = loader.load().await;
         let mut builder = aws_sdk_s3::config::Builder::from(&shared)
             .force_path_style(options.path_style)
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
@@ -75,11 +96,30 @@ impl S3Store {
             }
             None => "AWS S3".to_string(),
         };
+        if !options.ca_files.is_empty() {
+            builder = builder.http_client(https_client(&options.ca_files)?);
+        }
+        if let Some(note) = &options.credentials_note {
+            tracing::info!("{note}");
+        }
+        let mut credentials_hint = HMAC_HINT;
+        if let S3Credentials::Iam(settings) = &options.credentials {
+            let tls = crate::tls::TlsFiles {
+                ca_files: options.ca_files.clone(),
+                ..Default::default()
+            };
+            let tokens = Tokens::new(settings.clone(), &tls)?;
+            // A wrong key fails here, in seconds, with IAM's reason, before any work starts.
+            tokens.token().await?;
+            builder = IamAuth::new(tokens).install(builder, settings.service_instance_id.clone());
+            credentials_hint = IAM_HINT;
+        }
         Ok(S3Store {
             client: Client::from_conf(builder.build()),
             bucket: bucket.to_string(),
             prefix: prefix.trim_matches('/').to_string(),
             endpoint,
+            credentials_hint,
         })
     }
 
@@ -237,6 +277,18 @@ impl S3Store {
         let status = err.raw_response().map(|r| r.status().as_u16());
         let code = err.code().map(str::to_string);
         let object = format!("{} in bucket {} at {}", key, self.bucket, self.endpoint);
+        // A token refresh that failed mid-run carries kura's own error (IAM's reason).
+        if let Some(own) = find_own_error(&err) {
+            return own.clone().context(format!("{action} {object}"));
+        }
+        if let Some(failure) = crate::tls::explain_failure(&err, &self.endpoint, &TLS_FIXES) {
+            return Error::with_source(
+                ErrorKind::Storage,
+                format!("{action} {object}: {failure}"),
+                std::io::Error::other(aws_sdk_s3::error::DisplayErrorContext(&err).to_string()),
+            );
+        }
+        let credentials_hint = self.credentials_hint;
         let (kind, advice) = match (&err, code.as_deref(), status) {
             (SdkError::DispatchFailure(_), _, _) | (SdkError::TimeoutError(_), _, _) => (
                 ErrorKind::Storage,
@@ -256,7 +308,7 @@ impl S3Store {
             // the permission. A HEAD answer has no body, so its bare 403 could be either.
             (_, Some("InvalidAccessKeyId" | "SignatureDoesNotMatch"), _) | (_, None, Some(401)) => (
                 ErrorKind::Storage,
-                "the object store rejected the credentials: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (ICOS HMAC keys)".to_string(),
+                format!("the object store rejected the credentials: {credentials_hint}"),
             ),
             (_, Some("AccessDenied"), _) => (
                 ErrorKind::Storage,
@@ -264,7 +316,7 @@ impl S3Store {
             ),
             (_, None, Some(403)) => (
                 ErrorKind::Storage,
-                "the object store rejected the credentials or does not allow this request: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (ICOS HMAC keys) and the bucket's access policy".to_string(),
+                format!("the object store rejected the credentials or does not allow this request: {credentials_hint}, and the bucket's access policy"),
             ),
             _ => (
                 ErrorKind::Storage,
@@ -283,6 +335,39 @@ impl S3Store {
             std::io::Error::other(cause),
         )
     }
+}
+
+const TLS_FIXES: crate::tls::Fixes<'static> = crate::tls::Fixes {
+    unknown_ca: "give the CA certificate that signed it with --s3-ca-file FILE (KURA_S3_CA_FILE) or AWS_CA_BUNDLE",
+    name_mismatch: "use a host name the certificate lists in --s3-endpoint (KURA_S3_ENDPOINT)",
+};
+
+/// The SDK's HTTPS client, trusting `ca_files` besides the system's roots.
+fn https_client(ca_files: &[std::path::PathBuf]) -> Result<aws_sdk_s3::config::SharedHttpClient> {
+    use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode, TlsContext, TrustStore};
+    let mut trust = TrustStore::empty().with_native_roots(true);
+    for file in ca_files {
+        trust = trust.with_pem_certificate(crate::tls::read_pem_certificates(file)?);
+    }
+    let context = TlsContext::builder()
+        .with_trust_store(trust)
+        .build()
+        .map_err(|e| Error::usage(format!("the S3 CA files cannot be used: {e}")))?;
+    Ok(aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(CryptoMode::AwsLc))
+        .tls_context(context)
+        .build_https())
+}
+
+fn find_own_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a Error> {
+    let mut next = Some(err);
+    while let Some(current) = next {
+        if let Some(own) = current.downcast_ref::<Error>() {
+            return Some(own);
+        }
+        next = current.source();
+    }
+    None
 }
 
 enum BatchDelete {

@@ -2,6 +2,8 @@
 //! so tests run in parallel, and a `kura` command with a clean environment.
 #![allow(dead_code)]
 
+pub mod front;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -52,7 +54,10 @@ pub fn kura_bin() -> PathBuf {
 pub fn kura() -> Command {
     let mut command = Command::new(kura_bin());
     for (key, _) in std::env::vars() {
-        if key.starts_with("KURA_") || key.starts_with("AWS_") || key.starts_with("PG") {
+        if ["KURA_", "AWS_", "PG", "IBM_"]
+            .iter()
+            .any(|prefix| key.starts_with(prefix))
+        {
             command.env_remove(key);
         }
     }

@@ -21,6 +21,7 @@ use url::Url;
 use crate::config::{Secret, SourceUrl};
 use crate::error::{Error, ErrorKind, Result};
 use crate::retry::RetryPolicy;
+use crate::tls::{self, TlsFiles};
 
 pub mod backup;
 mod engine;
@@ -34,6 +35,12 @@ pub const DATABASE_KIND: &str = "couchdb.database";
 pub const FORMAT: &str = "kura-couchdb-ndjson-v2";
 /// The format before attachments were streamed: their bytes inline, base64, in the document.
 pub const FORMAT_V1: &str = "kura-couchdb-ndjson-v1";
+
+const TLS_FIXES: tls::Fixes<'static> = tls::Fixes {
+    unknown_ca:
+        "give the CA certificate that signed it with --couchdb-ca-file FILE (KURA_COUCHDB_CA_FILE)",
+    name_mismatch: "use a host name the certificate lists in the CouchDB URL",
+};
 
 /// CouchDB's default session timeout is 10 minutes; renew well before.
 const SESSION_RENEWAL: Duration = Duration::from_secs(240);
@@ -64,7 +71,8 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    pub fn new(url: &SourceUrl) -> Result<Self> {
+    /// `tls` applies to `https://` URLs, verified against the system's roots and its CA files.
+    pub fn new(url: &SourceUrl, tls: &TlsFiles) -> Result<Self> {
         if !matches!(url.scheme(), "http" | "https") {
             return Err(Error::usage(format!(
                 "{} is not a CouchDB URL: expected http://user:password@host:5984",
@@ -83,7 +91,20 @@ impl Client {
             let path = format!("{}/", base.path());
             base.set_path(&path);
         }
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder();
+        if base.scheme() == "https" {
+            let trust = TlsFiles {
+                system_roots: true,
+                ..tls.clone()
+            };
+            let config = trust
+                .client_config(tls::Verify::Full)
+                .map_err(|e| e.context("CouchDB TLS settings"))?;
+            http = http.use_preconfigured_tls(config);
+        } else if tls != &TlsFiles::default() {
+            tracing::warn!(url = %url.redacted(), "CouchDB TLS settings are ignored for an http:// URL");
+        }
+        let http = http
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(Duration::from_secs(300))
             .pool_max_idle_per_host(16)
@@ -205,7 +226,23 @@ impl Client {
         )
     }
 
+    /// A handshake failure, explained; retrying cannot fix a certificate.
+    fn tls_failure(&self, err: &reqwest::Error) -> Option<String> {
+        let server = match (self.base.host_str(), self.base.port_or_known_default()) {
+            (Some(host), Some(port)) => format!("{host}:{port}"),
+            _ => self.shown.clone(),
+        };
+        tls::explain_failure(err, &server, &TLS_FIXES)
+    }
+
     fn transport_error(&self, what: &str, err: reqwest::Error) -> Error {
+        if let Some(failure) = self.tls_failure(&err) {
+            return Error::with_source(
+                ErrorKind::Database,
+                format!("{what} at CouchDB {}: {failure}", self.shown),
+                err,
+            );
+        }
         // reqwest's messages include the URL, which carries no credentials here.
         Error::with_source(
             ErrorKind::Database,
@@ -244,6 +281,9 @@ impl Client {
             let cookie = match self.session_cookie(false).await {
                 Ok(cookie) => cookie,
                 Err(Login::Rejected) => return Err(self.auth_error()),
+                Err(Login::Transport(e)) if self.tls_failure(&e).is_some() => {
+                    return Err(self.transport_error("logging in", e))
+                }
                 Err(failure) if self.retry.allows_another(attempt) => {
                     if let Login::Transport(e) = &failure {
                         tracing::debug!(error = %e, attempt, "logging in to CouchDB failed; retrying");
@@ -298,6 +338,7 @@ impl Client {
                         None
                     }
                 }
+                Err(e) if self.tls_failure(e).is_some() => None,
                 Err(e) if e.is_timeout() || e.is_connect() || e.is_request() => Some(None),
                 Err(_) => None,
             };

@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::config::SourceUrl;
 use crate::error::{Error, ErrorKind, Result};
@@ -20,6 +20,7 @@ pub mod backup;
 mod engine;
 pub mod preflight;
 pub mod restore;
+pub mod tls;
 
 pub use engine::{describe_part, PostgresEngine};
 
@@ -145,20 +146,30 @@ impl Connection {
         } else if let Ok(password) = std::env::var("PGPASSWORD") {
             config.password(password);
         }
-        if let Some(mode) = self.query_param("sslmode") {
-            if matches!(mode.as_str(), "require" | "verify-ca" | "verify-full") {
-                return Err(Error::usage(format!(
-                    "sslmode={mode} in {}: kura's own connection does not speak TLS yet; use sslmode=disable or prefer inside the cluster network",
-                    self.redacted()
-                )));
-            }
-        }
+        let tls = tls::PgTls::resolve(|name| self.query_param(name))
+            .map_err(|e| e.context(self.redacted()))?;
         let password_given =
             self.url.password().is_some() || std::env::var_os("PGPASSWORD").is_some();
-        let (client, connection) = config
-            .connect(NoTls)
-            .await
-            .map_err(|e| self.connect_error(database, password_given, e))?;
+        // libpq never asks for TLS over a Unix socket.
+        config.ssl_mode(match self.host().starts_with('/') {
+            true => tokio_postgres::config::SslMode::Disable,
+            false => tls.first_attempt(),
+        });
+        let connector = tls.connector()?;
+        let mut connected = config.connect(connector.clone()).await;
+        if tls.mode == tls::SslMode::Allow {
+            // libpq's `allow`: plain first, TLS when the server turns a plain session away.
+            if let Err(e) = &connected {
+                if e.code()
+                    == Some(&tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
+                {
+                    config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                    connected = config.connect(connector).await;
+                }
+            }
+        }
+        let (client, connection) =
+            connected.map_err(|e| self.connect_error(database, password_given, &tls, e))?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "PostgreSQL connection closed");
@@ -176,12 +187,36 @@ impl Connection {
         &self,
         database: &str,
         password_given: bool,
+        tls: &tls::PgTls,
         err: tokio_postgres::Error,
     ) -> Error {
         use std::error::Error as _;
         use tokio_postgres::error::SqlState;
         let transport = err.source().is_some_and(|s| s.is::<std::io::Error>()) || err.is_closed();
         let at = format!("PostgreSQL database {database:?} at {}", self.redacted());
+        let server = match self.url.port() {
+            Some(port) => format!("{}:{port}", self.host()),
+            None => self.host(),
+        };
+        if let Some(failure) = crate::tls::explain_failure(&err, &server, &TLS_FIXES) {
+            return Error::with_source(
+                ErrorKind::Database,
+                format!("cannot connect to {at}: {failure}"),
+                err,
+            );
+        }
+        // tokio-postgres' own words when the server answers "no TLS here" to sslmode=require.
+        if err.to_string().contains("server does not support TLS") {
+            return Error::with_source(
+                ErrorKind::Database,
+                format!(
+                    "cannot connect to {at}: sslmode={} asks for TLS and the server does not offer it: enable ssl on the server, or use sslmode=prefer",
+                    tls.mode.as_str()
+                ),
+                err,
+            );
+        }
+        let plain = tls.mode == tls::SslMode::Disable;
         let (kind, advice) = match err.code() {
             Some(code) if *code == SqlState::INVALID_CATALOG_NAME => {
                 return Error::usage(format!(
@@ -191,6 +226,12 @@ impl Connection {
             Some(code) if *code == SqlState::INVALID_PASSWORD => (
                 ErrorKind::Database,
                 "password authentication failed: check the password in the URL or Secret",
+            ),
+            // pg_hba.conf has no line for this session; with sslmode=disable the likeliest
+            // reason is a server that accepts only TLS (hostssl), as managed services do.
+            Some(code) if *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION && plain => (
+                ErrorKind::Database,
+                "the server rejected an unencrypted session (sslmode=disable): a server that accepts only TLS needs sslmode=verify-full and sslrootcert=FILE; otherwise check the user name and pg_hba.conf",
             ),
             Some(code) if *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => (
                 ErrorKind::Database,
@@ -212,6 +253,11 @@ impl Connection {
         Error::with_source(kind, format!("cannot connect to {at}: {advice}"), err)
     }
 }
+
+const TLS_FIXES: crate::tls::Fixes<'static> = crate::tls::Fixes {
+    unknown_ca: "give the CA certificate that signed it as sslrootcert=FILE in the URL (or PGSSLROOTCERT)",
+    name_mismatch: "connect with a host name the certificate lists, or use sslmode=verify-ca to check only the CA",
+};
 
 /// The client programs kura runs, of a major version no older than the server's.
 #[derive(Debug, Clone)]

@@ -1,0 +1,322 @@
+//! Small servers in front of the real ones, for the TLS and IAM tests: a TLS-terminating front
+//! with the private CA of `scripts/services`, an IBM IAM token endpoint, and an S3 front that
+//! lets through only requests with a live bearer token from it (as ICOS does).
+//!
+//! Each runs on its own thread and runtime (the tests are synchronous: they run the kura
+//! binary) and stops with the test process.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Run `serve` on a listener of its own; returns the port.
+fn spawn<F, Fut>(serve: F) -> u16
+where
+    F: FnOnce(TcpListener) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move { serve(TcpListener::from_std(listener).unwrap()).await });
+    });
+    port
+}
+
+fn upstream_addr(url: &str) -> SocketAddr {
+    let parsed = url::Url::parse(url).unwrap();
+    format!(
+        "{}:{}",
+        parsed.host_str().unwrap(),
+        parsed.port_or_known_default().unwrap()
+    )
+    .parse()
+    .unwrap()
+}
+
+/// `https://localhost:<port>` terminating TLS with `cert`/`key` and passing the bytes on to
+/// the plain HTTP server at `upstream` (a URL such as `http://127.0.0.1:5984`).
+pub fn tls_front(upstream: &str, cert: &Path, key: &Path) -> u16 {
+    let upstream = upstream_addr(upstream);
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    spawn(move |listener| async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                // A client that refuses the certificate ends here, as it should.
+                let Ok(mut tls) = acceptor.accept(client).await else {
+                    return;
+                };
+                let Ok(mut server) = TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut server).await;
+            });
+        }
+    })
+}
+
+/// Tokens issued by [`token_server`], with their end of life.
+#[derive(Default)]
+pub struct Issued {
+    live: Mutex<HashMap<String, Instant>>,
+    pub token_requests: AtomicUsize,
+    pub refused_keys: AtomicUsize,
+}
+
+impl Issued {
+    fn is_live(&self, token: &str) -> bool {
+        self.live
+            .lock()
+            .unwrap()
+            .get(token)
+            .is_some_and(|end| Instant::now() < *end)
+    }
+
+    /// Ends every token now, as a revocation would.
+    pub fn revoke_all(&self) {
+        self.live.lock().unwrap().clear();
+    }
+}
+
+pub struct TokenServer {
+    pub url: String,
+    pub issued: Arc<Issued>,
+}
+
+/// An IBM IAM token endpoint: `POST /identity/token` with the API-key grant; `good_key` gets
+/// a token that lives `lifetime`, any other key IAM's 400 answer.
+pub fn token_server(good_key: &str, lifetime: Duration) -> TokenServer {
+    let issued = Arc::new(Issued::default());
+    let state = Arc::clone(&issued);
+    let good_key = good_key.to_string();
+    let port = spawn(move |listener| async move {
+        let counter = Arc::new(AtomicUsize::new(0));
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                continue;
+            };
+            let (state, good_key, counter) =
+                (Arc::clone(&state), good_key.clone(), Arc::clone(&counter));
+            tokio::spawn(async move {
+                let Some((head, body)) = read_request(&mut client).await else {
+                    return;
+                };
+                state.token_requests.fetch_add(1, Ordering::SeqCst);
+                let form: HashMap<String, String> =
+                    url::form_urlencoded::parse(&body).into_owned().collect();
+                let grant_ok = form.get("grant_type").map(String::as_str)
+                    == Some("urn:ibm:params:oauth:grant-type:apikey");
+                let (status, answer) = if head.starts_with("POST /identity/token ")
+                    && grant_ok
+                    && form.get("apikey") == Some(&good_key)
+                {
+                    let token = format!(
+                        "tok-{}-{:08x}",
+                        counter.fetch_add(1, Ordering::SeqCst),
+                        rand::random::<u32>()
+                    );
+                    state
+                        .live
+                        .lock()
+                        .unwrap()
+                        .insert(token.clone(), Instant::now() + lifetime);
+                    let answer = serde_json::json!({
+                        "access_token": token,
+                        "refresh_token": "not_supported",
+                        "token_type": "Bearer",
+                        "expires_in": lifetime.as_secs(),
+                        "expiration": chrono::Utc::now().timestamp() + lifetime.as_secs() as i64,
+                        "scope": "ibm openid",
+                    });
+                    ("200 OK", answer)
+                } else {
+                    state.refused_keys.fetch_add(1, Ordering::SeqCst);
+                    let answer = serde_json::json!({
+                        "context": {"requestId": "test"},
+                        "errorCode": "BXNIM0415E",
+                        "errorMessage": "Provided API key could not be found.",
+                    });
+                    ("400 Bad Request", answer)
+                };
+                let body = answer.to_string();
+                let response = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = client.write_all(response.as_bytes()).await;
+                let _ = client.shutdown().await;
+            });
+        }
+    });
+    TokenServer {
+        url: format!("http://127.0.0.1:{port}/identity/token"),
+        issued,
+    }
+}
+
+/// What the bearer front saw.
+#[derive(Default)]
+pub struct FrontLog {
+    pub passed: AtomicUsize,
+    pub refused: AtomicUsize,
+    /// Requests that came with AWS SigV4 (or no) authorization instead of a bearer token.
+    pub unsigned_or_sigv4: AtomicUsize,
+}
+
+/// An S3 front that checks `Authorization: Bearer <live token>` as ICOS does (403
+/// AccessDenied otherwise), then passes the request on to `upstream` without it. `delay`
+/// holds every request back, to stretch a backup over several token lifetimes.
+pub fn bearer_front(upstream: &str, issued: Arc<Issued>, delay: Duration) -> (u16, Arc<FrontLog>) {
+    let upstream = upstream_addr(upstream);
+    let log = Arc::new(FrontLog::default());
+    let state = Arc::clone(&log);
+    let port = spawn(move |listener| async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                continue;
+            };
+            let (issued, log) = (Arc::clone(&issued), Arc::clone(&state));
+            tokio::spawn(async move {
+                let _ = bearer_connection(client, upstream, issued, log, delay).await;
+            });
+        }
+    });
+    (port, log)
+}
+
+async fn bearer_connection(
+    mut client: TcpStream,
+    upstream: SocketAddr,
+    issued: Arc<Issued>,
+    log: Arc<FrontLog>,
+    delay: Duration,
+) -> std::io::Result<()> {
+    let Some((head, rest)) = read_head(&mut client).await else {
+        return Ok(());
+    };
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next().unwrap_or_default().to_string();
+    let mut headers: Vec<String> = Vec::new();
+    let mut token = None;
+    for line in lines.filter(|l| !l.is_empty()) {
+        let (name, value) = line.split_once(':').unwrap_or((line, ""));
+        match name.trim().to_ascii_lowercase().as_str() {
+            "authorization" => token = Some(value.trim().to_string()),
+            "connection" => {}
+            _ => headers.push(line.to_string()),
+        }
+    }
+    let bearer = token.as_deref().and_then(|t| t.strip_prefix("Bearer "));
+    if bearer.is_none() {
+        log.unsigned_or_sigv4.fetch_add(1, Ordering::SeqCst);
+    }
+    if !bearer.is_some_and(|t| issued.is_live(t)) {
+        log.refused.fetch_add(1, Ordering::SeqCst);
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>";
+        let response = format!(
+            "HTTP/1.1 403 Forbidden\r\ncontent-type: application/xml\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        client.write_all(response.as_bytes()).await?;
+        return client.shutdown().await;
+    }
+    log.passed.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(delay).await;
+    let mut server = TcpStream::connect(upstream).await?;
+    let mut forwarded = format!("{request_line}\r\n");
+    for header in headers {
+        forwarded.push_str(&header);
+        forwarded.push_str("\r\n");
+    }
+    // moto treats a request without credentials as anonymous (and refuses reads); it does not
+    // check signatures, so any SigV4-shaped header stands in for the checked token.
+    forwarded.push_str("authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0\r\n");
+    // One request per connection: the next one is checked again.
+    forwarded.push_str("connection: close\r\n\r\n");
+    server.write_all(forwarded.as_bytes()).await?;
+    server.write_all(&rest).await?;
+    let (mut client_read, mut client_write) = client.split();
+    let (mut server_read, mut server_write) = server.split();
+    let upload = tokio::io::copy(&mut client_read, &mut server_write);
+    let download = async {
+        let copied = tokio::io::copy(&mut server_read, &mut client_write).await;
+        let _ = client_write.shutdown().await;
+        copied
+    };
+    // The answer ends the exchange; the client's side may stay open (keep-alive) forever.
+    tokio::select! {
+        _ = download => {}
+        _ = async { let _ = upload.await; std::future::pending::<()>().await } => {}
+    }
+    Ok(())
+}
+
+/// The request head (up to the blank line) as text, and whatever body bytes came with it.
+async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Option<(String, Vec<u8>)> {
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buffer[..end]).into_owned();
+            return Some((head, buffer[end + 4..].to_vec()));
+        }
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A whole request with a `content-length` body.
+async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+) -> Option<(String, Vec<u8>)> {
+    let (head, mut body) = read_head(stream).await?;
+    let length = head
+        .split("\r\n")
+        .filter_map(|l| l.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, value)| value.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    while body.len() < length {
+        let mut chunk = vec![0u8; length - body.len()];
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    Some((head, body))
+}
