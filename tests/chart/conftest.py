@@ -56,6 +56,11 @@ def managed() -> Rendered:
 
 
 @pytest.fixture(scope="session")
+def monitored() -> Rendered:
+    return render(values_file("monitoring.yaml"))
+
+
+@pytest.fixture(scope="session")
 def many() -> Rendered:
     return render(many_tenant_values())
 
@@ -69,6 +74,6 @@ def long_name() -> Rendered:
     return render(values)
 
 
-@pytest.fixture(scope="session", params=["one", "three", "long_name", "encrypted", "managed", "many"])
+@pytest.fixture(scope="session", params=["one", "three", "long_name", "encrypted", "managed", "monitored", "many"])
 def tenant_render(request) -> Rendered:
     return request.getfixturevalue(request.param)

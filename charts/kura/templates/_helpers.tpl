@@ -133,7 +133,8 @@ kura.init: resolves every tenant once per render and keeps the result on the roo
 `KuraTenants` (a list sorted by name). Each entry is tenantDefaults deep-merged with the tenant's
 values, plus: name, ns (namespace), objectStorage (merged over the global one), credentialKinds
 (kura.credentialKinds of its credentials), postgresExternal and couchdbExternal (kura.externalDatabases),
-apps (each merged over appDefaults, enabled only), and schedules.backup/status/verify.
+apps (each merged over appDefaults, enabled only), pushgatewayUrl and notifyResolved
+(kura.tenantMonitoring), and schedules.backup/status/verify.
 */}}
 {{- define "kura.init" -}}
 {{- if not (hasKey . "KuraTenants") -}}
@@ -154,7 +155,7 @@ apps (each merged over appDefaults, enabled only), and schedules.backup/status/v
 {{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $appName) -}}
 {{- fail (printf "tenant %q, app %q: an app name is lowercase letters, digits and dashes, starting with a letter" $name $appName) -}}
 {{- end -}}
-{{- if has $appName (list "postgres" "couchdb" "kura" "databases" "registry" "object-storage" "app-config" "couchdb-config" "test" "backup" "restore" "status" "verify" "apps" "dns" "default-deny" "postgres-clients" "couchdb-clients" "object-storage-clients" "kube-api" "quota" "limits") -}}
+{{- if has $appName (list "postgres" "couchdb" "kura" "databases" "registry" "object-storage" "app-config" "couchdb-config" "test" "backup" "restore" "status" "verify" "apps" "dns" "default-deny" "postgres-clients" "couchdb-clients" "object-storage-clients" "kube-api" "quota" "limits" "notify" "pushgateway-clients" "notify-clients") -}}
 {{- fail (printf "tenant %q, app %q: the name is taken by the chart's own objects; choose another" $name $appName) -}}
 {{- end -}}
 {{- $merged := deepCopy $t.appDefaults -}}
@@ -191,6 +192,7 @@ apps (each merged over appDefaults, enabled only), and schedules.backup/status/v
 {{- fail (printf "tenant %q: enable postgres or couchdb (or both)" $name) -}}
 {{- end -}}
 {{- include "kura.externalDatabases" (dict "root" $root "tenant" $t) -}}
+{{- include "kura.tenantMonitoring" (dict "root" $root "tenant" $t) -}}
 {{- include "kura.secretData" (dict "tenant" $t) -}}
 {{- $tenants = append $tenants $t -}}
 {{- end -}}
@@ -562,6 +564,15 @@ AWS_*, an API key as IBM_API_KEY_ID with IAM's endpoint; kura uses the HMAC keys
   value: json
 - name: KURA_TENANT
   value: {{ .name | quote }}
+{{ include "kura.objectStoreEnv" (dict "objectStorage" .objectStorage "credentialKinds" .credentialKinds "secret" (include "kura.objectStorageSecretName" .)) }}
+{{- end -}}
+
+{{/*
+kura.objectStoreEnv (dict "objectStorage" OS "credentialKinds" K "secret" NAME): the bucket and
+the credentials, from the Secret NAME. Shared by the tenants' Jobs (kura.storageEnv) and the
+exporter, which reads every tenant and so gets no KURA_TENANT.
+*/}}
+{{- define "kura.objectStoreEnv" -}}
 - name: KURA_STORAGE
   value: {{ include "kura.storageUrl" . | quote }}
 - name: KURA_S3_ENDPOINT
@@ -574,19 +585,19 @@ AWS_*, an API key as IBM_API_KEY_ID with IAM's endpoint; kura uses the HMAC keys
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
     secretKeyRef:
-      name: {{ include "kura.objectStorageSecretName" . }}
+      name: {{ .secret }}
       key: {{ .objectStorage.credentials.accessKeyIdKey }}
 - name: AWS_SECRET_ACCESS_KEY
   valueFrom:
     secretKeyRef:
-      name: {{ include "kura.objectStorageSecretName" . }}
+      name: {{ .secret }}
       key: {{ .objectStorage.credentials.secretAccessKeyKey }}
 {{- end }}
 {{- if .credentialKinds.apikey }}
 - name: IBM_API_KEY_ID
   valueFrom:
     secretKeyRef:
-      name: {{ include "kura.objectStorageSecretName" . }}
+      name: {{ .secret }}
       key: {{ .objectStorage.credentials.apikeyKey }}
 - name: IBM_AUTH_ENDPOINT
   value: {{ .objectStorage.iamEndpoint | quote }}
