@@ -65,16 +65,17 @@ impl TlsFiles {
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(Unverified(provider))),
             Verify::Full | Verify::Chain => {
-                let webpki =
-                    WebPkiServerVerifier::builder_with_provider(Arc::new(self.roots()?), provider)
-                        .build()
-                        .map_err(|e| Error::usage(format!("no usable CA certificate: {e}")))?;
-                match verify {
-                    Verify::Full => builder.with_webpki_verifier(webpki),
-                    _ => builder
-                        .dangerous()
-                        .with_custom_certificate_verifier(Arc::new(ChainOnly(webpki))),
-                }
+                let (roots, pinned) = self.roots()?;
+                let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                    .build()
+                    .map_err(|e| Error::usage(format!("no usable CA certificate: {e}")))?;
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(Checked {
+                        webpki,
+                        pinned,
+                        names: verify == Verify::Full,
+                    }))
             }
         };
         match &self.client_cert {
@@ -98,8 +99,11 @@ impl TlsFiles {
         }
     }
 
-    fn roots(&self) -> Result<RootCertStore> {
+    /// The trusted roots, and the certificates of the CA files themselves (a self-signed
+    /// server certificate may be given as its own root).
+    fn roots(&self) -> Result<(RootCertStore, Vec<CertificateDer<'static>>)> {
         let mut roots = RootCertStore::empty();
+        let mut pinned = Vec::new();
         if self.system_roots {
             let native = rustls_native_certs::load_native_certs();
             for err in &native.errors {
@@ -110,6 +114,7 @@ impl TlsFiles {
         }
         for file in &self.ca_files {
             for cert in read_certificates(file)? {
+                pinned.push(cert.clone());
                 roots.add(cert).map_err(|e| {
                     Error::usage(format!(
                         "the CA file {} holds a certificate that is not a usable CA: {e}",
@@ -118,7 +123,7 @@ impl TlsFiles {
                 })?;
             }
         }
-        Ok(roots)
+        Ok((roots, pinned))
     }
 }
 
@@ -142,11 +147,18 @@ fn read_certificates(file: &Path) -> Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-/// libpq's `verify-ca`: the chain must lead to a trusted root; the name is not checked.
+/// webpki's checks, with libpq's two allowances: `verify-ca` does not check the name, and a
+/// self-signed server certificate given as the root itself (as PostgreSQL's documentation
+/// makes them) is trusted as that exact certificate, which webpki alone refuses as "a CA
+/// used as an end entity". Its validity dates are then not checked; its name is.
 #[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
+struct Checked {
+    webpki: Arc<WebPkiServerVerifier>,
+    pinned: Vec<CertificateDer<'static>>,
+    names: bool,
+}
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Checked {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -155,13 +167,29 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        match self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
+            )) if !self.names => Ok(ServerCertVerified::assertion()),
+            Err(rustls::Error::InvalidCertificate(CertificateError::Other(other)))
+                if other.to_string().contains("CaUsedAsEndEntity")
+                    && self
+                        .pinned
+                        .iter()
+                        .any(|root| root.as_ref() == end_entity.as_ref()) =>
+            {
+                if self.names {
+                    let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+                    rustls::client::verify_server_name(&parsed, server_name)?;
+                }
+                Ok(ServerCertVerified::assertion())
+            }
             other => other,
         }
     }
@@ -172,7 +200,7 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        self.webpki.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -181,11 +209,11 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        self.webpki.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.webpki.supported_verify_schemes()
     }
 }
 
@@ -264,7 +292,7 @@ pub fn explain_failure(
             ),
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
                 format!(
-                    "{cert} is not issued for that name (name mismatch): {}",
+                    "{cert} is not issued for that name (name mismatch; the name must be in its subjectAltName, a CN alone does not count): {}",
                     fixes.name_mismatch
                 )
             }

@@ -23,7 +23,8 @@ use aws_smithy_runtime_api::client::identity::{
     Identity, IdentityCacheLocation, IdentityFuture, ResolveIdentity, SharedIdentityResolver,
 };
 use aws_smithy_runtime_api::client::interceptors::context::{
-    BeforeTransmitInterceptorContextMut, InterceptorContext,
+    BeforeDeserializationInterceptorContextMut, BeforeTransmitInterceptorContextMut,
+    BeforeTransmitInterceptorContextRef, InterceptorContext,
 };
 use aws_smithy_runtime_api::client::interceptors::Intercept;
 use aws_smithy_runtime_api::client::orchestrator::{HttpRequest, Metadata};
@@ -31,7 +32,7 @@ use aws_smithy_runtime_api::client::retries::classifiers::{
     ClassifyRetry, RetryAction, RetryClassifierPriority,
 };
 use aws_smithy_runtime_api::client::runtime_components::{GetIdentityResolver, RuntimeComponents};
-use aws_smithy_types::config_bag::ConfigBag;
+use aws_smithy_types::config_bag::{ConfigBag, Storable, StoreReplace};
 use aws_smithy_types::retry::ErrorKind as RetryKind;
 use serde::Deserialize;
 
@@ -44,6 +45,18 @@ use crate::retry::RetryPolicy;
 pub const DEFAULT_AUTH_ENDPOINT: &str = "https://iam.cloud.ibm.com/identity/token";
 
 const SCHEME: AuthSchemeId = AuthSchemeId::new("ibm-iam-bearer");
+
+/// https, or plain http to this machine only (a test server): keys and tokens must not
+/// cross a network unencrypted.
+pub fn is_encrypted_or_local(url: &url::Url) -> bool {
+    match (url.scheme(), url.host()) {
+        ("https", _) => true,
+        ("http", Some(url::Host::Domain(name))) => name == "localhost",
+        ("http", Some(url::Host::Ipv4(ip))) => ip.is_loopback(),
+        ("http", Some(url::Host::Ipv6(ip))) => ip.is_loopback(),
+        _ => false,
+    }
+}
 
 /// What a token request needs.
 #[derive(Debug, Clone)]
@@ -78,11 +91,14 @@ impl ServiceCredential {
                 e,
             )
         })?;
-        // serde_json's message names the position, never the content.
+        // serde_json's messages may quote a value (a key of the wrong type): say where only.
         let credential: ServiceCredential = serde_json::from_str(&text).map_err(|e| {
             Error::usage(format!(
-                "the ICOS service credential {} is not the JSON the IBM Cloud console downloads: {e}",
-                path.display()
+                "the ICOS service credential {} is not the JSON the IBM Cloud console downloads ({:?} error at line {}, column {})",
+                path.display(),
+                e.classify(),
+                e.line(),
+                e.column()
             ))
         })?;
         if credential.apikey.is_none() && credential.cos_hmac_keys.is_none() {
@@ -98,18 +114,35 @@ impl ServiceCredential {
 /// The current token and when to replace it.
 struct Current {
     token: Secret,
+    /// 80 % of the lifetime: fetch a new one from here on.
     refresh_at: Instant,
+    /// The end of its lifetime: after a failed refresh it is used until here.
+    expires_at: Instant,
     /// A 401/403 was answered to it: the next request fetches a new one.
     stale: bool,
     /// It was fetched because its predecessor was refused: a refusal of this one is real.
     after_refusal: bool,
 }
 
-/// The token cache, shared by every request of one store.
+#[derive(Default)]
+struct State {
+    current: Option<Current>,
+    /// A fetch that failed moments ago, shared with the requests that waited for it instead
+    /// of being repeated by each of them.
+    last_failure: Option<(Instant, Error)>,
+}
+
+/// How long a failed fetch is answered from memory.
+const FAILURE_MEMORY: Duration = Duration::from_secs(5);
+
+/// The token cache, shared by every request of one store. The state is behind a plain
+/// mutex that is never held across an await, so the retry classifier (synchronous) can
+/// always read it; fetches are serialised by a second, async lock.
 pub struct Tokens {
     http: reqwest::Client,
     settings: IamSettings,
-    current: tokio::sync::Mutex<Option<Current>>,
+    state: std::sync::Mutex<State>,
+    fetching: tokio::sync::Mutex<()>,
     retry: RetryPolicy,
 }
 
@@ -150,46 +183,89 @@ impl Tokens {
         Ok(Arc::new(Tokens {
             http,
             settings,
-            current: tokio::sync::Mutex::new(None),
+            state: std::sync::Mutex::new(State::default()),
+            fetching: tokio::sync::Mutex::new(()),
             retry: RetryPolicy::REQUESTS,
         }))
     }
 
-    /// A valid token, fetched when there is none, it is near its end, or it was refused.
-    /// Callers that arrive during a fetch wait for it instead of fetching their own.
-    pub async fn token(&self) -> Result<Secret> {
-        let mut current = self.current.lock().await;
-        if let Some(held) = &*current {
-            if !held.stale && Instant::now() < held.refresh_at {
-                return Ok(held.token.clone());
-            }
-        }
-        let after_refusal = current.as_ref().is_some_and(|held| held.stale);
-        let (token, lifetime) = self.fetch().await?;
-        tracing::debug!(
-            lifetime_seconds = lifetime.as_secs(),
-            endpoint = %self.settings.auth_endpoint,
-            "new IAM token"
-        );
-        *current = Some(Current {
-            token: token.clone(),
-            refresh_at: Instant::now() + lifetime.mul_f64(0.8),
-            stale: false,
-            after_refusal,
-        });
-        Ok(token)
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("token state lock")
     }
 
-    /// The store answered 401/403. Whether one retry with a new token may help: yes, unless
-    /// the token in use was itself fetched after a refusal (then the refusal is real).
-    fn refused(&self) -> bool {
-        // A fetch under way means a new token is coming: retrying is worth it.
-        let Ok(mut current) = self.current.try_lock() else {
-            return true;
+    fn fresh(&self) -> Option<Secret> {
+        let state = self.state();
+        let held = state.current.as_ref()?;
+        (!held.stale && Instant::now() < held.refresh_at).then(|| held.token.clone())
+    }
+
+    /// A valid token, fetched when there is none, it is near its end, or it was refused.
+    /// Callers that arrive during a fetch wait for it instead of fetching their own. A
+    /// refresh that fails while the old token still lives keeps using it (IAM down for a
+    /// minute must not fail an hour-long backup).
+    pub async fn token(&self) -> Result<Secret> {
+        if let Some(token) = self.fresh() {
+            return Ok(token);
+        }
+        let _fetching = self.fetching.lock().await;
+        if let Some(token) = self.fresh() {
+            return Ok(token);
+        }
+        let recent_failure = self
+            .state()
+            .last_failure
+            .as_ref()
+            .and_then(|(at, err)| (at.elapsed() < FAILURE_MEMORY).then(|| err.clone()));
+        let fetched = match recent_failure {
+            Some(err) => Err(err),
+            None => self.fetch().await,
         };
-        match &mut *current {
+        let mut state = self.state();
+        match fetched {
+            Ok((token, lifetime)) => {
+                tracing::debug!(
+                    lifetime_seconds = lifetime.as_secs(),
+                    endpoint = %self.settings.auth_endpoint,
+                    "new IAM token"
+                );
+                let after_refusal = state.current.as_ref().is_some_and(|held| held.stale);
+                let now = Instant::now();
+                state.current = Some(Current {
+                    token: token.clone(),
+                    refresh_at: now + lifetime.mul_f64(0.8),
+                    expires_at: now + lifetime,
+                    stale: false,
+                    after_refusal,
+                });
+                state.last_failure = None;
+                Ok(token)
+            }
+            Err(err) => {
+                if state.last_failure.is_none() {
+                    state.last_failure = Some((Instant::now(), err.clone()));
+                }
+                match &state.current {
+                    Some(held) if !held.stale && Instant::now() < held.expires_at => {
+                        tracing::warn!(
+                            "cannot refresh the IAM token, using the current one while it lasts: {}",
+                            err.chain()
+                        );
+                        Ok(held.token.clone())
+                    }
+                    _ => Err(err),
+                }
+            }
+        }
+    }
+
+    /// The store answered 401/403 to a request sent with `sent`. Whether a retry with a new
+    /// token may help: yes if a newer token exists already, or if `sent` is the current one
+    /// and was not itself fetched after a refusal (then the refusal is real).
+    fn refused(&self, sent: &str) -> bool {
+        let mut state = self.state();
+        match &mut state.current {
             None => false,
-            Some(held) if held.stale => true,
+            Some(held) if held.token.expose() != sent => true,
             Some(held) if held.after_refusal => false,
             Some(held) => {
                 held.stale = true;
@@ -230,6 +306,15 @@ impl Tokens {
                 }
                 Ok(response) if response.status().is_server_error() || response.status() == 429 => {
                     format!("HTTP {}", response.status())
+                }
+                Ok(response) if matches!(response.status().as_u16(), 404 | 405) => {
+                    return Err(Error::new(
+                        ErrorKind::Storage,
+                        format!(
+                            "{endpoint} answered HTTP {} to the token request: it is not an IAM token endpoint; check IBM_AUTH_ENDPOINT (e.g. {DEFAULT_AUTH_ENDPOINT})",
+                            response.status().as_u16()
+                        ),
+                    ));
                 }
                 Ok(response) => {
                     let status = response.status();
@@ -310,6 +395,7 @@ impl IamAuth {
                 resolver: SharedIdentityResolver::new(TokenResolver(Arc::clone(&self.tokens))),
             })
             .auth_scheme_resolver(OnlyBearer)
+            .interceptor(RememberToken)
             .retry_classifier(RefusedToken(Arc::clone(&self.tokens)));
         match service_instance_id {
             Some(id) => builder.interceptor(ServiceInstance(id)),
@@ -427,14 +513,72 @@ impl aws_sdk_s3::config::auth::ResolveAuthScheme for OnlyBearer {
     }
 }
 
+/// The token a request was sent with, carried from the request to its response, where the
+/// retry classifier reads it.
+#[derive(Clone)]
+struct SentWith(Secret);
+
+impl std::fmt::Debug for SentWith {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SentWith(***)")
+    }
+}
+
+impl Storable for SentWith {
+    type Storer = StoreReplace<Self>;
+}
+
+#[derive(Debug)]
+struct RememberToken;
+
+impl Intercept for RememberToken {
+    fn name(&self) -> &'static str {
+        "remember the IAM token"
+    }
+
+    fn read_before_transmit(
+        &self,
+        context: &BeforeTransmitInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> std::result::Result<(), BoxError> {
+        if let Some(token) = context
+            .request()
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.strip_prefix("Bearer "))
+        {
+            cfg.interceptor_state()
+                .store_put(SentWith(Secret::new(token)));
+        }
+        Ok(())
+    }
+
+    fn modify_before_deserialization(
+        &self,
+        context: &mut BeforeDeserializationInterceptorContextMut<'_>,
+        _runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> std::result::Result<(), BoxError> {
+        if let Some(sent) = cfg.load::<SentWith>().cloned() {
+            context.response_mut().add_extension(sent);
+        }
+        Ok(())
+    }
+}
+
 /// Retries a 401/403 once with a fresh token.
 #[derive(Debug)]
 struct RefusedToken(Arc<Tokens>);
 
 impl ClassifyRetry for RefusedToken {
     fn classify_retry(&self, ctx: &InterceptorContext) -> RetryAction {
-        match ctx.response().map(|r| r.status().as_u16()) {
-            Some(401 | 403) if self.0.refused() => {
+        let Some(response) = ctx.response() else {
+            return RetryAction::NoActionIndicated;
+        };
+        let sent = response.extension::<SentWith>();
+        match response.status().as_u16() {
+            401 | 403 if sent.is_some_and(|sent| self.0.refused(sent.0.expose())) => {
                 tracing::debug!("the object store refused the IAM token; retrying with a new one");
                 RetryAction::retryable_error(RetryKind::TransientError)
             }

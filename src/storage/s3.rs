@@ -83,6 +83,8 @@ impl S3Store {
             // The SDK's standard mode retries only transient failures (5xx, throttling,
             // timeouts, connection errors); 4xx answers such as AccessDenied fail at once.
             .retry_config(RetryPolicy::REQUESTS.for_aws_sdk())
+            // A certificate the store presents will not change on the next attempt.
+            .retry_classifier(CertificateFailure)
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(10))
@@ -104,6 +106,17 @@ impl S3Store {
         }
         let mut credentials_hint = HMAC_HINT;
         if let S3Credentials::Iam(settings) = &options.credentials {
+            if let Some(endpoint) = options
+                .endpoint
+                .as_deref()
+                .and_then(|e| url::Url::parse(e).ok())
+            {
+                if !super::iam::is_encrypted_or_local(&endpoint) {
+                    return Err(Error::usage(format!(
+                        "--s3-endpoint {endpoint} is not https: an IAM bearer token would travel unencrypted and could be replayed for an hour; use the https endpoint"
+                    )));
+                }
+            }
             let tls = crate::tls::TlsFiles {
                 ca_files: options.ca_files.clone(),
                 ..Default::default()
@@ -341,6 +354,34 @@ const TLS_FIXES: crate::tls::Fixes<'static> = crate::tls::Fixes {
     unknown_ca: "give the CA certificate that signed it with --s3-ca-file FILE (KURA_S3_CA_FILE) or AWS_CA_BUNDLE",
     name_mismatch: "use a host name the certificate lists in --s3-endpoint (KURA_S3_ENDPOINT)",
 };
+
+/// Stops the SDK from retrying a TLS handshake that failed on the certificate: it reports
+/// such failures as I/O errors, which it would otherwise retry for seconds.
+#[derive(Debug)]
+struct CertificateFailure;
+
+impl aws_smithy_runtime_api::client::retries::classifiers::ClassifyRetry for CertificateFailure {
+    fn classify_retry(
+        &self,
+        ctx: &aws_smithy_runtime_api::client::interceptors::context::InterceptorContext,
+    ) -> aws_smithy_runtime_api::client::retries::classifiers::RetryAction {
+        use aws_smithy_runtime_api::client::retries::classifiers::RetryAction;
+        let connector = ctx
+            .output_or_error()
+            .and_then(|outcome| outcome.err())
+            .and_then(|err| err.as_connector_error());
+        match connector {
+            Some(err) if crate::tls::explain_failure(err, "", &TLS_FIXES).is_some() => {
+                RetryAction::RetryForbidden
+            }
+            _ => RetryAction::NoActionIndicated,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "TLS certificate failure"
+    }
+}
 
 /// The SDK's HTTPS client, trusting `ca_files` besides the system's roots.
 fn https_client(ca_files: &[std::path::PathBuf]) -> Result<aws_sdk_s3::config::SharedHttpClient> {

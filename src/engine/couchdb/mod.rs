@@ -101,7 +101,7 @@ impl Client {
                 .client_config(tls::Verify::Full)
                 .map_err(|e| e.context("CouchDB TLS settings"))?;
             http = http.use_preconfigured_tls(config);
-        } else if tls != &TlsFiles::default() {
+        } else if !tls.ca_files.is_empty() || tls.client_cert.is_some() {
             tracing::warn!(url = %url.redacted(), "CouchDB TLS settings are ignored for an http:// URL");
         }
         let http = http

@@ -92,11 +92,19 @@ impl PgTls {
                 .map(|home| PathBuf::from(home).join(".postgresql").join(name))
                 .filter(|path| path.is_file())
         };
+        let root_setting = value("sslrootcert", "PGSSLROOTCERT");
         let mode = match value("sslmode", "PGSSLMODE") {
             Some(text) => SslMode::parse(&text)?,
+            // libpq 16: system roots vouch for names, so they make verify-full the default.
+            None if root_setting.as_deref() == Some("system") => SslMode::VerifyFull,
             None => SslMode::Prefer,
         };
-        let roots = match value("sslrootcert", "PGSSLROOTCERT") {
+        if setting("sslpassword").is_some() {
+            return Err(Error::usage(
+                "sslpassword: encrypted client keys are not supported; store the key decrypted (openssl pkey -in KEY -out PLAIN), readable by kura only",
+            ));
+        }
+        let roots = match root_setting {
             Some(system) if system == "system" => Roots::System,
             // Stricter than libpq, which ignores a missing named file below verify-ca: a file
             // the user names and that is not there is a mistake to report, not to skip.
@@ -204,9 +212,11 @@ fn check_key_permissions(key: &std::path::Path) -> Result<()> {
         )));
     };
     let mode = meta.mode() & 0o777;
+    // libpq's rule: 0600 for a key of our own user, 0640 for root's, others are not checked.
     let allowed = match meta.uid() {
+        uid if uid == unsafe { libc::geteuid() } => 0o600,
         0 => 0o640,
-        _ => 0o600,
+        _ => 0o777,
     };
     if mode & !allowed != 0 {
         return Err(Error::usage(format!(
@@ -226,19 +236,19 @@ impl MakeTlsConnect<Socket> for RustlsConnect {
     type TlsConnect = RustlsHandshake;
     type Error = io::Error;
 
+    // Called for every connection, Unix sockets (host "") and sslmode=disable included: a
+    // host that is no TLS name only matters once TLS is actually negotiated.
     fn make_tls_connect(&mut self, host: &str) -> io::Result<RustlsHandshake> {
-        let name = ServerName::try_from(host.to_string())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         Ok(RustlsHandshake {
             config: Arc::clone(&self.0),
-            name,
+            name: ServerName::try_from(host.to_string()).map_err(|e| e.to_string()),
         })
     }
 }
 
 pub struct RustlsHandshake {
     config: Arc<ClientConfig>,
-    name: ServerName<'static>,
+    name: std::result::Result<ServerName<'static>, String>,
 }
 
 impl TlsConnect<Socket> for RustlsHandshake {
@@ -249,8 +259,11 @@ impl TlsConnect<Socket> for RustlsHandshake {
     fn connect(self, stream: Socket) -> Self::Future {
         let connector = tokio_rustls::TlsConnector::from(self.config);
         Box::pin(async move {
+            let name = self
+                .name
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
             connector
-                .connect(self.name, stream)
+                .connect(name, stream)
                 .await
                 .map(|tls| RustlsStream(Box::new(tls)))
         })
