@@ -181,6 +181,17 @@ impl SourceUrl {
         if self.password.is_some() {
             let _ = shown.set_password(Some("***"));
         }
+        // libpq's passphrase of an encrypted client key (refused, but never shown).
+        if shown.query_pairs().any(|(k, _)| k == "sslpassword") {
+            let pairs: Vec<(String, String)> = shown
+                .query_pairs()
+                .map(|(k, v)| match k.as_ref() {
+                    "sslpassword" => (k.into_owned(), "***".to_string()),
+                    _ => (k.into_owned(), v.into_owned()),
+                })
+                .collect();
+            shown.query_pairs_mut().clear().extend_pairs(pairs);
+        }
         shown.to_string()
     }
 }
@@ -259,6 +270,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub couchdb: CouchdbFile,
     #[serde(default)]
+    pub monitoring: MonitoringFile,
+    #[serde(default)]
     pub pipeline: PipelineFile,
     #[serde(default)]
     pub retention: RetentionFile,
@@ -307,6 +320,14 @@ pub struct S3File {
     pub icos_credentials: Option<PathBuf>,
     pub ibm_service_instance_id: Option<String>,
     pub ibm_auth_endpoint: Option<String>,
+}
+
+/// `[monitoring]`: where runs report (the ping URL is a secret: environment or flag only).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitoringFile {
+    pub metrics_file: Option<PathBuf>,
+    pub pushgateway: Option<String>,
 }
 
 /// `[couchdb]`: TLS for https:// CouchDB URLs.

@@ -8,6 +8,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod logging;
+pub mod observe;
 pub mod ops;
 pub mod pipeline;
 pub mod process;

@@ -6,6 +6,7 @@ use super::{RetentionArgs, Settings};
 use crate::engine::{self, Selection};
 use crate::error::Result;
 use crate::logging::LogFormat;
+use crate::observe::Done;
 use crate::ops::backup::{backup_source, BackupJob};
 
 #[derive(Debug, Args)]
@@ -44,6 +45,7 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
     let mut first_error = None;
     // Each source is independent: one unreachable server must not cost the others their backup.
     for name in &options.sources {
+        let began = std::time::Instant::now();
         let backed_up = async {
             let source = settings.source(name)?;
             let engine =
@@ -66,12 +68,24 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
                 if settings.log_format == LogFormat::Text {
                     println!("{}", manifest.backup_id);
                 }
+                settings.run_log.record(
+                    name,
+                    began.elapsed(),
+                    Ok(Done::Backup {
+                        backup_id: manifest.backup_id.clone(),
+                        stored_bytes: manifest.stored_bytes(),
+                        raw_bytes: manifest.raw_bytes(),
+                        parts: manifest.parts.len(),
+                    }),
+                );
             }
             Err(err) => {
                 if options.sources.len() > 1 {
                     tracing::error!(source = %name, error_kind = err.kind().as_str(), "{}", err.chain());
                 }
-                first_error.get_or_insert(err.context(format!("backup of source {name:?} failed")));
+                let err = err.context(format!("backup of source {name:?} failed"));
+                settings.run_log.record(name, began.elapsed(), Err(&err));
+                first_error.get_or_insert(err);
                 if settings.cancel.is_cancelled() {
                     break;
                 }

@@ -18,6 +18,7 @@ use crate::retention::{Policy, DEFAULT_GRACE};
 use crate::storage::{self, ObjectStore, S3Options};
 
 pub mod backup;
+pub mod exporter;
 pub mod list;
 pub mod prune;
 pub mod reencrypt;
@@ -216,6 +217,37 @@ pub struct GlobalArgs {
         value_name = "DURATION"
     )]
     pub lock_wait_timeout: Option<String>,
+    /// After backup, prune, verify or restore: write the run's Prometheus metrics to FILE
+    /// (atomically; for node-exporter's textfile collector)
+    #[arg(
+        long,
+        env = "KURA_METRICS_FILE",
+        global = true,
+        value_name = "FILE",
+        help_heading = "Monitoring"
+    )]
+    pub metrics_file: Option<PathBuf>,
+    /// After backup, prune, verify or restore: push the run's metrics to this Prometheus
+    /// Pushgateway, e.g. http://pushgateway.monitoring:9091
+    #[arg(
+        long,
+        env = "KURA_PUSHGATEWAY_URL",
+        global = true,
+        value_name = "URL",
+        help_heading = "Monitoring"
+    )]
+    pub pushgateway: Option<String>,
+    /// healthchecks.io-style pings: URL/start when a run begins, URL on success, URL/fail on
+    /// failure (the URL is a secret: logs show its host only)
+    #[arg(
+        long,
+        env = "KURA_NOTIFY_URL",
+        global = true,
+        hide_env_values = true,
+        value_name = "URL",
+        help_heading = "Monitoring"
+    )]
+    pub notify: Option<String>,
     /// zstd level, 1-22 [default: 3]
     #[arg(long, env = "KURA_COMPRESSION_LEVEL", global = true)]
     pub compression_level: Option<i32>,
@@ -254,6 +286,8 @@ pub enum Command {
     Unlock(unlock::Options),
     /// Rewrite a backup for new age recipients (--identity OLD --encrypt-to NEW), commit-last.
     Reencrypt(reencrypt::Options),
+    /// Serve Prometheus metrics of every tenant's catalog (freshness, counts, sizes).
+    Exporter(exporter::Options),
 }
 
 /// Retention rules shared by `prune` and `backup --prune`.
@@ -335,6 +369,10 @@ pub struct Settings {
     pub recipients_dropped: bool,
     /// The config file's `[retention]`, under the retention flags.
     pub retention: RetentionFile,
+    /// Metrics file, Pushgateway and pings for the runs that report.
+    pub reporting: crate::observe::Reporting,
+    /// What the running command did per source, for `reporting`.
+    pub run_log: crate::observe::RunLog,
     pub cancel: CancellationToken,
 }
 
@@ -477,14 +515,14 @@ impl Settings {
                 endpoint: args.s3_endpoint.clone().or(file.s3.endpoint.clone()),
                 region: args.s3_region.clone().or(file.s3.region.clone()),
                 path_style: args.s3_path_style.or(file.s3.path_style).unwrap_or(false),
-                ca_files: match (args.s3_ca_file.is_empty(), file.s3.ca_files.is_empty()) {
+                // Flag / KURA_S3_CA_FILE, then AWS_CA_BUNDLE (environment), then the file.
+                ca_files: match (
+                    args.s3_ca_file.is_empty(),
+                    std::env::var_os("AWS_CA_BUNDLE").filter(|v| !v.is_empty()),
+                ) {
                     (false, _) => args.s3_ca_file.clone(),
-                    (true, false) => file.s3.ca_files.clone(),
-                    (true, true) => std::env::var_os("AWS_CA_BUNDLE")
-                        .filter(|v| !v.is_empty())
-                        .map(PathBuf::from)
-                        .into_iter()
-                        .collect(),
+                    (true, Some(bundle)) => vec![PathBuf::from(bundle)],
+                    (true, None) => file.s3.ca_files.clone(),
                 },
                 credentials,
                 credentials_note,
@@ -497,6 +535,29 @@ impl Settings {
             identity_files,
             recipients_dropped,
             retention: file.retention,
+            reporting: crate::observe::Reporting {
+                metrics_file: args
+                    .metrics_file
+                    .clone()
+                    .or(file.monitoring.metrics_file.clone()),
+                pushgateway: match args
+                    .pushgateway
+                    .as_ref()
+                    .or(file.monitoring.pushgateway.as_ref())
+                {
+                    Some(url) if !url.trim().is_empty() => {
+                        Some(crate::observe::Pushgateway::new(url.trim())?)
+                    }
+                    _ => None,
+                },
+                notify: match &args.notify {
+                    Some(url) if !url.trim().is_empty() => {
+                        Some(crate::observe::Notify::new(url.trim())?)
+                    }
+                    _ => None,
+                },
+            },
+            run_log: crate::observe::RunLog::default(),
             cancel: CancellationToken::new(),
         })
     }
@@ -658,11 +719,16 @@ fn s3_credentials(
                 .clone()
                 .or(file.s3.ibm_auth_endpoint.clone())
                 .unwrap_or_else(|| DEFAULT_AUTH_ENDPOINT.to_string());
-            url::Url::parse(&auth_endpoint).map_err(|e| {
+            let parsed = url::Url::parse(&auth_endpoint).map_err(|e| {
                 Error::usage(format!(
                     "IBM_AUTH_ENDPOINT {auth_endpoint:?} is not a URL ({e}): e.g. {DEFAULT_AUTH_ENDPOINT}"
                 ))
             })?;
+            if !storage::iam::is_encrypted_or_local(&parsed) {
+                return Err(Error::usage(format!(
+                    "IBM_AUTH_ENDPOINT {auth_endpoint} is not https: the API key would travel unencrypted (e.g. {DEFAULT_AUTH_ENDPOINT})"
+                )));
+            }
             (
                 S3Credentials::Iam(IamSettings {
                     api_key,
@@ -737,8 +803,13 @@ pub async fn run(cli: Cli) -> i32 {
             Command::Schedule(options) => schedule::run(&settings, options).await,
             Command::Unlock(options) => unlock::run(&settings, options).await,
             Command::Reencrypt(options) => reencrypt::run(&settings, options).await,
+            Command::Exporter(options) => exporter::run(&settings, options).await,
         }
     };
+    let reported = reported_run(&cli.command, &settings);
+    let started = reported.as_ref().map(|(operation, sources)| {
+        crate::observe::start(&settings.reporting, *operation, &settings.tenant, sources)
+    });
     tokio::pin!(work);
     let result = tokio::select! {
         result = &mut work => result,
@@ -762,10 +833,47 @@ pub async fn run(cli: Cli) -> i32 {
             }
         }
     };
+    if let (Some(started), Some((_, sources))) = (started, &reported) {
+        crate::observe::finish(
+            &settings.reporting,
+            &settings.run_log,
+            started,
+            &settings.tenant,
+            sources,
+            &result,
+        )
+        .await;
+    }
     signals.abort();
     match result {
         Ok(()) => 0,
         Err(err) => report(&err),
+    }
+}
+
+/// The commands whose runs are reported (metrics, pings), and the sources they act on.
+fn reported_run(
+    command: &Command,
+    settings: &Settings,
+) -> Option<(crate::observe::Operation, Vec<String>)> {
+    use crate::observe::Operation;
+    let reporting = &settings.reporting;
+    if reporting.metrics_file.is_none()
+        && reporting.pushgateway.is_none()
+        && reporting.notify.is_none()
+    {
+        return None;
+    }
+    match command {
+        Command::Backup(options) => Some((Operation::Backup, options.sources.clone())),
+        // A dry run deletes nothing: reporting "deleted 0" would hide the real prune's numbers.
+        Command::Prune(options) if !options.dry_run => Some((
+            Operation::Prune,
+            settings.source_names(&options.sources).unwrap_or_default(),
+        )),
+        Command::Verify(options) => Some((Operation::Verify, vec![options.source.clone()])),
+        Command::Restore(options) => Some((Operation::Restore, vec![options.source.clone()])),
+        _ => None,
     }
 }
 

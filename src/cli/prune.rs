@@ -38,6 +38,7 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
     // Like backup: one source that fails (locked, refused deletes) does not keep the others
     // from being pruned; the run still fails with the first error.
     for name in &names {
+        let began = std::time::Instant::now();
         let pruned = async {
             let path = settings.source_path(name)?;
             settings.check_source_known(store.as_ref(), name).await?;
@@ -45,12 +46,24 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
                 .await
         };
         match pruned.await {
-            Ok(plan) => plans.push(plan),
+            Ok(plan) => {
+                settings.run_log.record(
+                    name,
+                    began.elapsed(),
+                    Ok(crate::observe::Done::Prune {
+                        deleted: plan.to_delete().count(),
+                        kept: plan.backups.iter().filter(|b| b.action == "keep").count(),
+                    }),
+                );
+                plans.push(plan);
+            }
             Err(err) => {
                 if names.len() > 1 {
                     tracing::error!(source = %name, error_kind = err.kind().as_str(), "{}", err.chain());
                 }
-                first_error.get_or_insert(err.context(format!("prune of source {name:?} failed")));
+                let err = err.context(format!("prune of source {name:?} failed"));
+                settings.run_log.record(name, began.elapsed(), Err(&err));
+                first_error.get_or_insert(err);
                 if settings.cancel.is_cancelled() {
                     break;
                 }

@@ -68,6 +68,7 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
         force: options.force,
         batch_bytes: options.batch_bytes,
     };
+    let began = std::time::Instant::now();
     ops::restore::restore(ops::restore::RestoreJob {
         store: store.as_ref(),
         path: &path,
@@ -79,6 +80,13 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
         show_progress: settings.show_progress(),
     })
     .await?;
+    settings.run_log.record(
+        &options.source,
+        began.elapsed(),
+        Ok(crate::observe::Done::Restore {
+            backup_id: manifest.backup_id.clone(),
+        }),
+    );
     Ok(())
 }
 

@@ -56,6 +56,7 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
     } else {
         None
     };
+    let began = std::time::Instant::now();
     verify(&VerifyJob {
         store: store.as_ref(),
         path,
@@ -65,5 +66,13 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
         show_progress: settings.show_progress(),
         identities: settings.identities()?,
     })
-    .await
+    .await?;
+    settings.run_log.record(
+        &options.source,
+        began.elapsed(),
+        Ok(crate::observe::Done::Verify {
+            backup_id: manifest.backup_id.clone(),
+        }),
+    );
+    Ok(())
 }

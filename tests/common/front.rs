@@ -132,7 +132,6 @@ pub fn token_server(good_key: &str, lifetime: Duration) -> TokenServer {
                 let Some((head, body)) = read_request(&mut client).await else {
                     return;
                 };
-                state.token_requests.fetch_add(1, Ordering::SeqCst);
                 let form: HashMap<String, String> =
                     url::form_urlencoded::parse(&body).into_owned().collect();
                 let grant_ok = form.get("grant_type").map(String::as_str)
@@ -169,6 +168,9 @@ pub fn token_server(good_key: &str, lifetime: Duration) -> TokenServer {
                     });
                     ("400 Bad Request", answer)
                 };
+                // Counted once the token is live, so a test that waits for a new token can
+                // revoke it.
+                state.token_requests.fetch_add(1, Ordering::SeqCst);
                 let body = answer.to_string();
                 let response = format!(
                     "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -319,4 +321,45 @@ async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(
         body.extend_from_slice(&chunk[..n]);
     }
     Some((head, body))
+}
+
+/// One request a [`recorder`] received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub body: String,
+}
+
+/// An HTTP server that answers 200 to everything and remembers what it was sent (a stand-in
+/// for a Pushgateway or a healthchecks.io endpoint).
+pub fn recorder() -> (u16, Arc<Mutex<Vec<Recorded>>>) {
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&requests);
+    let port = spawn(move |listener| async move {
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                continue;
+            };
+            let log = Arc::clone(&log);
+            tokio::spawn(async move {
+                let Some((head, body)) = read_request(&mut client).await else {
+                    return;
+                };
+                let mut words = head.split_whitespace();
+                log.lock().unwrap().push(Recorded {
+                    method: words.next().unwrap_or_default().to_string(),
+                    path: words.next().unwrap_or_default().to_string(),
+                    body: String::from_utf8_lossy(&body).into_owned(),
+                });
+                let _ = client
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nOK",
+                    )
+                    .await;
+                let _ = client.shutdown().await;
+            });
+        }
+    });
+    (port, requests)
 }

@@ -367,3 +367,53 @@ pub fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// One sample of a Prometheus text exposition, as the reference parser (the Python
+/// `prometheus_client` package) reads it.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ParsedSample {
+    pub family: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub help: String,
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// Parse exposition text with `prometheus_client`'s parser; panics if it rejects the text.
+pub fn parse_exposition(text: &str) -> Vec<ParsedSample> {
+    let python =
+        service("KURA_TEST_PYTHON").expect("KURA_TEST_PYTHON: the venv with prometheus-client");
+    let script = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = []
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for sample in family.samples:
+        out.append({"family": family.name, "type": family.type, "help": family.documentation,
+                    "name": sample.name, "labels": sample.labels, "value": sample.value})
+print(json.dumps(out))
+"#;
+    let mut child = Command::new(python)
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python runs");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "prometheus_client rejected the exposition: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
