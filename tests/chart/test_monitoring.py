@@ -1,7 +1,8 @@
 """Monitoring (values `monitoring`, tenants' backup.pushgateway and backup.notify): the exporter's
 Deployment, Service, credentials and NetworkPolicy; the ServiceMonitor and PrometheusRule, whose
 structure and PromQL are checked here (kubernetes-validate has no schemas for the Prometheus
-Operator's kinds); the backup-age limits against an independent reading of the cron schedules;
+Operator's kinds), and with promtool where there is one (its check, and its tests of the alerts
+over time); the backup-age limits against an independent reading of the cron schedules;
 the metrics and ping variables of the Jobs and the egress they get. tests/chart/values/monitoring.yaml
 is the main render; the rest varies one tenant."""
 
@@ -10,10 +11,14 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import os
 import re
+import shutil
+import subprocess
 
 import helm_python as helm
 import pytest
+import yaml
 
 import chartlib
 from chartlib import Endpoint, connection_allowed, container, pod_templates, render, resolve_env
@@ -58,6 +63,9 @@ RUN_SERIES = {
     "kura_prune_deleted_backups",
     "kura_prune_kept_backups",
 }
+# The chart's own recording: when Prometheus started watching a tenant's source.
+WATCHED = "kura:backup_source_watched_since_timestamp_seconds"
+RECORDED_SERIES = {WATCHED}
 SERIES_LABELS = {"tenant", "source", "operation"}
 RUN_ENV = {"KURA_PUSHGATEWAY_URL", "KURA_NOTIFY_URL"}
 STORAGE_SECRET_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "IBM_API_KEY_ID"}
@@ -114,7 +122,11 @@ def exporter_pod(rendered) -> Endpoint:
 
 
 def alert_rules(rendered) -> list[dict]:
-    return [r for g in rendered.get("PrometheusRule", "kura")["spec"]["groups"] for r in g["rules"]]
+    return [r for g in rendered.get("PrometheusRule", "kura")["spec"]["groups"] for r in g["rules"] if "alert" in r]
+
+
+def recording_rules(rendered) -> list[dict]:
+    return [r for g in rendered.get("PrometheusRule", "kura")["spec"]["groups"] for r in g["rules"] if "record" in r]
 
 
 def age_rules(rendered) -> dict[tuple[str, str], list[dict]]:
@@ -143,7 +155,8 @@ _TOKEN = re.compile(
     )""",
     re.X,
 )
-FUNCTIONS = {"time", "absent", "increase", "rate", "max", "min", "sum", "count", "avg"}
+FUNCTIONS = {"time", "vector", "absent", "increase", "rate", "max", "min", "sum", "count", "avg"} | {
+    "max_over_time", "min_over_time", "absent_over_time"}
 AGGREGATIONS = {"max", "min", "sum", "count", "avg"}
 GROUPING = {"by", "without", "on", "ignoring"}
 SET_OPERATORS = {"and", "or", "unless"}
@@ -188,7 +201,7 @@ def promql_series(expr: str) -> set[str]:
         elif kind == "ident" and text in AGGREGATIONS and nxt[0] == "ident" and nxt[1] in GROUPING:
             pass  # max by (…) (…)
         elif kind == "ident":
-            assert text in EXPORTER_SERIES | RUN_SERIES, f"{text} is not a series kura writes ({expr!r})"
+            assert text in EXPORTER_SERIES | RUN_SERIES | RECORDED_SERIES, f"{text} is not a series kura writes ({expr!r})"
             series.add(text)
             if nxt == ("op", "{"):
                 i += 2
@@ -251,12 +264,18 @@ def check_prometheus_rule(obj: dict) -> None:
     assert groups and len({g["name"] for g in groups}) == len(groups)
     # Two rules whose alerts carry the same name and labels would share their ALERTS series
     # (promtool check rules refuses them as duplicates).
-    identities = [(r["alert"], tuple(sorted(r["labels"].items()))) for g in groups for r in g["rules"]]
+    identities = [(r.get("alert") or r["record"], tuple(sorted(r["labels"].items()))) for g in groups for r in g["rules"]]
     assert len(set(identities)) == len(identities)
     for group in groups:
         assert set(group) == {"name", "rules"}, group.keys()
         assert group["rules"], group["name"]
         for rule in group["rules"]:
+            if "record" in rule:
+                where = f"{group['name']}/{rule['record']}"
+                assert set(rule) == {"record", "expr", "labels"}, where
+                assert rule["record"] in RECORDED_SERIES and promql_series(rule["expr"]) == {rule["record"]}, where
+                assert set(rule["labels"]) == {"tenant", "source"} and all(isinstance(v, str) for v in rule["labels"].values()), where
+                continue
             where = f"{group['name']}/{rule.get('alert')}"
             assert set(rule) == {"alert", "expr", "for", "labels", "annotations"}, where
             assert LABEL_NAME.match(rule["alert"]), where
@@ -527,8 +546,22 @@ def test_prometheus_rule_is_structurally_valid(monitored):
         if r["alert"] == "KuraLastRunFailed":
             assert series == {"kura_last_run_success"}
         else:
-            assert series <= EXPORTER_SERIES, r["alert"]
+            assert series <= EXPORTER_SERIES | RECORDED_SERIES, r["alert"]
     assert render(with_monitoring()).find("PrometheusRule", "kura") is None
+
+
+def missing_expr(selector: str, limit: str, seconds: int, exporter_down: str = "15m", exporter_down_seconds: int = 900) -> str:
+    """No complete backup at all: in the whole last limit, every sample of the source's count of
+    complete backups was 0 or there was none (absent_over_time() of this tenant and source, never
+    of the whole series); Prometheus has watched the source for the limit (a tenant just added has
+    as long to make its first backup as a backup may be old); the exporter reports now (else
+    KuraExporterDown, not one alert per source)."""
+    return (
+        f"((max by (tenant, source) (max_over_time(kura_backups_complete{selector}[{limit}])) == 0) or "
+        f"absent_over_time(kura_backups_complete{selector}[{limit}])) "
+        f"and on (tenant, source) (time() - {WATCHED}{selector} >= {seconds}) "
+        f"and on () (time() - max(max_over_time(kura_exporter_last_refresh_timestamp_seconds[{exporter_down}])) < {exporter_down_seconds})"
+    )
 
 
 def test_backup_age_rules_cover_each_source_of_each_watched_tenant(monitored):
@@ -542,24 +575,26 @@ def test_backup_age_rules_cover_each_source_of_each_watched_tenant(monitored):
         assert (age["labels"]["tenant"], age["labels"]["source"]) == (tenant, source)
         assert (age["labels"]["reason"], missing["labels"]["reason"]) == ("stale", "missing")
         assert {k: v for k, v in age["labels"].items() if k != "reason"} == {k: v for k, v in missing["labels"].items() if k != "reason"}
-        # No complete backup at all: zero complete ones, or none listed while the exporter reports
-        # (absent() of this tenant and source, never of the whole series).
-        assert missing["expr"] == (
-            f"(max by (tenant, source) (kura_backups_complete{selector}) == 0) or "
-            f"(absent(kura_backups_complete{selector}) and on () (count(kura_exporter_last_refresh_timestamp_seconds) > 0))"
-        )
-        # A tenant just added has the same time to make its first backup as a backup may be old.
         limit = age_limit(monitored, tenant, source)
-        assert missing["for"] == f"{limit // 3600}h" and limit % 3600 == 0
+        assert limit % 3600 == 0
+        assert missing["expr"] == missing_expr(selector, f"{limit // 3600}h", limit)
+        # The waiting is in the expression: a gap in the series resets a `for`.
+        assert missing["for"] == "10m" and missing["labels"]["severity"] == "critical"
+        (watched,) = [r for r in recording_rules(monitored) if r["labels"] == {"tenant": tenant, "source": source}]
+        assert watched == {"record": WATCHED, "expr": f"min_over_time({WATCHED}{selector}[1d]) or on () vector(time())", "labels": {"tenant": tenant, "source": source}}
         for r in (age, missing):
             assert tenant in r["annotations"]["summary"] and source in r["annotations"]["summary"]
             assert f"tenant {tenant}" in r["annotations"]["description"] and f"source {source}" in r["annotations"]["description"].lower()
             assert f"kubectl -n tenant-{tenant} get jobs" in r["annotations"]["description"]
     assert "umbrella" not in json.dumps(monitored.get("PrometheusRule", "kura"))
-    # Every absent() names one tenant and one source.
+    assert len(recording_rules(monitored)) == len(rules)
+    # Every absent() and absent_over_time() names one tenant and one source.
     for r in alert_rules(monitored):
         for inner in re.findall(r"absent\(([^)]*)\)", r["expr"]):
-            assert inner == "kura_exporter_last_refresh_timestamp_seconds" or re.fullmatch(r'kura_backups_complete\{tenant="[a-z-]+",source="(postgres|couchdb)"\}', inner), r["expr"]
+            assert inner == "kura_exporter_last_refresh_timestamp_seconds", r["expr"]
+        for inner in re.findall(r"absent_over_time\(([^)]*)\[[0-9]+h\]\)", r["expr"]):
+            assert re.fullmatch(r'kura_backups_complete\{tenant="[a-z-]+",source="(postgres|couchdb)"\}', inner), r["expr"]
+        assert r["expr"].count("absent_over_time(") == len(re.findall(r"absent_over_time\(([^)]*)\[[0-9]+h\]\)", r["expr"]))
 
 
 def test_backup_age_limits_of_the_monitoring_values(monitored):
@@ -660,7 +695,8 @@ def test_status_max_age_is_the_limit_when_set():
     rendered = render(tenant_with_schedule("0 1 * * *", status={"maxAge": "36h"}))
     assert age_limit(rendered) == 36 * 3600
     age, missing = age_rules(rendered)[("acme", "postgres")]
-    assert missing["for"] == "36h" and "status.maxAge, 36h" in age["annotations"]["description"]
+    assert missing["expr"] == missing_expr('{tenant="acme",source="postgres"}', "36h", 36 * 3600)
+    assert "status.maxAge, 36h" in age["annotations"]["description"]
 
 
 @pytest.mark.parametrize("schedule", ["0 4 31 * *", "0 4 */7 * *", "0 4 1 * 1", "0 4 1 6 *", "0 4 L * *", "0 4 * * 1#2"])
@@ -690,8 +726,12 @@ def test_exporter_and_incomplete_backup_alerts():
     assert rules["KuraExporterScrapeErrors"]["expr"] == "increase(kura_exporter_scrape_errors_total[30m]) > 0"
     # Three intervals (at least 15 minutes) without a refresh, or no series at all.
     assert rules["KuraExporterDown"]["expr"] == "absent(kura_exporter_last_refresh_timestamp_seconds) or (time() - max(kura_exporter_last_refresh_timestamp_seconds) > 900)"
-    slow = {r["alert"]: r for r in alert_rules(render(with_rules({"monitoring": {"exporter": {"interval": "20m"}}})))}
+    slow_render = render(with_rules({"monitoring": {"exporter": {"interval": "20m"}}}))
+    slow = {r["alert"]: r for r in alert_rules(slow_render)}
     assert slow["KuraExporterDown"]["expr"].endswith("> 3600)")
+    # The missing-backup alert holds off while the exporter is down as KuraExporterDown sees it.
+    _, missing = age_rules(slow_render)[("acme", "postgres")]
+    assert missing["expr"] == missing_expr('{tenant="acme",source="postgres"}', "26h", 26 * 3600, "1h", 3600)
     # alertLabels add to an alert's labels; its own severity stays.
     assert rules["KuraExporterDown"]["labels"] == {"severity": "critical", "team": "db"}
     assert rules["KuraBackupTooOld"]["labels"] == {"severity": "critical", "team": "db", "tenant": "acme", "source": "postgres", "reason": "stale"}
@@ -704,12 +744,148 @@ def test_last_run_failed_only_with_a_pushgateway(monitored):
     (failed,) = [r for r in alert_rules(monitored) if r["alert"] == "KuraLastRunFailed"]
     # Not restore by default: a manual restore's failure would stay in the Pushgateway until the next one.
     assert failed["expr"] == 'max by (tenant, source, operation) (kura_last_run_success{operation=~"backup|prune|verify"}) == 0'
+    # A failed run that the Job's retry repairs within failedRunFor does not alert.
+    assert failed["for"] == "15m"
     for label in ("operation", "tenant", "source"):
         assert f"{{{{ $labels.{label} }}}}" in failed["annotations"]["summary"]
     pushing = render(with_rules({"tenants": {"acme": {"backup": {"pushgateway": {"url": PUSHGATEWAY_URL}}}}}, failedRunOperations=["backup", "restore"]))
     (failed,) = [r for r in alert_rules(pushing) if r["alert"] == "KuraLastRunFailed"]
     assert 'operation=~"backup|restore"' in failed["expr"]
+    patient = render(with_rules({"tenants": {"acme": {"backup": {"pushgateway": {"url": PUSHGATEWAY_URL}}}}}, failedRunFor="1h"))
+    assert [r["for"] for r in alert_rules(patient) if r["alert"] == "KuraLastRunFailed"] == ["1h"]
     check_prometheus_rule(pushing.get("PrometheusRule", "kura"))
+
+
+# --- the rules run by promtool ----------------------------------------------------------------------
+# `promtool check rules` and `promtool test rules` on the rendered spec (a Prometheus rule file as
+# it is), one sample a minute. promtool comes with Prometheus (Debian: the prometheus package);
+# PROMTOOL names it, else PATH. Without it these skip.
+
+PROMTOOL = os.environ.get("PROMTOOL") or shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(not PROMTOOL, reason="no promtool (PROMTOOL or PATH)")
+LIMIT_MINUTES = 26 * 60  # acme's in one_tenant_values(): a daily schedule plus the slack
+
+
+def checked_rules(tmp_path, rendered):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump(rendered.get("PrometheusRule", "kura")["spec"], sort_keys=False))
+    checked = subprocess.run([PROMTOOL, "check", "rules", str(rules)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    return rules
+
+
+def run_promtool(tmp_path, rendered, tests: list[dict]) -> None:
+    rules = checked_rules(tmp_path, rendered)
+    case = tmp_path / "test.yaml"
+    tests = [{"interval": "1m", **t} for t in tests]
+    case.write_text(yaml.safe_dump({"rule_files": [str(rules)], "evaluation_interval": "1m", "tests": tests}, sort_keys=False))
+    tested = subprocess.run([PROMTOOL, "test", "rules", str(case)], capture_output=True, text=True)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+def samples(runs: list[tuple[int, int, str]], end: int) -> str:
+    """promtool's notation for minutes [0, end): (from, to, value) runs, missing in between; value
+    "t" is the sample's own time in seconds (what a refresh timestamp is at each refresh)."""
+    out, at = [], 0
+    for start, stop, value in runs:
+        if start > at:
+            out.append(f"_x{start - at}")
+        out.append(f"{start * 60}+60x{stop - start - 1}" if value == "t" else f"{value}x{stop - start - 1}")
+        at = stop
+    if end > at:
+        out.append(f"_x{end - at}")
+    return " ".join(out)
+
+
+def exporter_series(name: str, pods: list[tuple[int, int]], value: str, end: int) -> list[dict]:
+    """One series per exporter pod (a restart is a new pod, a few minutes without any)."""
+    at = name.index("{") + 1
+    return [{"series": f'{name[:at]}pod="kura-exporter-{i}"{"," if name[at] != "}" else ""}{name[at:]}', "values": samples([(a, b, value)], end)} for i, (a, b) in enumerate(pods)]
+
+
+def refreshes(pods: list[tuple[int, int]], end: int) -> list[dict]:
+    return exporter_series('kura_exporter_last_refresh_timestamp_seconds{}', pods, "t", end)
+
+
+def expected(rule: dict, **labels: str) -> dict:
+    text = {k: re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels[m.group(1)], v) for k, v in rule["annotations"].items()}
+    return {"exp_labels": {"alertname": rule["alert"], **rule["labels"], **labels}, "exp_annotations": text}
+
+
+def alerts_at(minute: int, name: str, alerts: list[dict]) -> dict:
+    return {"eval_time": f"{minute}m", "alertname": name, "exp_alerts": alerts}
+
+
+def missing_rules(rendered) -> dict[str, dict]:
+    return {source: rules[1] for (_, source), rules in age_rules(rendered).items()}
+
+
+@needs_promtool
+def test_promtool_checks_the_rules_of_the_monitoring_values(monitored, tmp_path):
+    checked_rules(tmp_path, monitored)
+
+
+@needs_promtool
+def test_promtool_no_backup_at_all_alerts_after_the_limit_despite_exporter_restarts(tmp_path):
+    rendered = render(with_rules())
+    assert age_limit(rendered) == LIMIT_MINUTES * 60 == age_limit(rendered, "acme", "couchdb")
+    missing = missing_rules(rendered)
+    end = LIMIT_MINUTES + 60
+    # The exporter restarts at 12h (5 minutes without a series) and at 20h (3 minutes); a `for` of
+    # the limit would start again after each.
+    pods = [(0, 720), (725, 1200), (1203, end)]
+    # postgres: nothing of it in the store (no series at all); couchdb: backups that never complete.
+    inputs = refreshes(pods, end) + exporter_series('kura_backups_complete{tenant="acme",source="couchdb"}', pods, "0", end)
+    both = [expected(missing["postgres"]), expected(missing["couchdb"])]
+    run_promtool(tmp_path, rendered, [{"input_series": inputs, "alert_rule_test": [
+        *(alerts_at(m, "KuraBackupTooOld", []) for m in (30, 722, 1202, LIMIT_MINUTES - 1)),
+        # True from the limit on, not before: pending for 10 minutes, then firing.
+        alerts_at(LIMIT_MINUTES + 9, "KuraBackupTooOld", []),
+        alerts_at(LIMIT_MINUTES + 11, "KuraBackupTooOld", both),
+        alerts_at(end - 1, "KuraBackupTooOld", both),
+        alerts_at(end - 1, "KuraExporterDown", []),
+    ]}])
+
+
+@needs_promtool
+def test_promtool_a_first_backup_in_time_or_a_dead_exporter_is_no_missing_alert(tmp_path):
+    rendered = render(with_rules())
+    end = LIMIT_MINUTES + 60
+    pods = [(0, 600), (604, end)]
+    # postgres' first backup completes after 20h (its series appears then, 1); couchdb had an
+    # incomplete one first (0), then a complete one at 25h.
+    first = refreshes(pods, end) + [
+        {"series": 'kura_backups_complete{tenant="acme",source="postgres",pod="kura-exporter-1"}', "values": samples([(1200, end, "1")], end)},
+        {"series": 'kura_backup_last_complete_timestamp_seconds{tenant="acme",source="postgres",pod="kura-exporter-1"}', "values": samples([(1200, end, "72000")], end)},
+        {"series": 'kura_backups_complete{tenant="acme",source="couchdb",pod="kura-exporter-1"}', "values": samples([(700, 1500, "0"), (1500, end, "1")], end)},
+        {"series": 'kura_backup_last_complete_timestamp_seconds{tenant="acme",source="couchdb",pod="kura-exporter-1"}', "values": samples([(1500, end, "90000")], end)},
+    ]
+    # The exporter dies at 20h with nothing backed up: KuraExporterDown, not one alert per source.
+    (down,) = [r for r in alert_rules(rendered) if r["alert"] == "KuraExporterDown"]
+    dead = refreshes([(0, 1200)], end)
+    run_promtool(tmp_path, rendered, [
+        {"input_series": first, "alert_rule_test": [alerts_at(m, "KuraBackupTooOld", []) for m in (LIMIT_MINUTES + 11, end - 1)]},
+        {"input_series": dead, "alert_rule_test": [
+            alerts_at(end - 1, "KuraBackupTooOld", []),
+            alerts_at(end - 1, "KuraExporterDown", [expected(down)]),
+        ]},
+    ])
+
+
+@needs_promtool
+def test_promtool_a_failed_run_that_a_retry_repairs_does_not_alert(tmp_path):
+    rendered = render(with_rules({"tenants": {"acme": {"backup": {"pushgateway": {"url": PUSHGATEWAY_URL}}}}}))
+    (failed,) = [r for r in alert_rules(rendered) if r["alert"] == "KuraLastRunFailed"]
+    assert failed["for"] == "15m"
+    end = 180
+    pushed = 'kura_last_run_success{tenant="acme",source="postgres",operation="backup",job="kura"}'
+    # Fails at 0:10, the Job's retry succeeds at 0:20; fails again at 1:00 and stays failed.
+    inputs = [{"series": pushed, "values": samples([(0, 10, "1"), (10, 20, "0"), (20, 60, "1"), (60, end, "0")], end)}]
+    labels = {"tenant": "acme", "source": "postgres", "operation": "backup"}
+    run_promtool(tmp_path, rendered, [{"input_series": inputs, "alert_rule_test": [
+        *(alerts_at(m, "KuraLastRunFailed", []) for m in (15, 21, 59, 74)),
+        alerts_at(76, "KuraLastRunFailed", [expected(failed, **labels)]),
+    ]}])
 
 
 # --- per-run metrics and pings --------------------------------------------------------------------
@@ -826,6 +1002,7 @@ def test_notes_name_the_exporter_and_how_to_look(monitored, one):
         ({"monitoring": {"serviceMonitor": {"interval": "1 minute"}}}, "interval"),
         ({"monitoring": {"rules": {"backupAgeSlack": "2 hours"}}}, "backupAgeSlack"),
         ({"monitoring": {"rules": {"failedRunOperations": ["backups"]}}}, "failedRunOperations"),
+        ({"monitoring": {"rules": {"failedRunFor": "15 minutes"}}}, "failedRunFor"),
         ({"monitoring": {"rules": {"incompleteBackups": {"threshold": -1}}}}, "threshold"),
         ({"monitoring": {"pushgateway": {"cidrs": ["10.0.0.1"]}}}, "cidrs"),
         ({"tenants": {"acme": {"backup": {"pushgateway": {"url": "pushgateway.monitoring:9091"}}}}}, "url"),
@@ -837,7 +1014,7 @@ def test_notes_name_the_exporter_and_how_to_look(monitored, one):
     ],
     ids=[
         "enable", "exporters", "interval", "privileged-port", "exporter-credentials-in-objectStorage", "exporter-storage-typo",
-        "credentials-type", "scrape-interval", "slack", "operations", "threshold", "pushgateway-cidr", "pushgateway-url",
+        "credentials-type", "scrape-interval", "slack", "operations", "failed-run-for", "threshold", "pushgateway-cidr", "pushgateway-url",
         "pushgateway-string", "notify-typo", "notify-port", "metrics-file", "reserved-app-name",
     ],
 )
