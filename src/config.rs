@@ -320,6 +320,8 @@ pub struct S3File {
     pub icos_credentials: Option<PathBuf>,
     pub ibm_service_instance_id: Option<String>,
     pub ibm_auth_endpoint: Option<String>,
+    /// `--read-timeout`, e.g. "60s".
+    pub read_timeout: Option<String>,
 }
 
 /// `[monitoring]`: where runs report (the ping URL is a secret: environment or flag only).

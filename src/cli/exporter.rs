@@ -69,7 +69,6 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
     let interval = config::parse_duration(&options.interval)
         .map_err(|e| e.context("--interval"))?
         .max(Duration::from_secs(1));
-    let store = settings.open_store().await?;
     let listener = TcpListener::bind(options.listen).await.map_err(|e| {
         Error::with_source(
             ErrorKind::Usage,
@@ -82,16 +81,29 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
     })?;
     tracing::info!(
         listen = %options.listen,
-        storage = %store.location(),
         interval = %config::format_duration(interval),
         "exporter serving /metrics"
     );
     let served = Arc::new(RwLock::new(Served::default()));
     let server = tokio::spawn(serve(listener, Arc::clone(&served)));
+    // Opened (and checked) in the loop: a store that is down when the exporter starts is a
+    // counted error that the next refresh may clear, not a crash loop.
+    let mut store = None;
     let mut cache = ManifestCache::default();
     loop {
         let began = std::time::Instant::now();
-        match scan(store.as_ref(), &mut cache).await {
+        let refreshed = async {
+            if store.is_none() {
+                store = Some(settings.open_store().await?);
+            }
+            let store = store.as_ref().expect("opened above");
+            scan(store.as_ref(), &mut cache).await
+        };
+        let refreshed = tokio::select! {
+            refreshed = refreshed => refreshed,
+            _ = settings.cancel.cancelled() => break,
+        };
+        match refreshed {
             Ok(catalog) => {
                 let mut served = served.write().expect("served lock");
                 served.catalog = Some(catalog.render());
@@ -119,14 +131,28 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
     Ok(())
 }
 
+/// Connections served at once: Prometheus and probes need a handful.
+const CONNECTIONS: usize = 64;
+
 async fn serve(listener: TcpListener, served: Arc<RwLock<Served>>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, say: wait instead of spinning.
+                tracing::debug!("accepting a connection failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let served = Arc::clone(&served);
         tokio::spawn(async move {
             let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, served)).await;
+            drop(slot);
         });
     }
 }

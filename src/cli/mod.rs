@@ -87,6 +87,15 @@ pub struct GlobalArgs {
     /// Path-style bucket addressing (endpoint/bucket/key) instead of virtual hosts
     #[arg(long, env = "KURA_S3_PATH_STYLE", global = true, num_args = 0..=1, default_missing_value = "true")]
     pub s3_path_style: Option<bool>,
+    /// A download or upload to the object store that moves no byte for this long is resumed
+    /// or retried, e.g. 60s, 5m [default: 60s]
+    #[arg(
+        long,
+        env = "KURA_READ_TIMEOUT",
+        global = true,
+        value_name = "DURATION"
+    )]
+    pub read_timeout: Option<String>,
     /// CA certificate (PEM) trusted for the S3 endpoint besides the system's roots, e.g. a
     /// private CA; repeatable. AWS_CA_BUNDLE is read when this is not given.
     #[arg(
@@ -233,6 +242,7 @@ pub struct GlobalArgs {
         long,
         env = "KURA_PUSHGATEWAY_URL",
         global = true,
+        hide_env_values = true,
         value_name = "URL",
         help_heading = "Monitoring"
     )]
@@ -373,6 +383,8 @@ pub struct Settings {
     pub reporting: crate::observe::Reporting,
     /// What the running command did per source, for `reporting`.
     pub run_log: crate::observe::RunLog,
+    /// Reporters that could not be set up, warned about once logging is up.
+    pub reporting_problems: Vec<Error>,
     pub cancel: CancellationToken,
 }
 
@@ -463,6 +475,16 @@ impl Settings {
         }
 
         let (credentials, credentials_note) = s3_credentials(args, &file)?;
+        let mut reporting_problems: Vec<Error> = Vec::new();
+        let read_timeout = match args.read_timeout.as_ref().or(file.s3.read_timeout.as_ref()) {
+            Some(raw) => config::parse_duration(raw).map_err(|e| e.context("--read-timeout"))?,
+            None => storage::DEFAULT_READ_TIMEOUT,
+        };
+        if read_timeout.is_zero() {
+            return Err(Error::usage(
+                "--read-timeout 0 would give up on every read: give a duration such as 60s",
+            ));
+        }
         let couchdb_tls = crate::tls::TlsFiles {
             ca_files: match args.couchdb_ca_file.is_empty() {
                 false => args.couchdb_ca_file.clone(),
@@ -526,6 +548,7 @@ impl Settings {
                 },
                 credentials,
                 credentials_note,
+                read_timeout,
             },
             couchdb_tls,
             pipeline,
@@ -545,19 +568,24 @@ impl Settings {
                     .as_ref()
                     .or(file.monitoring.pushgateway.as_ref())
                 {
+                    // A reporter that cannot be set up is dropped with a warning (logged
+                    // once logging is up): a bad URL must not stop the backup itself.
                     Some(url) if !url.trim().is_empty() => {
-                        Some(crate::observe::Pushgateway::new(url.trim())?)
+                        crate::observe::Pushgateway::new(url.trim())
+                            .map_err(|e| reporting_problems.push(e))
+                            .ok()
                     }
                     _ => None,
                 },
                 notify: match &args.notify {
-                    Some(url) if !url.trim().is_empty() => {
-                        Some(crate::observe::Notify::new(url.trim())?)
-                    }
+                    Some(url) if !url.trim().is_empty() => crate::observe::Notify::new(url.trim())
+                        .map_err(|e| reporting_problems.push(e))
+                        .ok(),
                     _ => None,
                 },
             },
             run_log: crate::observe::RunLog::default(),
+            reporting_problems,
             cancel: CancellationToken::new(),
         })
     }
@@ -781,6 +809,9 @@ pub async fn run(cli: Cli) -> i32 {
         }
     };
     logging::init(settings.log_format, verbosity);
+    for problem in &settings.reporting_problems {
+        tracing::warn!("not reporting there: {problem}");
+    }
     let cancel = settings.cancel.clone();
     // Registered before any work starts, so a signal that arrives in the first milliseconds
     // is not left to the default action (death without rollback).
@@ -833,7 +864,17 @@ pub async fn run(cli: Cli) -> i32 {
             }
         }
     };
+    // The outcome's log line first: reporting after it may be cut short by SIGKILL.
+    let code = match &result {
+        Ok(()) => 0,
+        Err(err) => report(err),
+    };
     if let (Some(started), Some((_, sources))) = (started, &reported) {
+        // After a signal the pod is killed 30 s after it: report in what is left.
+        let budget = match settings.cancel.is_cancelled() {
+            true => crate::observe::BUDGET.min(Duration::from_secs(3)),
+            false => crate::observe::BUDGET,
+        };
         crate::observe::finish(
             &settings.reporting,
             &settings.run_log,
@@ -841,14 +882,12 @@ pub async fn run(cli: Cli) -> i32 {
             &settings.tenant,
             sources,
             &result,
+            budget,
         )
         .await;
     }
     signals.abort();
-    match result {
-        Ok(()) => 0,
-        Err(err) => report(&err),
-    }
+    code
 }
 
 /// The commands whose runs are reported (metrics, pings), and the sources they act on.

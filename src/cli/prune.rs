@@ -46,16 +46,16 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
                 .await
         };
         match pruned.await {
-            Ok(plan) => {
+            Ok(pruned) => {
                 settings.run_log.record(
                     name,
                     began.elapsed(),
                     Ok(crate::observe::Done::Prune {
-                        deleted: plan.to_delete().count(),
-                        kept: plan.backups.iter().filter(|b| b.action == "keep").count(),
+                        deleted: pruned.deleted,
+                        kept: pruned.kept,
                     }),
                 );
-                plans.push(plan);
+                plans.push(pruned.plan);
             }
             Err(err) => {
                 if names.len() > 1 {

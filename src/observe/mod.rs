@@ -178,8 +178,12 @@ fn describe_sources(sources: &[String]) -> String {
     }
 }
 
-/// The end of a run: metrics and the final ping, each bounded in time; failures are
-/// warnings.
+/// All of a run's reporting together must end within this: a Job stopped by SIGTERM has 30 s
+/// in all, most of which the command's own cleanup may take.
+pub const BUDGET: Duration = Duration::from_secs(5);
+
+/// The end of a run: metrics and the final ping, concurrently and within `budget`; failures
+/// are warnings. The caller logs the run's own outcome first, so nothing here can hide it.
 pub async fn finish(
     reporting: &Reporting,
     log: &RunLog,
@@ -187,42 +191,67 @@ pub async fn finish(
     tenant: &str,
     sources: &[String],
     run: &Result<(), Error>,
+    budget: Duration,
 ) {
     let duration = started.clock.elapsed();
     let finished_at = Utc::now();
     let results = log.complete(sources, run, duration);
     if let Some(path) = &reporting.metrics_file {
-        let text = metrics_file_text(path, &results, started.operation, tenant, finished_at);
-        if let Err(e) = write_atomically(path, &text) {
+        if let Err(e) = update_metrics_file(path, &results, started.operation, tenant, finished_at)
+        {
             tracing::warn!(path = %path.display(), "cannot write the metrics file: {e}");
         }
     }
-    if let Some(gateway) = &reporting.pushgateway {
-        for result in &results {
-            let metrics = source_metrics(result, started.operation, tenant, finished_at);
-            gateway
-                .push(
-                    tenant,
-                    &result.source,
-                    started.operation,
-                    &metrics,
-                    result.outcome.is_ok(),
-                )
-                .await;
-        }
+    // A start ping still under way is dropped: a success without a start is fine for
+    // healthchecks, a late start after the end would not be.
+    if let Some(ping) = started.start_ping {
+        ping.abort();
     }
-    if let Some(notify) = &reporting.notify {
-        if let Some(ping) = started.start_ping {
-            // The start ping must not arrive after the end ping.
-            let _ = tokio::time::timeout(notify::DEADLINE, ping).await;
+    let pushes = async {
+        if let Some(gateway) = &reporting.pushgateway {
+            futures::future::join_all(results.iter().map(|result| {
+                let metrics = source_metrics(result, started.operation, tenant, finished_at);
+                async move {
+                    gateway
+                        .push(
+                            tenant,
+                            &result.source,
+                            started.operation,
+                            &metrics,
+                            result.outcome.is_ok(),
+                        )
+                        .await
+                }
+            }))
+            .await;
         }
-        let failed = run.is_err() || results.iter().any(|r| r.outcome.is_err());
-        let body = summary(started.operation, tenant, &results, duration, started.at);
-        let event = match failed {
-            true => notify::Event::Fail,
-            false => notify::Event::Success,
-        };
-        notify.ping(event, body).await;
+    };
+    let ping = async {
+        if let Some(notify) = &reporting.notify {
+            let failed = run.is_err() || results.iter().any(|r| r.outcome.is_err());
+            let mut body = summary(started.operation, tenant, &results, duration, started.at);
+            if let (Err(err), true) = (run, results.is_empty()) {
+                body.push_str(&format!(
+                    "exit {}: {}\n",
+                    err.kind().exit_code(),
+                    err.chain()
+                ));
+            }
+            let event = match failed {
+                true => notify::Event::Fail,
+                false => notify::Event::Success,
+            };
+            notify.ping(event, body).await;
+        }
+    };
+    if tokio::time::timeout(budget, futures::future::join(pushes, ping))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "metrics push or ping did not finish within {:.1}s; the run's outcome is not changed",
+            budget.as_secs_f64()
+        );
     }
 }
 
@@ -238,9 +267,10 @@ fn summary(
     let mut text = format!(
         "kura {} of tenant {tenant} {} in {:.1}s (started {})\n",
         operation.as_str(),
-        match failed {
-            0 => "succeeded".to_string(),
-            n => format!("FAILED for {n} of {} sources", results.len()),
+        match (failed, results.len()) {
+            (_, 0) => "FAILED".to_string(),
+            (0, _) => "succeeded".to_string(),
+            (n, all) => format!("FAILED for {n} of {all} sources"),
         },
         duration.as_secs_f64(),
         started.format("%Y-%m-%dT%H:%M:%SZ"),
@@ -485,6 +515,31 @@ fn metrics_file_text(
     exposition.render()
 }
 
+/// Read, merge and replace the metrics file under an exclusive lock (`<file>.lock`), so runs
+/// of several CronJobs sharing one file do not lose each other's updates.
+fn update_metrics_file(
+    path: &std::path::Path,
+    results: &[SourceResult],
+    operation: Operation,
+    tenant: &str,
+    finished_at: DateTime<Utc>,
+) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let mut lock_name = path.as_os_str().to_os_string();
+    lock_name.push(".lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(PathBuf::from(lock_name))?;
+    // Released when `lock` is closed, at the end of this function.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let text = metrics_file_text(path, results, operation, tenant, finished_at);
+    write_atomically(path, &text)
+}
+
 /// Temp file in the same directory, then rename: a collector reading the file sees the old
 /// text or the new, never half of one.
 fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
@@ -495,10 +550,14 @@ fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "metrics".to_string());
-    // A leading dot: the textfile collector reads only *.prom files.
-    let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    // A leading dot: the textfile collector reads only *.prom files. A random suffix: two
+    // pods are often both PID 1.
+    let temp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
     let written = (|| {
-        let mut file = std::fs::File::create(&temp)?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)?;
         file.write_all(text.as_bytes())?;
         file.sync_all()?;
         std::fs::rename(&temp, path)

@@ -18,10 +18,17 @@ use crate::error::{Error, Result};
 /// The whole of one push, retry included: a push must not hold a backup Job for long.
 const DEADLINE: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Pushgateway {
     base: Url,
     http: reqwest::Client,
+}
+
+// The URL may hold credentials (user:password@): show scheme, host and port only.
+impl std::fmt::Debug for Pushgateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&shown(&self.base))
+    }
 }
 
 impl Pushgateway {

@@ -18,14 +18,27 @@ pub async fn prune_source(
     grace: std::time::Duration,
     now: DateTime<Utc>,
     dry_run: bool,
-) -> Result<Plan> {
+) -> Result<Pruned> {
     if dry_run {
-        return prune::plan(store.as_ref(), path, policy, grace, now).await;
+        let plan = prune::plan(store.as_ref(), path, policy, grace, now).await?;
+        return Ok(Pruned {
+            deleted: 0,
+            kept: plan.backups.iter().filter(|b| b.action == "keep").count(),
+            plan,
+        });
     }
     let lock = Lock::acquire(store.clone(), path, "prune").await?;
     let result = prune_locked(store.as_ref(), path, policy, grace, now).await;
     lock.release(store.as_ref()).await;
     result
+}
+
+/// A prune's plan and what it did: backups deleted, and kept (by the policy, or because the
+/// store refused to delete them).
+pub struct Pruned {
+    pub plan: Plan,
+    pub deleted: usize,
+    pub kept: usize,
 }
 
 /// Plan and delete for one source; the caller holds its lock.
@@ -35,7 +48,7 @@ pub async fn prune_locked(
     policy: &Policy,
     grace: std::time::Duration,
     now: DateTime<Utc>,
-) -> Result<Plan> {
+) -> Result<Pruned> {
     let plan = prune::plan(store, path, policy, grace, now).await?;
     for backup in plan.to_delete() {
         tracing::info!(
@@ -68,7 +81,9 @@ pub async fn prune_locked(
             ),
         ));
     }
-    let kept = plan.backups.iter().filter(|b| b.action == "keep").count();
+    let refused_backups =
+        plan.to_delete().count() - outcome.deleted_backups.len().min(plan.to_delete().count());
+    let kept = plan.backups.iter().filter(|b| b.action == "keep").count() + refused_backups;
     tracing::info!(
         source = %path.source,
         deleted = outcome.deleted_backups.len(),
@@ -91,5 +106,9 @@ pub async fn prune_locked(
             )
         }
     );
-    Ok(plan)
+    Ok(Pruned {
+        deleted: outcome.deleted_backups.len(),
+        kept,
+        plan,
+    })
 }

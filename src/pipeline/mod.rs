@@ -641,11 +641,19 @@ pub async fn download(
             chunk = object.stream.next() => chunk,
         };
         let Some(chunk) = chunk else { break };
-        let item = chunk.map_err(|e| io::Error::other(e.chain()));
-        let failed = item.is_err();
-        if tx.send(item).await.is_err() || failed {
-            // The consumer stopped (it reports why), or the error was handed on.
-            break;
+        match chunk {
+            Ok(chunk) => {
+                if tx.send(Ok(chunk)).await.is_err() {
+                    // The consumer stopped; it reports why.
+                    break;
+                }
+            }
+            // The consumer sees an error (never a clean end); the caller gets the store's own,
+            // whose kind says what happened (an object replaced mid-read is corruption).
+            Err(err) => {
+                let _ = tx.send(Err(io::Error::other(err.chain()))).await;
+                return Err(err);
+            }
         }
     }
     Ok(())

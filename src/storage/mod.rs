@@ -106,6 +106,12 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
 
     async fn put_multipart(&self, key: &str) -> Result<Box<dyn MultipartUpload>>;
 
+    /// The object's bytes as a stream. A read that breaks off mid-body (a reset, a closed
+    /// connection, no bytes for the read timeout) MUST be resumed where it stopped, not
+    /// restarted or failed, within the retry policy; the resumed read MUST be of the same
+    /// object (S3: `If-Match` on the first answer's ETag), and an object replaced meanwhile
+    /// MUST fail as [`ErrorKind::Integrity`] naming it, never splice two objects. Callers
+    /// still check size and SHA-256 end to end.
     async fn get(&self, key: &str) -> Result<GetResult>;
 
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>>;
@@ -146,7 +152,7 @@ pub const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
 pub const MAX_PARTS: u64 = 10_000;
 
 /// S3-specific settings; ignored by `file://`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct S3Options {
     pub endpoint: Option<String>,
     pub region: Option<String>,
@@ -156,7 +162,26 @@ pub struct S3Options {
     pub credentials: S3Credentials,
     /// Which credentials were chosen and why, logged when the store is opened.
     pub credentials_note: Option<String>,
+    /// A download or upload that moves no byte for this long is given up and retried.
+    pub read_timeout: std::time::Duration,
 }
+
+impl Default for S3Options {
+    fn default() -> Self {
+        S3Options {
+            endpoint: None,
+            region: None,
+            path_style: false,
+            ca_files: Vec::new(),
+            credentials: S3Credentials::default(),
+            credentials_note: None,
+            read_timeout: DEFAULT_READ_TIMEOUT,
+        }
+    }
+}
+
+/// `--read-timeout`'s default.
+pub const DEFAULT_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How requests to the store are authenticated.
 #[derive(Debug, Clone, Default)]

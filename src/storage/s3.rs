@@ -41,6 +41,7 @@ pub struct S3Store {
     bucket: String,
     prefix: String,
     endpoint: String,
+    read_timeout: Duration,
     /// Where the credentials come from, for advice on a refusal.
     credentials_hint: &'static str,
 }
@@ -88,7 +89,11 @@ impl S3Store {
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(10))
-                    .read_timeout(Duration::from_secs(120))
+                    // The SDK's "read" timeout spans a whole request, a part's upload
+                    // included, until its answer starts: twice the stall limit, so slow
+                    // links still fit a part. Bodies being downloaded are timed per byte
+                    // by `Download`.
+                    .read_timeout(options.read_timeout * 2)
                     .build(),
             );
         let endpoint = match &options.endpoint {
@@ -132,6 +137,7 @@ impl S3Store {
             bucket: bucket.to_string(),
             prefix: prefix.trim_matches('/').to_string(),
             endpoint,
+            read_timeout: options.read_timeout,
             credentials_hint,
         })
     }
@@ -411,6 +417,115 @@ fn find_own_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a 
     None
 }
 
+/// One object's download, resumed with a ranged GET where the body broke off (the SDK
+/// retries a request until its answer starts; a body cut or stalled later is ours).
+struct Download {
+    store: S3Store,
+    key: String,
+    /// Of the first answer: every resumed read must be of that same object.
+    etag: Option<String>,
+    size: u64,
+    offset: u64,
+    /// `None` once the stream has ended or failed.
+    body: Option<ByteStream>,
+    /// Resumptions since the last byte arrived.
+    failures: u32,
+}
+
+impl Download {
+    async fn next_chunk(&mut self) -> Option<Result<Bytes>> {
+        let policy = RetryPolicy::REQUESTS;
+        loop {
+            let body = self.body.as_mut()?;
+            let why = match tokio::time::timeout(self.store.read_timeout, body.try_next()).await {
+                Ok(Ok(Some(chunk))) => {
+                    self.offset += chunk.len() as u64;
+                    self.failures = 0;
+                    return Some(Ok(chunk));
+                }
+                Ok(Ok(None)) if self.offset >= self.size => {
+                    self.body = None;
+                    return None;
+                }
+                Ok(Ok(None)) => format!(
+                    "the connection closed after {} of {} bytes",
+                    self.offset, self.size
+                ),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!(
+                    "no data for {}",
+                    crate::config::format_duration(self.store.read_timeout)
+                ),
+            };
+            self.body = None;
+            if let Err(e) = self.resume(&why, &policy).await {
+                return Some(Err(e));
+            }
+        }
+    }
+
+    /// Ask for the rest of the object, from `offset`, of the same ETag.
+    async fn resume(&mut self, why: &str, policy: &RetryPolicy) -> Result<()> {
+        loop {
+            self.failures += 1;
+            if !policy.allows_another(self.failures) {
+                return Err(Error::new(
+                    ErrorKind::Storage,
+                    format!(
+                        "reading {} in bucket {} at {} broke off {} times at byte {} of {} ({why}): check the network to the object store, or raise --read-timeout",
+                        self.key, self.store.bucket, self.store.endpoint, self.failures - 1, self.offset, self.size
+                    ),
+                ));
+            }
+            tracing::warn!(
+                key = %self.key,
+                offset = self.offset,
+                size = self.size,
+                attempt = self.failures,
+                "download interrupted ({why}); resuming from byte {}",
+                self.offset
+            );
+            tokio::time::sleep(policy.delay(self.failures)).await;
+            let sent = self
+                .store
+                .client
+                .get_object()
+                .bucket(&self.store.bucket)
+                .key(&self.key)
+                .range(format!("bytes={}-", self.offset))
+                .set_if_match(self.etag.clone())
+                .send()
+                .await;
+            match sent {
+                Ok(output) => {
+                    self.body = Some(output.body);
+                    return Ok(());
+                }
+                Err(err) => {
+                    let status = err.raw_response().map(|r| r.status().as_u16());
+                    if err.code() == Some("PreconditionFailed") || status == Some(412) {
+                        return Err(Error::integrity(format!(
+                            "{} in bucket {} was replaced while it was read (its ETag is no longer {}): the backup changed under the reader; run again, and check what else writes to this prefix",
+                            self.key,
+                            self.store.bucket,
+                            self.etag.as_deref().unwrap_or("?")
+                        )));
+                    }
+                    let transient = matches!(
+                        err,
+                        SdkError::DispatchFailure(_)
+                            | SdkError::TimeoutError(_)
+                            | SdkError::ResponseError(_)
+                    ) || status.is_some_and(|s| s >= 500 || s == 429);
+                    if !transient {
+                        return Err(self.store.error("cannot resume reading", &self.key, err));
+                    }
+                }
+            }
+        }
+    }
+}
+
 enum BatchDelete {
     Unsupported(String),
     Failed(Error),
@@ -506,17 +621,17 @@ impl ObjectStore for S3Store {
             .await
             .map_err(|e| self.error("cannot read", &full, e))?;
         let size = output.content_length().unwrap_or(0).max(0) as u64;
-        let what = format!("reading {full} in bucket {}", self.bucket);
-        let stream = futures::stream::unfold(Some(output.body), move |body| {
-            let what = what.clone();
-            async move {
-                let mut body = body?;
-                match body.try_next().await {
-                    Ok(Some(chunk)) => Some((Ok(chunk), Some(body))),
-                    Ok(None) => None,
-                    Err(e) => Some((Err(Error::with_source(ErrorKind::Storage, what, e)), None)),
-                }
-            }
+        let download = Download {
+            store: self.clone(),
+            etag: output.e_tag().map(str::to_string),
+            key: full,
+            size,
+            offset: 0,
+            body: Some(output.body),
+            failures: 0,
+        };
+        let stream = futures::stream::unfold(download, |mut download| async move {
+            download.next_chunk().await.map(|chunk| (chunk, download))
         })
         .boxed();
         Ok(GetResult { size, stream })

@@ -363,3 +363,185 @@ pub fn recorder() -> (u16, Arc<Mutex<Vec<Recorded>>>) {
     });
     (port, requests)
 }
+
+/// What [`fault_front`] does to a faulty download.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Answer `503 SlowDown` instead.
+    SlowDown,
+    /// Pass the answer's head and this many body bytes, then close the connection.
+    CloseAfter(usize),
+    /// Pass the head and this many body bytes, then send nothing for the duration, then close.
+    Stall(usize, Duration),
+    /// As `CloseAfter`, then overwrite the object upstream before the client can resume.
+    ReplaceAfter(usize),
+    /// For uploads (a PUT with a body): read this many body bytes, then close without an
+    /// answer; nothing reaches the store.
+    UploadReset(usize),
+    /// For uploads: read this many body bytes, stop reading for the duration, then close.
+    UploadStall(usize, Duration),
+}
+
+/// Counts of what went through a [`fault_front`].
+#[derive(Default)]
+pub struct Faults {
+    pub downloads: AtomicUsize,
+    pub injected: AtomicUsize,
+}
+
+/// An S3 front that passes everything through, except that every `every`-th object
+/// download (a GET without a query) gets `fault`.
+pub fn fault_front(upstream: &str, fault: Fault, every: usize) -> (u16, Arc<Faults>) {
+    let upstream = upstream_addr(upstream);
+    let faults = Arc::new(Faults::default());
+    let state = Arc::clone(&faults);
+    let port = spawn(move |listener| async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                continue;
+            };
+            let state = Arc::clone(&state);
+            tokio::spawn(async move {
+                let _ = fault_connection(client, upstream, fault, every, state).await;
+            });
+        }
+    });
+    (port, faults)
+}
+
+async fn fault_connection(
+    mut client: TcpStream,
+    upstream: SocketAddr,
+    fault: Fault,
+    every: usize,
+    faults: Arc<Faults>,
+) -> std::io::Result<()> {
+    let Some((head, rest)) = read_head(&mut client).await else {
+        return Ok(());
+    };
+    let request_line = head.split("\r\n").next().unwrap_or_default().to_string();
+    let mut words = request_line.split_whitespace();
+    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    // An object GET: path-style /bucket/key, with no query but the SDK's `x-id=GetObject`.
+    let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let download = method == "GET"
+        && (query.is_empty() || query == "x-id=GetObject")
+        && target.split('?').next().unwrap_or("").matches('/').count() >= 2;
+    let upload_fault = matches!(fault, Fault::UploadReset(_) | Fault::UploadStall(..));
+    let counted = match upload_fault {
+        true => method == "PUT",
+        false => download,
+    };
+    let faulty =
+        counted && (faults.downloads.fetch_add(1, Ordering::SeqCst) + 1).is_multiple_of(every);
+    if faulty && upload_fault {
+        faults.injected.fetch_add(1, Ordering::SeqCst);
+        let (limit, quiet) = match fault {
+            Fault::UploadReset(n) => (n, Duration::ZERO),
+            Fault::UploadStall(n, quiet) => (n, quiet),
+            _ => unreachable!(),
+        };
+        let mut received = rest.len();
+        let mut chunk = vec![0u8; 64 * 1024];
+        while received < limit {
+            match tokio::time::timeout(Duration::from_secs(1), client.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                Ok(Ok(n)) => received += n,
+            }
+        }
+        tokio::time::sleep(quiet).await;
+        return client.shutdown().await;
+    }
+    if faulty && fault == Fault::SlowDown {
+        faults.injected.fetch_add(1, Ordering::SeqCst);
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+        let response = format!(
+            "HTTP/1.1 503 Slow Down\r\ncontent-type: application/xml\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        client.write_all(response.as_bytes()).await?;
+        return client.shutdown().await;
+    }
+    let mut forwarded = String::new();
+    for line in head.split("\r\n").filter(|l| !l.is_empty()) {
+        if !line.to_ascii_lowercase().starts_with("connection:") {
+            forwarded.push_str(line);
+            forwarded.push_str("\r\n");
+        }
+    }
+    forwarded.push_str("connection: close\r\n\r\n");
+    let mut server = TcpStream::connect(upstream).await?;
+    server.write_all(forwarded.as_bytes()).await?;
+    server.write_all(&rest).await?;
+    let limit = match (faulty, fault) {
+        (true, Fault::CloseAfter(n) | Fault::ReplaceAfter(n) | Fault::Stall(n, _)) => Some(n),
+        _ => None,
+    };
+    let Some(limit) = limit else {
+        let (mut client_read, mut client_write) = client.split();
+        let (mut server_read, mut server_write) = server.split();
+        tokio::select! {
+            _ = async {
+                let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                let _ = client_write.shutdown().await;
+            } => {}
+            _ = async { let _ = tokio::io::copy(&mut client_read, &mut server_write).await; std::future::pending::<()>().await } => {}
+        }
+        return Ok(());
+    };
+    // The answer's head, then `limit` bytes of its body.
+    let Some((answer_head, mut body)) = read_head(&mut server).await else {
+        return Ok(());
+    };
+    if !answer_head.starts_with("HTTP/1.1 200") && !answer_head.starts_with("HTTP/1.1 206") {
+        client
+            .write_all(format!("{answer_head}\r\n\r\n").as_bytes())
+            .await?;
+        client.write_all(&body).await?;
+        let _ = tokio::io::copy(&mut server, &mut client).await;
+        return client.shutdown().await;
+    }
+    client
+        .write_all(format!("{answer_head}\r\n\r\n").as_bytes())
+        .await?;
+    while body.len() < limit {
+        let mut chunk = vec![0u8; 64 * 1024];
+        let n = server.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    if body.len() <= limit {
+        // The whole object fits under the limit: nothing to cut.
+        client.write_all(&body).await?;
+        return client.shutdown().await;
+    }
+    faults.injected.fetch_add(1, Ordering::SeqCst);
+    client.write_all(&body[..limit]).await?;
+    client.flush().await?;
+    match fault {
+        Fault::Stall(_, quiet) => tokio::time::sleep(quiet).await,
+        Fault::ReplaceAfter(_) => {
+            let path = target.split('?').next().unwrap_or("").to_string();
+            let mut writer = TcpStream::connect(upstream).await?;
+            let replacement = b"this object was replaced";
+            writer
+                .write_all(
+                    format!(
+                        "PUT {path} HTTP/1.1\r\nhost: {upstream}\r\nauthorization: AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        replacement.len()
+                    )
+                    .as_bytes(),
+                )
+                .await?;
+            writer.write_all(replacement).await?;
+            let mut answer = Vec::new();
+            let _ = writer.read_to_end(&mut answer).await;
+        }
+        _ => {}
+    }
+    // The connection ends short of the content-length the head announced.
+    drop(server);
+    client.shutdown().await
+}

@@ -1,0 +1,335 @@
+//! Restores that survive the network: a download answered 503, cut mid-body or stalled past
+//! the read timeout (on every 2nd download, by a front in front of moto) is resumed with a
+//! ranged, If-Match read, and the restore is identical; an object replaced between two
+//! ranged reads is exit 5, never a splice; a store gone for good is exit 3 within the bound.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::front::{fault_front, Fault};
+use common::{kura, psql, run, unique};
+
+struct Fixture {
+    pg: String,
+    moto: String,
+    bucket: String,
+    db: String,
+    id: String,
+}
+
+/// A database whose dump is several multipart parts (5 MiB parts), backed up straight to moto.
+async fn fixture() -> Option<Fixture> {
+    let pg = common::service("KURA_TEST_PG_URL")?;
+    let moto = common::service("KURA_TEST_S3_ENDPOINT")?;
+    let bucket = unique("resume").replace('_', "-");
+    common::create_bucket(&moto, "testing", "testing", &bucket).await;
+    let db = unique("resume");
+    psql(&pg, "postgres", &format!("CREATE DATABASE {db}"));
+    psql(
+        &pg,
+        &db,
+        "CREATE TABLE t AS SELECT g, md5(random()::text) || md5(random()::text) AS a FROM generate_series(1, 300000) g;",
+    );
+    let mut command = kura();
+    common::with_moto(&mut command, &moto, &bucket, "r");
+    command
+        .env("KURA_POSTGRES_URL", &pg)
+        .env("KURA_PART_SIZE", "5MiB")
+        .args(["backup", "postgres", "--database", &db]);
+    let backup = tokio::task::block_in_place(|| run(&mut command));
+    backup.assert_ok();
+    Some(Fixture {
+        id: backup.backup_id(),
+        pg,
+        moto,
+        bucket,
+        db,
+    })
+}
+
+fn through(fixture: &Fixture, port: u16) -> std::process::Command {
+    let mut command = kura();
+    common::with_moto(
+        &mut command,
+        &format!("http://127.0.0.1:{port}"),
+        &fixture.bucket,
+        "r",
+    );
+    command
+        .env("KURA_POSTGRES_URL", &fixture.pg)
+        .env("KURA_READ_TIMEOUT", "2s");
+    command
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn downloads_cut_stalled_or_refused_resume_and_restore_identically() {
+    let Some(fixture) = fixture().await else {
+        return;
+    };
+    let original = common::pg_dump_text(&fixture.pg, &fixture.db);
+    for (name, fault) in [
+        ("slowdown", Fault::SlowDown),
+        ("reset", Fault::CloseAfter(1 << 20)),
+        ("stall", Fault::Stall(1 << 20, Duration::from_secs(4))),
+    ] {
+        let (port, faults) = fault_front(&fixture.moto, fault, 2);
+        let target = format!("{}_{name}", fixture.db);
+        let restore = tokio::task::block_in_place(|| {
+            run(through(&fixture, port).args([
+                "restore",
+                "postgres",
+                &fixture.id,
+                "--database",
+                &format!("{}:{target}", fixture.db),
+            ]))
+        });
+        restore.assert_ok();
+        assert!(
+            faults.injected.load(Ordering::SeqCst) >= 1,
+            "{name}: no fault was injected ({} downloads)",
+            faults.downloads.load(Ordering::SeqCst)
+        );
+        if fault != Fault::SlowDown {
+            assert!(
+                restore.all().contains("resuming from byte"),
+                "{name}: {}",
+                restore.all()
+            );
+        }
+        assert_eq!(
+            common::pg_dump_text(&fixture.pg, &target),
+            original,
+            "{name}: the restore differs"
+        );
+        let verified = tokio::task::block_in_place(|| {
+            run(through(&fixture, port).args(["verify", "postgres", &fixture.id]))
+        });
+        verified.assert_ok();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_object_replaced_between_ranged_reads_is_exit_5_not_a_splice() {
+    let Some(fixture) = fixture().await else {
+        return;
+    };
+    let (port, faults) = fault_front(&fixture.moto, Fault::ReplaceAfter(1 << 20), 1);
+    let target = format!("{}_spliced", fixture.db);
+    let restore = tokio::task::block_in_place(|| {
+        run(through(&fixture, port).args([
+            "restore",
+            "postgres",
+            &fixture.id,
+            "--database",
+            &format!("{}:{target}", fixture.db),
+        ]))
+    });
+    assert_eq!(restore.code, 5, "{}", restore.all());
+    assert!(faults.injected.load(Ordering::SeqCst) >= 1);
+    let line = restore.error_line()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(line.contains("was replaced while it was read"), "{line}");
+    assert!(line.contains(&fixture.id), "the object is named: {line}");
+    assert_eq!(
+        psql(
+            &fixture.pg,
+            "postgres",
+            &format!("SELECT count(*) FROM pg_database WHERE datname = '{target}'")
+        ),
+        "0",
+        "the target is left as it was"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_gone_for_good_is_exit_3_within_the_bound() {
+    let Some(fixture) = fixture().await else {
+        return;
+    };
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let started = Instant::now();
+    let restore = tokio::task::block_in_place(|| {
+        run(through(&fixture, closed).args(["restore", "postgres", &fixture.id]))
+    });
+    assert_eq!(restore.code, 3, "{}", restore.all());
+    // The retry policy waits 8 to 15.5 s in all (README: what kura retries).
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn uploads_reset_or_stalled_are_retried_and_the_backup_restores_identically() {
+    let Some(fixture) = fixture().await else {
+        return;
+    };
+    let original = common::pg_dump_text(&fixture.pg, &fixture.db);
+    for (name, fault) in [
+        ("reset", Fault::UploadReset(1 << 20)),
+        ("stall", Fault::UploadStall(1 << 20, Duration::from_secs(6))),
+    ] {
+        let (port, faults) = fault_front(&fixture.moto, fault, 2);
+        let backup = tokio::task::block_in_place(|| {
+            run(through(&fixture, port).env("KURA_PART_SIZE", "5MiB").args([
+                "backup",
+                "postgres",
+                "--database",
+                &fixture.db,
+            ]))
+        });
+        backup.assert_ok();
+        assert!(
+            faults.injected.load(Ordering::SeqCst) >= 1,
+            "{name}: no upload was disturbed ({} counted)",
+            faults.downloads.load(Ordering::SeqCst)
+        );
+        // Read back straight from the store, not through the front.
+        let target = format!("{}_up_{name}", fixture.db);
+        let mut restore = kura();
+        common::with_moto(&mut restore, &fixture.moto, &fixture.bucket, "r");
+        restore.env("KURA_POSTGRES_URL", &fixture.pg).args([
+            "restore",
+            "postgres",
+            &backup.backup_id(),
+            "--database",
+            &format!("{}:{target}", fixture.db),
+        ]);
+        tokio::task::block_in_place(|| run(&mut restore)).assert_ok();
+        assert_eq!(
+            common::pg_dump_text(&fixture.pg, &target),
+            original,
+            "{name}: the restore differs"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_couchdb_restore_survives_cut_downloads_with_every_revision() {
+    let couch = require!("KURA_TEST_COUCH_URL");
+    let moto = require!("KURA_TEST_S3_ENDPOINT");
+    let bucket = unique("resume-couch").replace('_', "-");
+    common::create_bucket(&moto, "testing", "testing", &bucket).await;
+    let mut base = url::Url::parse(&couch).unwrap();
+    let password = base.password().unwrap().to_string();
+    base.set_username("").unwrap();
+    base.set_password(None).unwrap();
+    let base = base.to_string().trim_end_matches('/').to_string();
+    let http = reqwest::Client::new();
+    let db = unique("resumedb");
+    let call = |method: reqwest::Method, path: String, body: Option<serde_json::Value>| {
+        let request = http
+            .request(method, format!("{base}/{path}"))
+            .basic_auth("admin", Some(&password));
+        async move {
+            let request = match body {
+                Some(body) => request.json(&body),
+                None => request,
+            };
+            let response = request.send().await.unwrap();
+            assert!(response.status().is_success(), "{}", response.status());
+            response.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    call(reqwest::Method::PUT, db.clone(), None).await;
+    // 2,000 documents of random text, two revisions each: a part of about 2 MB.
+    let docs: Vec<serde_json::Value> = (0..2000)
+        .map(|i| {
+            let noise: String = (0..32)
+                .map(|_| format!("{:08x}", rand::random::<u32>()))
+                .collect();
+            serde_json::json!({"_id": format!("doc{i:04}"), "noise": noise})
+        })
+        .collect();
+    let written = call(
+        reqwest::Method::POST,
+        format!("{db}/_bulk_docs"),
+        Some(serde_json::json!({ "docs": docs })),
+    )
+    .await;
+    let edits: Vec<serde_json::Value> = written
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            let noise: String = (0..32)
+                .map(|_| format!("{:08x}", rand::random::<u32>()))
+                .collect();
+            serde_json::json!({"_id": w["id"], "_rev": w["rev"], "edited": true, "noise": noise})
+        })
+        .collect();
+    call(
+        reqwest::Method::POST,
+        format!("{db}/_bulk_docs"),
+        Some(serde_json::json!({ "docs": edits })),
+    )
+    .await;
+    let kura_at = |endpoint: &str| {
+        let mut command = kura();
+        common::with_moto(&mut command, endpoint, &bucket, "c");
+        command
+            .env("KURA_COUCHDB_URL", &couch)
+            .env("KURA_READ_TIMEOUT", "2s");
+        command
+    };
+    let backup = tokio::task::block_in_place(|| {
+        run(kura_at(&moto).args(["backup", "couchdb", "--database", &db]))
+    });
+    backup.assert_ok();
+    // Every download cut after 64 KiB: the part is read in several resumed pieces.
+    let (port, faults) = fault_front(&moto, Fault::CloseAfter(64 << 10), 1);
+    let copy = format!("{db}_copy");
+    let restore = tokio::task::block_in_place(|| {
+        run(kura_at(&format!("http://127.0.0.1:{port}")).args([
+            "restore",
+            "couchdb",
+            &backup.backup_id(),
+            "--database",
+            &format!("{db}:{copy}"),
+        ]))
+    });
+    restore.assert_ok();
+    assert!(
+        faults.injected.load(Ordering::SeqCst) >= 1,
+        "no download was cut"
+    );
+    assert!(
+        restore.all().contains("resuming from byte"),
+        "{}",
+        restore.all()
+    );
+    // Every document, at its second revision with its history, and nothing else.
+    let revisions = |name: String| {
+        let call = &call;
+        async move {
+            let all = call(
+                reqwest::Method::GET,
+                format!("{name}/_all_docs?include_docs=true"),
+                None,
+            )
+            .await;
+            all["rows"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|row| {
+                    (
+                        row["id"].as_str().unwrap().to_string(),
+                        row["doc"].to_string(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let original = revisions(db.clone()).await;
+    assert_eq!(original.len(), 2000);
+    assert_eq!(revisions(copy).await, original);
+}
