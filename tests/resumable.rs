@@ -59,7 +59,7 @@ fn through(fixture: &Fixture, port: u16) -> std::process::Command {
     );
     command
         .env("KURA_POSTGRES_URL", &fixture.pg)
-        .env("KURA_READ_TIMEOUT", "2s");
+        .env("KURA_READ_TIMEOUT", "5s");
     command
 }
 
@@ -72,7 +72,8 @@ async fn downloads_cut_stalled_or_refused_resume_and_restore_identically() {
     for (name, fault) in [
         ("slowdown", Fault::SlowDown),
         ("reset", Fault::CloseAfter(1 << 20)),
-        ("stall", Fault::Stall(1 << 20, Duration::from_secs(4))),
+        // Longer than the read timeout by far: only kura's own timeout gets past it.
+        ("stall", Fault::Stall(1 << 20, Duration::from_secs(60))),
     ] {
         let (port, faults) = fault_front(&fixture.moto, fault, 2);
         let target = format!("{}_{name}", fixture.db);
@@ -95,6 +96,13 @@ async fn downloads_cut_stalled_or_refused_resume_and_restore_identically() {
             assert!(
                 restore.all().contains("resuming from byte"),
                 "{name}: {}",
+                restore.all()
+            );
+        }
+        if name == "stall" {
+            assert!(
+                restore.all().contains("no data for 5s"),
+                "{}",
                 restore.all()
             );
         }
@@ -175,7 +183,11 @@ async fn uploads_reset_or_stalled_are_retried_and_the_backup_restores_identicall
     let original = common::pg_dump_text(&fixture.pg, &fixture.db);
     for (name, fault) in [
         ("reset", Fault::UploadReset(1 << 20)),
-        ("stall", Fault::UploadStall(1 << 20, Duration::from_secs(6))),
+        // Held far past the request timeout (2 × 5 s): only the timeout gets past it.
+        (
+            "stall",
+            Fault::UploadStall(1 << 20, Duration::from_secs(60)),
+        ),
     ] {
         let (port, faults) = fault_front(&fixture.moto, fault, 2);
         let backup = tokio::task::block_in_place(|| {
@@ -277,7 +289,7 @@ async fn a_couchdb_restore_survives_cut_downloads_with_every_revision() {
         common::with_moto(&mut command, endpoint, &bucket, "c");
         command
             .env("KURA_COUCHDB_URL", &couch)
-            .env("KURA_READ_TIMEOUT", "2s");
+            .env("KURA_READ_TIMEOUT", "5s");
         command
     };
     let backup = tokio::task::block_in_place(|| {
@@ -306,7 +318,7 @@ async fn a_couchdb_restore_survives_cut_downloads_with_every_revision() {
         "{}",
         restore.all()
     );
-    // Every document, at its second revision with its history, and nothing else.
+    // Every document, with the same second revision (its _rev id) and body, and nothing else.
     let revisions = |name: String| {
         let call = &call;
         async move {

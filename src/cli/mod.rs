@@ -87,8 +87,9 @@ pub struct GlobalArgs {
     /// Path-style bucket addressing (endpoint/bucket/key) instead of virtual hosts
     #[arg(long, env = "KURA_S3_PATH_STYLE", global = true, num_args = 0..=1, default_missing_value = "true")]
     pub s3_path_style: Option<bool>,
-    /// A download or upload to the object store that moves no byte for this long is resumed
-    /// or retried, e.g. 60s, 5m [default: 60s]
+    /// A download from the object store that moves no byte for this long is resumed; a
+    /// request (a part's upload included) not answered within twice this is retried, e.g.
+    /// 60s, 5m [default: 60s]
     #[arg(
         long,
         env = "KURA_READ_TIMEOUT",
@@ -480,6 +481,11 @@ impl Settings {
             Some(raw) => config::parse_duration(raw).map_err(|e| e.context("--read-timeout"))?,
             None => storage::DEFAULT_READ_TIMEOUT,
         };
+        if read_timeout > Duration::from_secs(24 * 3600) {
+            return Err(Error::usage(
+                "--read-timeout longer than a day would hide a dead connection: give a duration such as 5m",
+            ));
+        }
         if read_timeout.is_zero() {
             return Err(Error::usage(
                 "--read-timeout 0 would give up on every read: give a duration such as 60s",

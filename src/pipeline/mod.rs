@@ -638,6 +638,9 @@ pub async fn download(
                 let _ = tx.send(Err(io::Error::other("interrupted"))).await;
                 return Err(Error::interrupted());
             }
+            // A consumer that has what it needs (a peek) ends the download, whatever
+            // the store would say next.
+            _ = tx.closed() => return Ok(()),
             chunk = object.stream.next() => chunk,
         };
         let Some(chunk) = chunk else { break };
@@ -650,6 +653,7 @@ pub async fn download(
             }
             // The consumer sees an error (never a clean end); the caller gets the store's own,
             // whose kind says what happened (an object replaced mid-read is corruption).
+            Err(_) if tx.is_closed() => return Ok(()),
             Err(err) => {
                 let _ = tx.send(Err(io::Error::other(err.chain()))).await;
                 return Err(err);

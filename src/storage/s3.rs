@@ -93,7 +93,7 @@ impl S3Store {
                     // included, until its answer starts: twice the stall limit, so slow
                     // links still fit a part. Bodies being downloaded are timed per byte
                     // by `Download`.
-                    .read_timeout(options.read_timeout * 2)
+                    .read_timeout(options.read_timeout.saturating_mul(2))
                     .build(),
             );
         let endpoint = match &options.endpoint {
@@ -422,9 +422,10 @@ fn find_own_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a 
 struct Download {
     store: S3Store,
     key: String,
-    /// Of the first answer: every resumed read must be of that same object.
+    /// Of the first answer: every resumed read must be of that same object. Without a strong
+    /// ETag (or a length) a broken read is not resumed: it could not be told from another.
     etag: Option<String>,
-    size: u64,
+    size: Option<u64>,
     offset: u64,
     /// `None` once the stream has ended or failed.
     body: Option<ByteStream>,
@@ -433,24 +434,26 @@ struct Download {
 }
 
 impl Download {
+    fn complete(&self) -> bool {
+        self.size.is_some_and(|size| self.offset >= size)
+    }
+
     async fn next_chunk(&mut self) -> Option<Result<Bytes>> {
         let policy = RetryPolicy::REQUESTS;
         loop {
             let body = self.body.as_mut()?;
             let why = match tokio::time::timeout(self.store.read_timeout, body.try_next()).await {
+                Ok(Ok(Some(chunk))) if chunk.is_empty() => continue,
                 Ok(Ok(Some(chunk))) => {
                     self.offset += chunk.len() as u64;
                     self.failures = 0;
                     return Some(Ok(chunk));
                 }
-                Ok(Ok(None)) if self.offset >= self.size => {
+                Ok(Ok(None)) if self.complete() || self.size.is_none() => {
                     self.body = None;
                     return None;
                 }
-                Ok(Ok(None)) => format!(
-                    "the connection closed after {} of {} bytes",
-                    self.offset, self.size
-                ),
+                Ok(Ok(None)) => "the connection closed early".to_string(),
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => format!(
                     "no data for {}",
@@ -458,29 +461,64 @@ impl Download {
                 ),
             };
             self.body = None;
-            if let Err(e) = self.resume(&why, &policy).await {
+            // Every byte arrived: a failure after the last one loses nothing.
+            if self.complete() {
+                return None;
+            }
+            if let Err(e) = self.resume(why, &policy).await {
                 return Some(Err(e));
             }
         }
     }
 
-    /// Ask for the rest of the object, from `offset`, of the same ETag.
-    async fn resume(&mut self, why: &str, policy: &RetryPolicy) -> Result<()> {
+    fn object(&self) -> String {
+        format!(
+            "{} in bucket {} at {}",
+            self.key, self.store.bucket, self.store.endpoint
+        )
+    }
+
+    fn replaced(&self, how: &str) -> Error {
+        Error::integrity(format!(
+            "{} was replaced while it was read ({how}): the backup changed under the reader; run again, and check what else writes to this prefix",
+            self.object()
+        ))
+    }
+
+    /// Ask for the rest of the object, from `offset`, of the same ETag; each attempt is
+    /// kura's own (the SDK's retries are off for it), so each is logged with the offset.
+    async fn resume(&mut self, mut why: String, policy: &RetryPolicy) -> Result<()> {
+        let (Some(size), Some(etag)) = (
+            self.size,
+            self.etag.clone().filter(|e| !e.starts_with("W/")),
+        ) else {
+            return Err(Error::new(
+                ErrorKind::Storage,
+                format!(
+                    "reading {} broke off at byte {} ({why}), and the store gave no length and strong ETag to resume it by: run again",
+                    self.object(),
+                    self.offset
+                ),
+            ));
+        };
         loop {
             self.failures += 1;
             if !policy.allows_another(self.failures) {
                 return Err(Error::new(
                     ErrorKind::Storage,
                     format!(
-                        "reading {} in bucket {} at {} broke off {} times at byte {} of {} ({why}): check the network to the object store, or raise --read-timeout",
-                        self.key, self.store.bucket, self.store.endpoint, self.failures - 1, self.offset, self.size
+                        "reading {} stopped at byte {} of {size}, {} times in a row (last: {why}): check the network to the object store{}",
+                        self.object(),
+                        self.offset,
+                        self.failures - 1,
+                        if why.starts_with("no data") { ", or raise --read-timeout" } else { "" }
                     ),
                 ));
             }
             tracing::warn!(
                 key = %self.key,
                 offset = self.offset,
-                size = self.size,
+                size,
                 attempt = self.failures,
                 "download interrupted ({why}); resuming from byte {}",
                 self.offset
@@ -493,23 +531,25 @@ impl Download {
                 .bucket(&self.store.bucket)
                 .key(&self.key)
                 .range(format!("bytes={}-", self.offset))
-                .set_if_match(self.etag.clone())
+                .if_match(&etag)
+                .customize()
+                .config_override(
+                    aws_sdk_s3::config::Builder::default()
+                        .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled()),
+                )
                 .send()
                 .await;
-            match sent {
-                Ok(output) => {
-                    self.body = Some(output.body);
-                    return Ok(());
-                }
+            let output = match sent {
+                Ok(output) => output,
                 Err(err) => {
                     let status = err.raw_response().map(|r| r.status().as_u16());
                     if err.code() == Some("PreconditionFailed") || status == Some(412) {
-                        return Err(Error::integrity(format!(
-                            "{} in bucket {} was replaced while it was read (its ETag is no longer {}): the backup changed under the reader; run again, and check what else writes to this prefix",
-                            self.key,
-                            self.store.bucket,
-                            self.etag.as_deref().unwrap_or("?")
-                        )));
+                        return Err(self.replaced(&format!("its ETag is no longer {etag}")));
+                    }
+                    if err.code() == Some("InvalidRange") || status == Some(416) {
+                        return Err(
+                            self.replaced(&format!("it is now shorter than byte {}", self.offset))
+                        );
                     }
                     let transient = matches!(
                         err,
@@ -520,8 +560,29 @@ impl Download {
                     if !transient {
                         return Err(self.store.error("cannot resume reading", &self.key, err));
                     }
+                    why = aws_sdk_s3::error::DisplayErrorContext(&err).to_string();
+                    continue;
                 }
+            };
+            // What came back must be exactly the rest of the same object: a store or proxy
+            // that ignores Range or If-Match must not splice or repeat bytes.
+            if output.e_tag().is_some_and(|answered| answered != etag) {
+                return Err(self.replaced(&format!("its ETag changed from {etag}")));
             }
+            let expected = format!("bytes {}-{}/{size}", self.offset, size - 1);
+            if output.content_range() != Some(expected.as_str()) {
+                return Err(Error::new(
+                    ErrorKind::Storage,
+                    format!(
+                        "resuming {} at byte {} got {} instead of {expected}: the store (or a proxy in front of it) does not honour ranged reads; run again",
+                        self.object(),
+                        self.offset,
+                        output.content_range().unwrap_or("a whole object")
+                    ),
+                ));
+            }
+            self.body = Some(output.body);
+            return Ok(());
         }
     }
 }
@@ -620,12 +681,13 @@ impl ObjectStore for S3Store {
             .send()
             .await
             .map_err(|e| self.error("cannot read", &full, e))?;
-        let size = output.content_length().unwrap_or(0).max(0) as u64;
+        let length = output.content_length().map(|n| n.max(0) as u64);
+        let size = length.unwrap_or(0);
         let download = Download {
             store: self.clone(),
             etag: output.e_tag().map(str::to_string),
             key: full,
-            size,
+            size: length,
             offset: 0,
             body: Some(output.body),
             failures: 0,

@@ -504,7 +504,7 @@ async fn fault_connection(
     client
         .write_all(format!("{answer_head}\r\n\r\n").as_bytes())
         .await?;
-    while body.len() < limit {
+    while body.len() <= limit {
         let mut chunk = vec![0u8; 64 * 1024];
         let n = server.read(&mut chunk).await?;
         if n == 0 {
