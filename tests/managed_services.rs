@@ -35,6 +35,23 @@ fn assert_quiet_about(run: &Run, secrets: &[&str]) {
     }
 }
 
+/// Restore backup `id` of `db` into `<db>_copy` with `command` and compare the two dumps.
+fn assert_restores_identically(mut command: std::process::Command, pg: &str, db: &str, id: &str) {
+    let copy = format!("{db}_copy");
+    run(command.args([
+        "restore",
+        "postgres",
+        id,
+        "--database",
+        &format!("{db}:{copy}"),
+    ]))
+    .assert_ok();
+    assert_eq!(
+        common::pg_dump_text(pg, db),
+        common::pg_dump_text(pg, &copy)
+    );
+}
+
 fn create_fixture(url: &str, db: &str) {
     psql(url, "postgres", &format!("CREATE DATABASE {db}"));
     psql(
@@ -377,20 +394,8 @@ async fn s3_behind_tls_with_a_private_ca_from_aws_ca_bundle() {
         run(kura_s3(Some(&ca)).args(["backup", "postgres", "--database", &db]))
     });
     backup.assert_ok();
-    let copy = format!("{db}_copy");
     tokio::task::block_in_place(|| {
-        run(kura_s3(Some(&ca)).args([
-            "restore",
-            "postgres",
-            &backup.backup_id(),
-            "--database",
-            &format!("{db}:{copy}"),
-        ]))
-        .assert_ok();
-        assert_eq!(
-            common::pg_dump_text(&pg, &db),
-            common::pg_dump_text(&pg, &copy)
-        );
+        assert_restores_identically(kura_s3(Some(&ca)), &pg, &db, &backup.backup_id())
     });
 
     let untrusted = tokio::task::block_in_place(|| run(kura_s3(None).args(["list"])));
@@ -462,20 +467,8 @@ async fn iam_api_key_backup_outlives_its_tokens_and_a_wrong_key_is_exit_3() {
         "the log says which credentials are used"
     );
 
-    let copy = format!("{db}_copy");
     tokio::task::block_in_place(|| {
-        run(kura_iam(API_KEY).args([
-            "restore",
-            "postgres",
-            &backup.backup_id(),
-            "--database",
-            &format!("{db}:{copy}"),
-        ]))
-        .assert_ok();
-        assert_eq!(
-            common::pg_dump_text(&pg, &db),
-            common::pg_dump_text(&pg, &copy)
-        );
+        assert_restores_identically(kura_iam(API_KEY), &pg, &db, &backup.backup_id())
     });
 
     // A token revoked early: the refusal is retried once with a new token.

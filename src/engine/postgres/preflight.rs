@@ -127,6 +127,9 @@ pub async fn list_databases(
         .await
         .map_err(|e| query_error(connection, "listing databases", e))?;
     rows.iter()
+        // pg_database_size is NULL for a database dropped while this query ran (another
+        // session's DROP DATABASE): it is gone, so it is not listed.
+        .filter(|row| row.get::<_, Option<i64>>(8).is_some())
         .map(|row| {
             let grants: Option<String> = row.get(10);
             let settings_json: String = row.get(11);
