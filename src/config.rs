@@ -265,6 +265,8 @@ pub struct FileConfig {
     pub pg_bin_dir: Option<PathBuf>,
     /// `--lock-wait-timeout`, e.g. "10m".
     pub lock_wait_timeout: Option<String>,
+    /// `--jobs`: databases backed up, restored or verified at once.
+    pub jobs: Option<usize>,
     #[serde(default)]
     pub s3: S3File,
     #[serde(default)]

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod jobs;
 pub mod logging;
 pub mod observe;
 pub mod ops;

@@ -29,6 +29,18 @@ impl RetryPolicy {
         max: Duration::from_secs(20),
     };
 
+    /// Requests with finished work riding on them, once the SDK's own [`Self::REQUESTS`]
+    /// attempts are spent: a part of a dump that cannot be read again, the completion of an
+    /// upload, the manifest that commits a backup, a read that broke off mid-object. 8 rounds,
+    /// waits of 1 s doubling (at most 20 s), so 35.5 to 71 s of waiting besides the SDK's:
+    /// more than the 30 s a store or the network to it is commonly gone during a failover.
+    /// A store already unreachable when a run starts fails within `REQUESTS` instead.
+    pub const IN_FLIGHT: RetryPolicy = RetryPolicy {
+        max_attempts: 8,
+        initial: Duration::from_secs(1),
+        max: Duration::from_secs(20),
+    };
+
     /// `wait-for`: attempts until its `--timeout`; waits stay short so a pod starts soon
     /// after its database does.
     pub const PROBE: RetryPolicy = RetryPolicy {
@@ -109,6 +121,15 @@ mod tests {
         assert_eq!(policy.ceiling(12), policy.max);
         let mean = |attempt| samples(attempt).iter().sum::<Duration>() / 200;
         assert!(mean(5) > mean(3) * 3, "{:?} vs {:?}", mean(5), mean(3));
+    }
+
+    #[test]
+    fn work_in_flight_rides_out_a_30_second_outage() {
+        let policy = RetryPolicy::IN_FLIGHT;
+        let ceilings: Duration = (1..policy.max_attempts).map(|a| policy.ceiling(a)).sum();
+        // Half of each ceiling is the shortest wait: the least that is ridden out.
+        assert_eq!(ceilings, Duration::from_secs(71));
+        assert!(ceilings / 2 > Duration::from_secs(35));
     }
 
     #[test]

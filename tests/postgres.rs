@@ -840,3 +840,93 @@ fn a_backup_blocked_by_a_lock_fails_and_names_the_holder() {
         .collect();
     assert!(manifests.is_empty(), "{manifests:?}");
 }
+
+#[test]
+fn excluded_tables_and_table_data_are_left_out_shown_and_verified() {
+    let url = require!("KURA_TEST_PG_URL");
+    let db = unique("excl");
+    create_database(&url, &db, "");
+    psql(
+        &url,
+        &db,
+        "CREATE SCHEMA app; \
+         CREATE TABLE app.orders (id int PRIMARY KEY); INSERT INTO app.orders SELECT generate_series(1, 50); \
+         CREATE TABLE app.tmp_a (id int); INSERT INTO app.tmp_a VALUES (1); \
+         CREATE TABLE app.tmp_b (id int); \
+         CREATE TABLE public.tmp_keep (id int); INSERT INTO public.tmp_keep VALUES (7); \
+         CREATE TABLE \"Audit Log\" (at timestamptz DEFAULT now(), what text); \
+         INSERT INTO \"Audit Log\" (what) SELECT md5(g::text) FROM generate_series(1, 500) g;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let id = backup(
+        file_storage(dir.path()),
+        &url,
+        &[
+            "--database",
+            &db,
+            "--exclude-table",
+            "app.tmp_*",
+            "--exclude-table-data",
+            "\"Audit Log\"",
+        ],
+    );
+    let target = format!("{db}_r");
+    restore(
+        file_storage(dir.path()),
+        &id,
+        &url,
+        &["--database", &format!("{db}:{target}")],
+    )
+    .assert_ok();
+    let tables = psql(
+        &url,
+        &target,
+        "SELECT string_agg(n.nspname || '.' || c.relname, ',' ORDER BY 1) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' AND n.nspname IN ('app', 'public')",
+    );
+    assert_eq!(tables, "app.orders,public.Audit Log,public.tmp_keep");
+    assert_eq!(
+        psql(&url, &target, "SELECT count(*) FROM \"Audit Log\""),
+        "0"
+    );
+    assert_eq!(psql(&url, &target, "SELECT count(*) FROM app.orders"), "50");
+    assert_eq!(psql(&url, &target, "SELECT count(*) FROM tmp_keep"), "1");
+
+    let mut show = kura();
+    file_storage(dir.path())(&mut show);
+    show.args(["show", "postgres", &id]);
+    let shown = run(&mut show);
+    shown.assert_ok();
+    assert!(shown.all().contains("app.tmp_*"), "{}", shown.all());
+    assert!(shown.all().contains("\"Audit Log\""), "{}", shown.all());
+    // The emptied table is expected empty, the left-out ones are not expected at all.
+    let mut verify = kura();
+    file_storage(dir.path())(&mut verify);
+    verify
+        .env("KURA_POSTGRES_URL", &url)
+        .args(["verify", "postgres", &id, "--deep"]);
+    let verified = run(&mut verify);
+    verified.assert_ok();
+    assert!(
+        verified.all().contains("counts match"),
+        "{}",
+        verified.all()
+    );
+
+    let mut bad = kura();
+    file_storage(dir.path())(&mut bad);
+    bad.env("KURA_POSTGRES_URL", &url).args([
+        "backup",
+        "postgres",
+        "--database",
+        &db,
+        "--exclude-table",
+        "\"unclosed",
+    ]);
+    let refused = run(&mut bad);
+    assert_eq!(refused.code, 2, "{}", refused.all());
+    assert!(
+        refused.all().contains("unclosed double quote"),
+        "{}",
+        refused.all()
+    );
+}

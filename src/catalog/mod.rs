@@ -168,6 +168,24 @@ pub struct Manifest {
     /// Free-form facts about the run (host, options).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// What the backup left out of every database on purpose.
+    #[serde(default, skip_serializing_if = "Exclusions::is_empty")]
+    pub exclusions: Exclusions,
+}
+
+/// Tables left out by pattern, as given (`--exclude-table`, `--exclude-table-data`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exclusions {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tables: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub table_data: Vec<String>,
+}
+
+impl Exclusions {
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty() && self.table_data.is_empty()
+    }
 }
 
 impl Manifest {

@@ -21,6 +21,14 @@ pub struct Options {
     /// Skip this database (repeatable).
     #[arg(long = "exclude-database", value_name = "NAME")]
     pub exclude_databases: Vec<String>,
+    /// PostgreSQL: leave out tables matching this pg_dump pattern, e.g. 'public.tmp_*'
+    /// (repeatable; recorded in the manifest)
+    #[arg(long = "exclude-table", value_name = "PATTERN")]
+    pub exclude_tables: Vec<String>,
+    /// PostgreSQL: keep these tables' definitions but not their rows, e.g. audit_log
+    /// (repeatable; recorded in the manifest, and verify --deep expects them empty)
+    #[arg(long = "exclude-table-data", value_name = "PATTERN")]
+    pub exclude_table_data: Vec<String>,
     /// After each successful backup, prune that source with the retention policy.
     #[arg(long)]
     pub prune: bool,
@@ -41,6 +49,8 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
     let selection = Selection {
         include: options.databases.clone(),
         exclude: options.exclude_databases.clone(),
+        exclude_tables: options.exclude_tables.clone(),
+        exclude_table_data: options.exclude_table_data.clone(),
     };
     let mut first_error = None;
     // Each source is independent: one unreachable server must not cost the others their backup.
@@ -59,6 +69,7 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
                 pipeline: settings.pipeline.clone(),
                 cancel: settings.cancel.clone(),
                 show_progress: settings.show_progress(),
+                jobs: settings.jobs,
                 prune: prune.clone(),
             };
             backup_source(&job).await

@@ -87,9 +87,9 @@ pub struct GlobalArgs {
     /// Path-style bucket addressing (endpoint/bucket/key) instead of virtual hosts
     #[arg(long, env = "KURA_S3_PATH_STYLE", global = true, num_args = 0..=1, default_missing_value = "true")]
     pub s3_path_style: Option<bool>,
-    /// A download from the object store that moves no byte for this long is resumed; a
-    /// request (a part's upload included) not answered within twice this is retried, e.g.
-    /// 60s, 5m [default: 60s]
+    /// A download from the object store, or a CouchDB answer, that moves no byte for this
+    /// long is resumed or asked again; an object-store request (a part's upload included)
+    /// not answered within twice this is retried, e.g. 60s, 5m [default: 60s]
     #[arg(
         long,
         env = "KURA_READ_TIMEOUT",
@@ -227,6 +227,11 @@ pub struct GlobalArgs {
         value_name = "DURATION"
     )]
     pub lock_wait_timeout: Option<String>,
+    /// Databases backed up, restored or verified (--deep) at the same time, on either
+    /// engine; memory grows by one pipeline per job (see README "Memory") [default: the
+    /// number of cores, at most 4]
+    #[arg(long, env = "KURA_JOBS", global = true, value_name = "N")]
+    pub jobs: Option<usize>,
     /// After backup, prune, verify or restore: write the run's Prometheus metrics to FILE
     /// (atomically; for node-exporter's textfile collector)
     #[arg(
@@ -372,6 +377,8 @@ pub struct Settings {
     pub sources: Vec<Source>,
     pub pg_bin_dir: Option<PathBuf>,
     pub lock_wait_timeout: Duration,
+    /// `--jobs`: units of work (databases) run side by side.
+    pub jobs: usize,
     /// CA files and client certificate for https:// CouchDB URLs.
     pub couchdb_tls: crate::tls::TlsFiles,
     /// `--identity` files, read when an encrypted backup is opened.
@@ -475,6 +482,15 @@ impl Settings {
             ));
         }
 
+        let jobs = args
+            .jobs
+            .or(file.jobs)
+            .unwrap_or_else(crate::jobs::default_jobs);
+        if !(1..=64).contains(&jobs) {
+            return Err(Error::usage(format!(
+                "--jobs {jobs}: give 1 to 64 (each job is a database session and a pipeline's memory)"
+            )));
+        }
         let (credentials, credentials_note) = s3_credentials(args, &file)?;
         let mut reporting_problems: Vec<Error> = Vec::new();
         let read_timeout = match args.read_timeout.as_ref().or(file.s3.read_timeout.as_ref()) {
@@ -561,6 +577,7 @@ impl Settings {
             sources,
             pg_bin_dir: args.pg_bin_dir.clone().or(file.pg_bin_dir.clone()),
             lock_wait_timeout,
+            jobs,
             identity_files,
             recipients_dropped,
             retention: file.retention,
@@ -683,6 +700,7 @@ impl Settings {
             lock_wait_timeout: self.lock_wait_timeout,
             single_attempt: false,
             couchdb_tls: self.couchdb_tls.clone(),
+            read_timeout: self.s3.read_timeout,
         }
     }
 

@@ -78,6 +78,7 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
         identities: settings.identities()?,
         cancel: &settings.cancel,
         show_progress: settings.show_progress(),
+        jobs: settings.jobs,
     })
     .await?;
     settings.run_log.record(

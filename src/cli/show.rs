@@ -72,6 +72,18 @@ fn describe(manifest: &crate::catalog::Manifest) -> String {
         true => "encrypted   no".to_string(),
         false => format!("encrypted   age, to {}", recipients.join(", ")),
     });
+    if !manifest.exclusions.tables.is_empty() {
+        line(format!(
+            "left out    tables {} (--exclude-table)",
+            manifest.exclusions.tables.join(", ")
+        ));
+    }
+    if !manifest.exclusions.table_data.is_empty() {
+        line(format!(
+            "no rows of  {} (--exclude-table-data: restored empty)",
+            manifest.exclusions.table_data.join(", ")
+        ));
+    }
     line(format!(
         "kura        {} (manifest format {})",
         manifest.kura_version, manifest.format_version

@@ -65,6 +65,7 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
         cancel: settings.cancel.clone(),
         show_progress: settings.show_progress(),
         identities: settings.identities()?,
+        jobs: settings.jobs,
     })
     .await?;
     settings.run_log.record(

@@ -64,6 +64,9 @@ pub struct EngineOptions {
     /// CA files and client certificate for `https://` CouchDB URLs. PostgreSQL takes its TLS
     /// settings from the URL and the `PGSSL*` environment, as libpq does.
     pub couchdb_tls: crate::tls::TlsFiles,
+    /// A CouchDB answer that moves no byte for this long is given up and asked again
+    /// (`--read-timeout`, shared with the object store).
+    pub read_timeout: std::time::Duration,
 }
 
 impl Default for EngineOptions {
@@ -73,6 +76,7 @@ impl Default for EngineOptions {
             lock_wait_timeout: DEFAULT_LOCK_WAIT_TIMEOUT,
             single_attempt: false,
             couchdb_tls: crate::tls::TlsFiles::default(),
+            read_timeout: crate::storage::DEFAULT_READ_TIMEOUT,
         }
     }
 }
@@ -179,6 +183,8 @@ pub struct BackupContext<'a> {
     pub cancel: CancellationToken,
     /// Draw a progress line on a terminal (false for JSON logs).
     pub show_progress: bool,
+    /// Databases dumped at the same time (`--jobs`).
+    pub jobs: usize,
 }
 
 impl BackupContext<'_> {
@@ -214,6 +220,37 @@ pub struct RestoreContext<'a> {
     pub show_progress: bool,
     /// Keys for encrypted parts; the operation checked they open every part it reads.
     pub identities: Option<Arc<Identities>>,
+    /// Databases restored at the same time (`--jobs`).
+    pub jobs: usize,
+}
+
+impl<'a> BackupContext<'a> {
+    /// The same context, stopping on `cancel`: one job's view of a run of parallel jobs.
+    pub fn with_cancel(&self, cancel: CancellationToken) -> BackupContext<'a> {
+        BackupContext {
+            store: self.store,
+            path: self.path.clone(),
+            pipeline: self.pipeline.clone(),
+            cancel,
+            show_progress: self.show_progress,
+            jobs: self.jobs,
+        }
+    }
+}
+
+impl<'a> RestoreContext<'a> {
+    /// The same context, stopping on `cancel`: one job's view of a run of parallel jobs.
+    pub fn with_cancel(&self, cancel: CancellationToken) -> RestoreContext<'a> {
+        RestoreContext {
+            store: self.store,
+            path: self.path.clone(),
+            backup_id: self.backup_id.clone(),
+            cancel,
+            show_progress: self.show_progress,
+            identities: self.identities.clone(),
+            jobs: self.jobs,
+        }
+    }
 }
 
 impl RestoreContext<'_> {
@@ -302,6 +339,10 @@ pub fn name_databases(names: &[String]) -> String {
 pub struct Selection {
     pub include: Vec<String>,
     pub exclude: Vec<String>,
+    /// Tables left out, by pg_dump pattern (`--exclude-table`; PostgreSQL).
+    pub exclude_tables: Vec<String>,
+    /// Tables whose definition is kept but not their rows (`--exclude-table-data`).
+    pub exclude_table_data: Vec<String>,
 }
 
 impl Selection {
@@ -350,11 +391,15 @@ mod tests {
     #[test]
     fn selection() {
         let s = Selection {
+            exclude_tables: Vec::new(),
+            exclude_table_data: Vec::new(),
             include: vec![],
             exclude: vec!["b".into()],
         };
         assert!(s.wants("a") && !s.wants("b"));
         let s = Selection {
+            exclude_tables: Vec::new(),
+            exclude_table_data: Vec::new(),
             include: vec!["a".into()],
             exclude: vec![],
         };

@@ -27,6 +27,7 @@ pub struct BackupJob<'a> {
     pub pipeline: PipelineOptions,
     pub cancel: CancellationToken,
     pub show_progress: bool,
+    pub jobs: usize,
     /// Prune the source with this policy and grace after the backup committed.
     pub prune: Option<(Policy, Duration)>,
 }
@@ -76,6 +77,7 @@ async fn commit_backup(job: &BackupJob<'_>, plan: Box<dyn BackupPlan>) -> Result
         pipeline: job.pipeline.clone(),
         cancel: job.cancel.clone(),
         show_progress: job.show_progress,
+        jobs: job.jobs,
     };
     let outcome = match plan.run(&ctx, &id).await {
         Ok(outcome) if !job.cancel.is_cancelled() => outcome,
@@ -108,6 +110,10 @@ async fn commit_backup(job: &BackupJob<'_>, plan: Box<dyn BackupPlan>) -> Result
         .into_iter()
         .filter(|(_, v)| !v.is_empty())
         .collect(),
+        exclusions: crate::catalog::Exclusions {
+            tables: job.selection.exclude_tables.clone(),
+            table_data: job.selection.exclude_table_data.clone(),
+        },
     };
     // The commit point: before this line the backup does not exist for list/restore/prune.
     if let Err(err) = catalog::write_manifest(store, path, &manifest).await {

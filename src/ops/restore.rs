@@ -23,6 +23,7 @@ pub struct RestoreJob<'a> {
     pub identities: Option<Arc<Identities>>,
     pub cancel: &'a CancellationToken,
     pub show_progress: bool,
+    pub jobs: usize,
 }
 
 pub async fn restore(job: RestoreJob<'_>) -> Result<RestoreSummary> {
@@ -35,6 +36,7 @@ pub async fn restore(job: RestoreJob<'_>) -> Result<RestoreSummary> {
         identities,
         cancel,
         show_progress,
+        jobs,
     } = job;
     // Before anything is created on the target: the keys open every part (all of them, the
     // parts a selection skips included, so a wrong key is found at once, not halfway).
@@ -55,6 +57,7 @@ pub async fn restore(job: RestoreJob<'_>) -> Result<RestoreSummary> {
         cancel: cancel.clone(),
         show_progress,
         identities,
+        jobs,
     };
     let summary = engine
         .restore(&ctx, manifest, request)

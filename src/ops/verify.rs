@@ -24,6 +24,8 @@ pub struct VerifyJob<'a> {
     pub deep: Option<&'a dyn Engine>,
     pub cancel: CancellationToken,
     pub show_progress: bool,
+    /// Scratch restores of `--deep` at the same time.
+    pub jobs: usize,
     /// Keys for encrypted parts. Without them encrypted parts are checked by size and
     /// SHA-256 only; `--deep` needs them.
     pub identities: Option<Arc<Identities>>,
@@ -214,37 +216,46 @@ async fn deep(job: &VerifyJob<'_>, manifest: &Manifest, engine: &dyn Engine) -> 
         cancel: job.cancel.clone(),
         show_progress: job.show_progress,
         identities: job.identities.clone(),
+        jobs: job.jobs,
     };
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
-    let mut mismatches = Vec::new();
-    let databases = manifest
+    let databases: Vec<(usize, &Part)> = manifest
         .parts
         .iter()
-        .filter(|p| p.kind == engine.database_kind());
-    for (index, part) in databases.enumerate() {
+        .filter(|p| p.kind == engine.database_kind())
+        .enumerate()
+        .collect();
+    // Scratch restores side by side; each removes its own scratch database, also when a
+    // sibling's failure stops it.
+    let outcomes = crate::jobs::run_all(databases, job.jobs, &job.cancel, |(index, part), stop| {
+        let ctx = ctx.with_cancel(stop);
         let scratch = format!("kura_verify_{tag}_{}", index + 1);
-        tracing::info!(database = %part.name, scratch = %scratch, "restoring {:?} into scratch database {scratch}", part.name);
-        let counted = engine
-            .count_in_scratch(&ctx, manifest, part, &scratch)
-            .await?;
-        let Some(recorded) = &part.counts else {
-            tracing::warn!(database = %part.name, "this backup recorded no counts (made by an older kura): the restore succeeded, nothing to compare");
-            continue;
-        };
-        let differences = compare(recorded, &counted);
-        if differences.is_empty() {
-            tracing::info!(
-                database = %part.name,
-                compared = recorded.len(),
-                "database {:?} restores completely: {} counts match",
-                part.name,
-                recorded.len()
-            );
-        } else {
+        async move {
+            tracing::info!(database = %part.name, scratch = %scratch, "restoring {:?} into scratch database {scratch}", part.name);
+            let counted = engine
+                .count_in_scratch(&ctx, manifest, part, &scratch)
+                .await?;
+            let Some(recorded) = &part.counts else {
+                tracing::warn!(database = %part.name, "this backup recorded no counts (made by an older kura): the restore succeeded, nothing to compare");
+                return Ok(None);
+            };
+            let differences = compare(recorded, &counted);
+            if differences.is_empty() {
+                tracing::info!(
+                    database = %part.name,
+                    compared = recorded.len(),
+                    "database {:?} restores completely: {} counts match",
+                    part.name,
+                    recorded.len()
+                );
+                return Ok(None);
+            }
             tracing::error!(database = %part.name, "{}", differences.join("; "));
-            mismatches.push(format!("{:?}: {}", part.name, differences.join("; ")));
+            Ok(Some(format!("{:?}: {}", part.name, differences.join("; "))))
         }
-    }
+    })
+    .await?;
+    let mismatches: Vec<String> = outcomes.into_iter().flatten().collect();
     if mismatches.is_empty() {
         Ok(())
     } else {

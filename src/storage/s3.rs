@@ -356,6 +356,61 @@ impl S3Store {
     }
 }
 
+impl S3Store {
+    /// Sends a request that finished work rides on: once the SDK's own attempts are spent on
+    /// a transient failure, waits and sends it again, for [`RetryPolicy::IN_FLIGHT`]'s rounds,
+    /// each logged. A failover of the store costs a minute, not the run.
+    async fn in_flight<T, E, F, Fut>(
+        &self,
+        what: &str,
+        key: &str,
+        mut send: F,
+    ) -> std::result::Result<T, SdkError<E>>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, SdkError<E>>>,
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let policy = RetryPolicy::IN_FLIGHT;
+        let mut round = 1;
+        loop {
+            match send().await {
+                Err(err) if transient(&err) && policy.allows_another(round) => {
+                    let wait = policy.delay(round);
+                    tracing::warn!(
+                        key,
+                        round,
+                        "{what} {key} failed ({}); trying again in {} (round {round} of {})",
+                        aws_sdk_s3::error::DisplayErrorContext(&err),
+                        crate::config::format_duration(wait),
+                        policy.max_attempts
+                    );
+                    tokio::time::sleep(wait).await;
+                    round += 1;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+}
+
+/// Whether sending the same request again may succeed: the store could not be reached, did
+/// not answer in time, broke off its answer, or answered 5xx or 429. A certificate the
+/// store's TLS failed on is not: it fails the same way every time.
+fn transient<E>(err: &SdkError<E>) -> bool
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    if crate::tls::explain_failure(err, "", &TLS_FIXES).is_some() {
+        return false;
+    }
+    let status = err.raw_response().map(|r| r.status().as_u16());
+    matches!(
+        err,
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_)
+    ) || status.is_some_and(|s| s >= 500 || s == 429)
+}
+
 const TLS_FIXES: crate::tls::Fixes<'static> = crate::tls::Fixes {
     unknown_ca: "give the CA certificate that signed it with --s3-ca-file FILE (KURA_S3_CA_FILE) or AWS_CA_BUNDLE",
     name_mismatch: "use a host name the certificate lists in --s3-endpoint (KURA_S3_ENDPOINT)",
@@ -439,7 +494,7 @@ impl Download {
     }
 
     async fn next_chunk(&mut self) -> Option<Result<Bytes>> {
-        let policy = RetryPolicy::REQUESTS;
+        let policy = RetryPolicy::IN_FLIGHT;
         loop {
             let body = self.body.as_mut()?;
             let why = match tokio::time::timeout(self.store.read_timeout, body.try_next()).await {
@@ -551,13 +606,7 @@ impl Download {
                             self.replaced(&format!("it is now shorter than byte {}", self.offset))
                         );
                     }
-                    let transient = matches!(
-                        err,
-                        SdkError::DispatchFailure(_)
-                            | SdkError::TimeoutError(_)
-                            | SdkError::ResponseError(_)
-                    ) || status.is_some_and(|s| s >= 500 || s == 429);
-                    if !transient {
+                    if !transient(&err) {
                         return Err(self.store.error("cannot resume reading", &self.key, err));
                     }
                     why = aws_sdk_s3::error::DisplayErrorContext(&err).to_string();
@@ -632,15 +681,17 @@ impl ObjectStore for S3Store {
 
     async fn put(&self, key: &str, data: Bytes) -> Result<()> {
         let full = self.full_key(key)?;
-        self.client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(&full)
-            .content_length(data.len() as i64)
-            .body(ByteStream::from(data))
-            .send()
-            .await
-            .map_err(|e| self.error("cannot write", &full, e))?;
+        self.in_flight("writing", &full, || {
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .content_length(data.len() as i64)
+                .body(ByteStream::from(data.clone()))
+                .send()
+        })
+        .await
+        .map_err(|e| self.error("cannot write", &full, e))?;
         Ok(())
     }
 
@@ -673,12 +724,16 @@ impl ObjectStore for S3Store {
 
     async fn get(&self, key: &str) -> Result<GetResult> {
         let full = self.full_key(key)?;
+        // A restore reads its parts one after another: the store going away before the next
+        // part is as costly as during one.
         let output = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(&full)
-            .send()
+            .in_flight("reading", &full, || {
+                self.client
+                    .get_object()
+                    .bucket(&self.bucket)
+                    .key(&full)
+                    .send()
+            })
             .await
             .map_err(|e| self.error("cannot read", &full, e))?;
         let length = output.content_length().map(|n| n.max(0) as u64);
@@ -895,16 +950,20 @@ impl MultipartUpload for S3Upload {
             Arc::clone(&self.parts),
         );
         async move {
+            // The part is the only copy of these bytes: the dump has moved past them.
             let output = store
-                .client
-                .upload_part()
-                .bucket(&store.bucket)
-                .key(&key)
-                .upload_id(&upload_id)
-                .part_number(part_number)
-                .content_length(data.len() as i64)
-                .body(ByteStream::from(data))
-                .send()
+                .in_flight(&format!("uploading part {part_number} of"), &key, || {
+                    store
+                        .client
+                        .upload_part()
+                        .bucket(&store.bucket)
+                        .key(&key)
+                        .upload_id(&upload_id)
+                        .part_number(part_number)
+                        .content_length(data.len() as i64)
+                        .body(ByteStream::from(data.clone()))
+                        .send()
+                })
                 .await
                 .map_err(|e| {
                     store.error(&format!("cannot upload part {part_number} of"), &key, e)
@@ -922,18 +981,20 @@ impl MultipartUpload for S3Upload {
     async fn complete(&mut self) -> Result<()> {
         let mut parts = self.parts.lock().expect("parts lock poisoned").clone();
         parts.sort_by_key(|p| p.part_number());
+        let completed = CompletedMultipartUpload::builder()
+            .set_parts(Some(parts))
+            .build();
         self.store
-            .client
-            .complete_multipart_upload()
-            .bucket(&self.store.bucket)
-            .key(&self.key)
-            .upload_id(&self.upload_id)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(parts))
-                    .build(),
-            )
-            .send()
+            .in_flight("completing the upload of", &self.key, || {
+                self.store
+                    .client
+                    .complete_multipart_upload()
+                    .bucket(&self.store.bucket)
+                    .key(&self.key)
+                    .upload_id(&self.upload_id)
+                    .multipart_upload(completed.clone())
+                    .send()
+            })
             .await
             .map_err(|e| self.store.error("cannot complete upload of", &self.key, e))?;
         Ok(())

@@ -380,6 +380,9 @@ pub enum Fault {
     UploadReset(usize),
     /// For uploads: read this many body bytes, stop reading for the duration, then close.
     UploadStall(usize, Duration),
+    /// For uploads, once: from the faulty one on, every connection is closed unanswered for
+    /// the duration, as when the store fails over or the network to it goes away.
+    Outage(Duration),
 }
 
 /// Counts of what went through a [`fault_front`].
@@ -387,11 +390,42 @@ pub enum Fault {
 pub struct Faults {
     pub downloads: AtomicUsize,
     pub injected: AtomicUsize,
+    /// Connections refused during an [`Fault::Outage`].
+    pub refused: AtomicUsize,
+    outage_until: Mutex<Option<Instant>>,
+}
+
+/// Which requests a front counts (and so may fault): the method and the request target.
+pub type Selects = fn(&str, &str) -> bool;
+
+/// An object GET: path-style /bucket/key, with no query but the SDK's `x-id=GetObject`.
+pub fn s3_download(method: &str, target: &str) -> bool {
+    let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
+    method == "GET"
+        && (query.is_empty() || query == "x-id=GetObject")
+        && target.split('?').next().unwrap_or("").matches('/').count() >= 2
 }
 
 /// An S3 front that passes everything through, except that every `every`-th object
-/// download (a GET without a query) gets `fault`.
+/// download (a GET without a query), or upload (a PUT) for the upload faults, gets `fault`.
 pub fn fault_front(upstream: &str, fault: Fault, every: usize) -> (u16, Arc<Faults>) {
+    let selects: Selects = match fault {
+        Fault::UploadReset(_) | Fault::UploadStall(..) | Fault::Outage(_) => {
+            |method, _| method == "PUT"
+        }
+        _ => s3_download,
+    };
+    fault_front_where(upstream, fault, every, selects)
+}
+
+/// A front to any HTTP server in which every `every`-th request that `selects` picks gets
+/// `fault` (the download faults cut or stall the answer's body).
+pub fn fault_front_where(
+    upstream: &str,
+    fault: Fault,
+    every: usize,
+    selects: Selects,
+) -> (u16, Arc<Faults>) {
     let upstream = upstream_addr(upstream);
     let faults = Arc::new(Faults::default());
     let state = Arc::clone(&faults);
@@ -402,7 +436,7 @@ pub fn fault_front(upstream: &str, fault: Fault, every: usize) -> (u16, Arc<Faul
             };
             let state = Arc::clone(&state);
             tokio::spawn(async move {
-                let _ = fault_connection(client, upstream, fault, every, state).await;
+                let _ = fault_connection(client, upstream, fault, every, selects, state).await;
             });
         }
     });
@@ -414,6 +448,7 @@ async fn fault_connection(
     upstream: SocketAddr,
     fault: Fault,
     every: usize,
+    selects: Selects,
     faults: Arc<Faults>,
 ) -> std::io::Result<()> {
     let Some((head, rest)) = read_head(&mut client).await else {
@@ -422,18 +457,22 @@ async fn fault_connection(
     let request_line = head.split("\r\n").next().unwrap_or_default().to_string();
     let mut words = request_line.split_whitespace();
     let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    // An object GET: path-style /bucket/key, with no query but the SDK's `x-id=GetObject`.
-    let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
-    let download = method == "GET"
-        && (query.is_empty() || query == "x-id=GetObject")
-        && target.split('?').next().unwrap_or("").matches('/').count() >= 2;
     let upload_fault = matches!(fault, Fault::UploadReset(_) | Fault::UploadStall(..));
-    let counted = match upload_fault {
-        true => method == "PUT",
-        false => download,
-    };
-    let faulty =
-        counted && (faults.downloads.fetch_add(1, Ordering::SeqCst) + 1).is_multiple_of(every);
+    let faulty = selects(method, target)
+        && (faults.downloads.fetch_add(1, Ordering::SeqCst) + 1).is_multiple_of(every);
+    if let Fault::Outage(length) = fault {
+        let mut until = faults.outage_until.lock().unwrap();
+        if faulty && until.is_none() {
+            faults.injected.fetch_add(1, Ordering::SeqCst);
+            *until = Some(Instant::now() + length);
+        }
+        if until.is_some_and(|end| Instant::now() < end) {
+            drop(until);
+            faults.refused.fetch_add(1, Ordering::SeqCst);
+            // Closed unanswered, as by a load balancer with no store behind it.
+            return Ok(());
+        }
+    }
     if faulty && upload_fault {
         faults.injected.fetch_add(1, Ordering::SeqCst);
         let (limit, quiet) = match fault {

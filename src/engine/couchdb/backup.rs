@@ -79,6 +79,13 @@ pub struct DatabaseStats {
 
 impl CouchBackup {
     pub async fn plan(&self) -> Result<Plan> {
+        if !self.selection.exclude_tables.is_empty()
+            || !self.selection.exclude_table_data.is_empty()
+        {
+            return Err(Error::usage(
+                "--exclude-table and --exclude-table-data are for PostgreSQL sources; a CouchDB source has databases, not tables (use --exclude-database)",
+            ));
+        }
         let welcome = self
             .client
             .json(Method::GET, "", None, "reading the server version")
@@ -125,94 +132,114 @@ impl CouchBackup {
         // CouchDB reports no size that predicts the export's length (attachments are inlined as
         // base64, revisions repeated), so the bar counts without a total.
         let line = ProgressLine::start("backing up", ctx.show_progress, None);
-        let compression = ctx.compression();
-        let mut parts = Vec::with_capacity(plan.databases.len());
-        for (index, database) in plan.databases.iter().enumerate() {
-            let started = Instant::now();
-            line.progress().set_label(database);
-            let key_name = BackupContext::database_part_name(index, "ndjson");
-            let key = ctx.path.object_key(id, &key_name);
-            let (tx, mut rx) = mpsc::channel::<Result<Chunk>>(pipeline::CHANNEL_DEPTH);
-            let exporter = tokio::spawn(export_database(
-                Arc::clone(&self.client),
-                database.clone(),
-                tx,
-            ));
-            let stored = pipeline::store_stream(
-                ctx.store,
-                &key,
-                &ctx.pipeline,
-                &ctx.cancel,
-                Some(line.progress()),
-                move |out: &mut dyn Write| {
-                    while let Some(chunk) = rx.blocking_recv() {
-                        match chunk? {
-                            Chunk::Data(bytes) => out.write_all(&bytes)?,
-                            Chunk::Done => return Ok(()),
-                        }
-                    }
-                    Err(Error::failed(
-                        "the CouchDB export stopped before the end of the database",
-                    ))
-                },
-            )
-            .await;
-            if stored.is_err() {
-                // Nothing will read what it fetches any more.
-                exporter.abort();
-            }
-            let exported = exporter.await;
-            let stored = stored
-                .map_err(|e| e.context(format!("backing up CouchDB database {database:?}")))?;
-            let (properties, stats) = match exported {
-                Ok(Ok(done)) => done,
-                Ok(Err(e)) => {
-                    return Err(e.context(format!("backing up CouchDB database {database:?}")))
-                }
-                Err(e) => {
-                    return Err(Error::failed(format!(
-                        "the export of {database:?} stopped: {e}"
-                    )))
-                }
-            };
-            tracing::info!(
-                database = %database,
-                revisions = stats.revisions,
-                skipped_revisions = stats.skipped_revisions,
-                raw_bytes = stored.raw_bytes,
-                stored_bytes = stored.stored.bytes,
-                seconds = started.elapsed().as_secs_f64(),
-                "database {database:?} backed up: {} revisions, {} → {}",
-                stats.revisions,
-                human_bytes(stored.raw_bytes),
-                human_bytes(stored.stored.bytes)
-            );
-            parts.push(Part {
-                key: key_name,
-                name: database.clone(),
-                kind: DATABASE_KIND.to_string(),
-                format: FORMAT.to_string(),
-                raw_bytes: stored.raw_bytes,
-                stored_bytes: stored.stored.bytes,
-                sha256: stored.stored.sha256.clone(),
-                compression: compression.clone(),
-                encryption: ctx.encryption(),
-                properties,
-                counts: Some(
-                    [
-                        ("documents".to_string(), stats.live_documents),
-                        ("deleted_documents".to_string(), stats.deleted_documents),
-                    ]
-                    .into_iter()
-                    .collect(),
-                ),
-            });
-        }
+        // Databases side by side: a tenant with many small (per-user) databases pays the
+        // per-database round trips once per job, not once per database in a row.
+        let parts = crate::jobs::run_all(
+            plan.databases.iter().enumerate().collect(),
+            ctx.jobs,
+            &ctx.cancel,
+            |(index, database), stop| {
+                let ctx = ctx.with_cancel(stop);
+                let line = &line;
+                async move { self.backup_database(&ctx, id, index, database, line).await }
+            },
+        )
+        .await?;
         line.finish().await;
         Ok(BackupOutcome {
             server_version: plan.server_version,
             tool_version: format!("kura {} (CouchDB HTTP API)", env!("CARGO_PKG_VERSION")),
             parts,
+        })
+    }
+
+    /// One database's part, exported through the changes feed while it uploads.
+    async fn backup_database(
+        &self,
+        ctx: &BackupContext<'_>,
+        id: &BackupId,
+        index: usize,
+        database: &str,
+        line: &ProgressLine,
+    ) -> Result<Part> {
+        let started = Instant::now();
+        line.progress().set_label(database);
+        let key_name = BackupContext::database_part_name(index, "ndjson");
+        let key = ctx.path.object_key(id, &key_name);
+        let (tx, mut rx) = mpsc::channel::<Result<Chunk>>(pipeline::CHANNEL_DEPTH);
+        let exporter = tokio::spawn(export_database(
+            Arc::clone(&self.client),
+            database.to_string(),
+            tx,
+        ));
+        let stored = pipeline::store_stream(
+            ctx.store,
+            &key,
+            &ctx.pipeline,
+            &ctx.cancel,
+            Some(line.progress()),
+            move |out: &mut dyn Write| {
+                while let Some(chunk) = rx.blocking_recv() {
+                    match chunk? {
+                        Chunk::Data(bytes) => out.write_all(&bytes)?,
+                        Chunk::Done => return Ok(()),
+                    }
+                }
+                Err(Error::failed(
+                    "the CouchDB export stopped before the end of the database",
+                ))
+            },
+        )
+        .await;
+        if stored.is_err() {
+            // Nothing will read what it fetches any more.
+            exporter.abort();
+        }
+        let exported = exporter.await;
+        let stored =
+            stored.map_err(|e| e.context(format!("backing up CouchDB database {database:?}")))?;
+        let (properties, stats) = match exported {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => {
+                return Err(e.context(format!("backing up CouchDB database {database:?}")))
+            }
+            Err(e) => {
+                return Err(Error::failed(format!(
+                    "the export of {database:?} stopped: {e}"
+                )))
+            }
+        };
+        tracing::info!(
+            database = %database,
+            revisions = stats.revisions,
+            skipped_revisions = stats.skipped_revisions,
+            raw_bytes = stored.raw_bytes,
+            stored_bytes = stored.stored.bytes,
+            seconds = started.elapsed().as_secs_f64(),
+            "database {database:?} backed up: {} revisions, {} → {}",
+            stats.revisions,
+            human_bytes(stored.raw_bytes),
+            human_bytes(stored.stored.bytes)
+        );
+        Ok(Part {
+            key: key_name,
+            name: database.to_string(),
+            kind: DATABASE_KIND.to_string(),
+            format: FORMAT.to_string(),
+            raw_bytes: stored.raw_bytes,
+            stored_bytes: stored.stored.bytes,
+            sha256: stored.stored.sha256.clone(),
+            compression: ctx.compression(),
+            encryption: ctx.encryption(),
+            properties,
+            counts: Some(
+                [
+                    ("documents".to_string(), stats.live_documents),
+                    ("deleted_documents".to_string(), stats.deleted_documents),
+                ]
+                .into_iter()
+                .collect(),
+            ),
         })
     }
 }

@@ -27,7 +27,7 @@ pub struct CouchEngine {
 
 impl CouchEngine {
     pub fn new(url: SourceUrl, options: &EngineOptions) -> Result<Self> {
-        let client = Client::new(&url, &options.couchdb_tls)?;
+        let client = Client::new(&url, &options.couchdb_tls, options.read_timeout)?;
         let client = match options.single_attempt {
             true => client.without_retries(),
             false => client,

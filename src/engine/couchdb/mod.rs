@@ -72,7 +72,9 @@ impl std::fmt::Debug for Client {
 
 impl Client {
     /// `tls` applies to `https://` URLs, verified against the system's roots and its CA files.
-    pub fn new(url: &SourceUrl, tls: &TlsFiles) -> Result<Self> {
+    /// `read_timeout` bounds each wait for the next bytes of an answer (not the whole
+    /// answer): a stalled `_changes` page is dropped after it and asked again.
+    pub fn new(url: &SourceUrl, tls: &TlsFiles, read_timeout: Duration) -> Result<Self> {
         if !matches!(url.scheme(), "http" | "https") {
             return Err(Error::usage(format!(
                 "{} is not a CouchDB URL: expected http://user:password@host:5984",
@@ -106,7 +108,7 @@ impl Client {
         }
         let http = http
             .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(300))
+            .read_timeout(read_timeout)
             .pool_max_idle_per_host(16)
             // Servers close idle keep-alive connections (Node's default, pouchdb-server's,
             // is 5 s); reusing one at that moment fails the request before it is sent, and

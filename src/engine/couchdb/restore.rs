@@ -43,6 +43,95 @@ pub struct RestoreSummary {
 }
 
 impl CouchRestore {
+    /// One database: checked first if it exists, else created; removed again if it was
+    /// created and the restore fails. Returns the target, the revisions and the bytes.
+    async fn restore_step(
+        &self,
+        ctx: &RestoreContext<'_>,
+        part: &Part,
+        target: String,
+        exists: bool,
+        line: &ProgressLine,
+    ) -> Result<(String, u64, u64)> {
+        let started = Instant::now();
+        line.progress().set_label(&target);
+        let key = ctx.path.object_key(&ctx.backup_id, &part.key);
+        // Before the database is created: a part that cannot be opened leaves nothing.
+        let unseal = ctx.unseal(part)?;
+        if exists {
+            // No transactions in CouchDB: a database that already exists is only written
+            // to once the whole part is known to be intact. That costs a second download
+            // of the compressed bytes (hashed, not decompressed); the alternative, a
+            // scratch database on the server copied into the target, would cost a second
+            // write of every revision there, which is the slower side of a restore.
+            pipeline::check_stored(ctx.store, &key, &part.digest(), &ctx.cancel)
+                .await
+                .map_err(|e| {
+                    e.context(format!(
+                        "checking the backup of {:?} before writing into the existing {target:?}",
+                        part.name
+                    ))
+                })?;
+        } else {
+            self.create_database(&target, part).await?;
+        }
+        let writer = Writer {
+            client: Arc::clone(&self.target),
+            db: target.clone(),
+            force: self.force && exists,
+            batch_bytes: self.batch_bytes,
+            handle: tokio::runtime::Handle::current(),
+            in_flight: Default::default(),
+        };
+        let result = pipeline::read_verified(
+            ctx.store,
+            &key,
+            &part.digest(),
+            unseal,
+            Some(line.progress()),
+            &ctx.cancel,
+            move |input: &mut dyn Read| {
+                let mut writer = writer;
+                writer.restore(input)
+            },
+        )
+        .await;
+        let revisions = match result {
+            Ok(revisions) => revisions,
+            Err(err) => {
+                if !exists {
+                    let path = Client::db_path(&target, "");
+                    if let Err(e) = self
+                        .target
+                        .json(
+                            Method::DELETE,
+                            &path,
+                            None,
+                            "removing the half-restored database",
+                        )
+                        .await
+                    {
+                        tracing::warn!(database = %target, error = %e, "could not delete the database created for the failed restore");
+                    }
+                }
+                return Err(err.or_interrupted(&ctx.cancel).context(format!(
+                    "restoring CouchDB database {:?} into {target:?}",
+                    part.name
+                )));
+            }
+        };
+        tracing::info!(
+            database = %target,
+            source_database = %part.name,
+            revisions,
+            seconds = started.elapsed().as_secs_f64(),
+            "database {target:?} restored from {:?}: {revisions} revisions ({})",
+            part.name,
+            human_bytes(part.raw_bytes)
+        );
+        Ok((target, revisions, part.raw_bytes))
+    }
+
     pub async fn run(
         &self,
         ctx: &RestoreContext<'_>,
@@ -102,85 +191,19 @@ impl CouchRestore {
         let total = steps.iter().map(|(part, _, _)| part.stored_bytes).sum();
         let line = ProgressLine::start("restoring", ctx.show_progress, Some(total));
         let mut summary = RestoreSummary::default();
-        for (part, target, exists) in steps {
-            let started = Instant::now();
-            line.progress().set_label(&target);
-            let key = ctx.path.object_key(&ctx.backup_id, &part.key);
-            // Before the database is created: a part that cannot be opened leaves nothing.
-            let unseal = ctx.unseal(part)?;
-            if exists {
-                // No transactions in CouchDB: a database that already exists is only written
-                // to once the whole part is known to be intact. That costs a second download
-                // of the compressed bytes (hashed, not decompressed); the alternative, a
-                // scratch database on the server copied into the target, would cost a second
-                // write of every revision there, which is the slower side of a restore.
-                pipeline::check_stored(ctx.store, &key, &part.digest(), &ctx.cancel)
-                    .await
-                    .map_err(|e| {
-                        e.context(format!(
-                        "checking the backup of {:?} before writing into the existing {target:?}",
-                        part.name
-                    ))
-                    })?;
-            } else {
-                self.create_database(&target, part).await?;
+        // Databases side by side; within each, `_bulk_docs` writers in parallel as before.
+        let restored = crate::jobs::run_all(steps, ctx.jobs, &ctx.cancel, |step, stop| {
+            let ctx = ctx.with_cancel(stop);
+            let line = &line;
+            async move {
+                let (part, target, exists) = step;
+                self.restore_step(&ctx, part, target, exists, line).await
             }
-            let writer = Writer {
-                client: Arc::clone(&self.target),
-                db: target.clone(),
-                force: self.force && exists,
-                batch_bytes: self.batch_bytes,
-                handle: tokio::runtime::Handle::current(),
-                in_flight: Default::default(),
-            };
-            let result = pipeline::read_verified(
-                ctx.store,
-                &key,
-                &part.digest(),
-                unseal,
-                Some(line.progress()),
-                &ctx.cancel,
-                move |input: &mut dyn Read| {
-                    let mut writer = writer;
-                    writer.restore(input)
-                },
-            )
-            .await;
-            let revisions = match result {
-                Ok(revisions) => revisions,
-                Err(err) => {
-                    if !exists {
-                        let path = Client::db_path(&target, "");
-                        if let Err(e) = self
-                            .target
-                            .json(
-                                Method::DELETE,
-                                &path,
-                                None,
-                                "removing the half-restored database",
-                            )
-                            .await
-                        {
-                            tracing::warn!(database = %target, error = %e, "could not delete the database created for the failed restore");
-                        }
-                    }
-                    return Err(err.or_interrupted(&ctx.cancel).context(format!(
-                        "restoring CouchDB database {:?} into {target:?}",
-                        part.name
-                    )));
-                }
-            };
-            tracing::info!(
-                database = %target,
-                source_database = %part.name,
-                revisions,
-                seconds = started.elapsed().as_secs_f64(),
-                "database {target:?} restored from {:?}: {revisions} revisions ({})",
-                part.name,
-                human_bytes(part.raw_bytes)
-            );
+        })
+        .await?;
+        for (target, revisions, raw_bytes) in restored {
             summary.revisions += revisions;
-            summary.raw_bytes += part.raw_bytes;
+            summary.raw_bytes += raw_bytes;
             summary.databases.push(target);
         }
         line.finish().await;

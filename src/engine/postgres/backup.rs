@@ -30,6 +30,8 @@ pub struct Plan {
 
 impl PostgresBackup {
     pub async fn plan(&self) -> Result<Plan> {
+        // A malformed pattern is a usage error before anything connects.
+        self.exclusions()?;
         let info = preflight::inspect(&self.connection).await?;
         let tools = Tools::locate(
             self.bin_dir.as_deref(),
@@ -106,92 +108,126 @@ impl PostgresBackup {
             serde_json::Value::Null,
         ));
 
-        for (index, database) in databases.iter().enumerate() {
-            let started = Instant::now();
-            line.progress().set_label(&database.name);
-            let snapshot =
-                Snapshot::export(&self.connection, &database.name, self.lock_wait_timeout).await?;
-            let mut dump = self.connection.command(&tools.pg_dump, &database.name);
-            // Custom format: one snapshot per database, restorable table by table. pg_dump's own
-            // compression is off because zstd does it better and faster downstream.
-            dump.args(["--format=custom", "--compress=0", "--no-password"]);
-            dump.arg(format!(
-                "--lock-wait-timeout={}",
-                self.lock_wait_timeout.as_millis()
-            ));
-            dump.arg(format!("--snapshot={}", snapshot.id));
-            let name = BackupContext::database_part_name(index, "pgdump");
-            // Rows are counted in pg_dump's own snapshot while it runs, so `verify --deep` can
-            // compare a restore with exactly what was dumped. The exporting transaction stays
-            // open until pg_dump is done: its snapshot must outlive pg_dump's import of it.
-            let dumping = self.dump(ctx, id, &name, dump, "pg_dump", &line);
-            let counting = async {
-                tokio::select! {
-                    counts = snapshot.count_rows() => counts,
-                    _ = ctx.cancel.cancelled() => Err(Error::interrupted()),
+        // Databases side by side, each from its own snapshot, as pg_dump would dump them one
+        // by one; the parts keep the databases' order whatever order they finish in.
+        let database_parts = crate::jobs::run_all(
+            databases.iter().enumerate().collect(),
+            ctx.jobs,
+            &ctx.cancel,
+            |(index, database), stop| {
+                let ctx = ctx.with_cancel(stop);
+                let (tools, line) = (&tools, &line);
+                async move {
+                    self.backup_database(&ctx, id, tools, index, database, line)
+                        .await
                 }
-            };
-            tokio::pin!(dumping, counting);
-            // A failed dump ends the database at once; the counts wait for nothing.
-            let (stored, counts) = tokio::select! {
-                stored = &mut dumping => match stored {
-                    Ok(stored) => (Ok(stored), counting.await),
-                    Err(e) => (Err(e), Ok(Default::default())),
-                },
-                counts = &mut counting => (dumping.await, counts),
-            };
-            let (stored, counts) = match (stored, counts) {
-                (Ok(stored), Ok(counts)) => (stored, Some(counts)),
-                // The dump is whole; only the counting queued behind another session's lock
-                // request (a migration waiting for pg_dump). The counts are a check for
-                // `verify --deep`, not part of the backup: keep the dump without them.
-                (Ok(stored), Err(e)) if gave_up_on_a_lock(&e) => {
-                    tracing::warn!(database = %database.name, "counting the rows waited {} for a lock and gave up; the database is backed up without row counts, so verify --deep will only restore it", crate::config::format_duration(self.lock_wait_timeout));
-                    (stored, None)
-                }
-                (stored, counts) => {
-                    let err = match stored {
-                        Err(e) => e.context(format!("backing up database {:?}", database.name)),
-                        Ok(_) => counts
-                            .expect_err("one failed")
-                            .context(format!("counting the rows of database {:?}", database.name)),
-                    };
-                    let waited = started.elapsed();
-                    return Err(self
-                        .explain_lock_wait(&database.name, err, waited, ctx)
-                        .await);
-                }
-            };
-            tracing::info!(
-                database = %database.name,
-                raw_bytes = stored.raw_bytes,
-                stored_bytes = stored.stored.bytes,
-                seconds = started.elapsed().as_secs_f64(),
-                "database {:?} backed up: {} → {}",
-                database.name,
-                human_bytes(stored.raw_bytes),
-                human_bytes(stored.stored.bytes),
-            );
-            let properties = serde_json::to_value(database)
-                .map_err(|e| Error::failed(format!("encoding database properties: {e}")))?;
-            let mut database_part = part(
-                &name,
-                &database.name,
-                DATABASE_KIND,
-                "pg_dump-custom",
-                &stored,
-                ctx,
-                properties,
-            );
-            database_part.counts = counts;
-            parts.push(database_part);
-        }
+            },
+        )
+        .await?;
+        parts.extend(database_parts);
         line.finish().await;
         Ok(BackupOutcome {
             server_version: info.version,
             tool_version: tools.version,
             parts,
         })
+    }
+
+    /// One database's part: its dump from an exported snapshot, with the rows counted in it.
+    async fn backup_database(
+        &self,
+        ctx: &BackupContext<'_>,
+        id: &BackupId,
+        tools: &Tools,
+        index: usize,
+        database: &DatabaseProps,
+        line: &ProgressLine,
+    ) -> Result<Part> {
+        let started = Instant::now();
+        line.progress().set_label(&database.name);
+        let snapshot =
+            Snapshot::export(&self.connection, &database.name, self.lock_wait_timeout).await?;
+        let mut dump = self.connection.command(&tools.pg_dump, &database.name);
+        // Custom format: one snapshot per database, restorable table by table. pg_dump's own
+        // compression is off because zstd does it better and faster downstream.
+        dump.args(["--format=custom", "--compress=0", "--no-password"]);
+        for pattern in &self.selection.exclude_tables {
+            dump.arg(format!("--exclude-table={pattern}"));
+        }
+        for pattern in &self.selection.exclude_table_data {
+            dump.arg(format!("--exclude-table-data={pattern}"));
+        }
+        dump.arg(format!(
+            "--lock-wait-timeout={}",
+            self.lock_wait_timeout.as_millis()
+        ));
+        dump.arg(format!("--snapshot={}", snapshot.id));
+        let name = BackupContext::database_part_name(index, "pgdump");
+        // Rows are counted in pg_dump's own snapshot while it runs, so `verify --deep` can
+        // compare a restore with exactly what was dumped. The exporting transaction stays
+        // open until pg_dump is done: its snapshot must outlive pg_dump's import of it.
+        let dumping = self.dump(ctx, id, &name, dump, "pg_dump", line);
+        let exclusions = self.exclusions()?;
+        let counting = async {
+            tokio::select! {
+                counts = snapshot.count_rows(&exclusions) => counts,
+                _ = ctx.cancel.cancelled() => Err(Error::interrupted()),
+            }
+        };
+        tokio::pin!(dumping, counting);
+        // A failed dump ends the database at once; the counts wait for nothing.
+        let (stored, counts) = tokio::select! {
+            stored = &mut dumping => match stored {
+                Ok(stored) => (Ok(stored), counting.await),
+                Err(e) => (Err(e), Ok(Default::default())),
+            },
+            counts = &mut counting => (dumping.await, counts),
+        };
+        let (stored, counts) = match (stored, counts) {
+            (Ok(stored), Ok(counts)) => (stored, Some(counts)),
+            // The dump is whole; only the counting queued behind another session's lock
+            // request (a migration waiting for pg_dump). The counts are a check for
+            // `verify --deep`, not part of the backup: keep the dump without them.
+            (Ok(stored), Err(e)) if gave_up_on_a_lock(&e) => {
+                tracing::warn!(database = %database.name, "counting the rows waited {} for a lock and gave up; the database is backed up without row counts, so verify --deep will only restore it", crate::config::format_duration(self.lock_wait_timeout));
+                (stored, None)
+            }
+            (stored, counts) => {
+                let err = match stored {
+                    Err(e) => e.context(format!("backing up database {:?}", database.name)),
+                    Ok(_) => counts
+                        .expect_err("one failed")
+                        .context(format!("counting the rows of database {:?}", database.name)),
+                };
+                let waited = started.elapsed();
+                return Err(self
+                    .explain_lock_wait(&database.name, err, waited, ctx)
+                    .await);
+            }
+        };
+        tracing::info!(
+            database = %database.name,
+            raw_bytes = stored.raw_bytes,
+            stored_bytes = stored.stored.bytes,
+            seconds = started.elapsed().as_secs_f64(),
+            "database {:?} backed up: {} → {}",
+            database.name,
+            human_bytes(stored.raw_bytes),
+            human_bytes(stored.stored.bytes),
+        );
+        let properties = serde_json::to_value(database)
+            .map_err(|e| Error::failed(format!("encoding database properties: {e}")))?;
+        let mut database_part = part(
+            &name,
+            &database.name,
+            DATABASE_KIND,
+            "pg_dump-custom",
+            &stored,
+            ctx,
+            properties,
+        );
+        database_part.counts = counts;
+        Ok(database_part)
     }
 
     async fn dump(
@@ -241,6 +277,13 @@ impl PostgresBackup {
 }
 
 impl PostgresBackup {
+    fn exclusions(&self) -> Result<super::TableExclusions> {
+        super::TableExclusions::parse(
+            &self.selection.exclude_tables,
+            &self.selection.exclude_table_data,
+        )
+    }
+
     /// A dump that failed after `--lock-wait-timeout` while another session holds an ACCESS
     /// EXCLUSIVE lock in the database (the one lock mode that blocks pg_dump's ACCESS SHARE)
     /// gave up waiting for it: say which session holds it, from the catalog, not from
@@ -391,7 +434,10 @@ impl Snapshot {
     }
 
     /// Counted in the snapshot; the transaction stays open until the value is dropped.
-    async fn count_rows(&self) -> Result<std::collections::BTreeMap<String, u64>> {
-        super::count_rows(&self.client).await
+    async fn count_rows(
+        &self,
+        exclusions: &super::TableExclusions,
+    ) -> Result<std::collections::BTreeMap<String, u64>> {
+        super::count_rows(&self.client, exclusions).await
     }
 }

@@ -18,6 +18,7 @@ use crate::error::{Error, ErrorKind, Result};
 
 pub mod backup;
 mod engine;
+pub mod pattern;
 pub mod preflight;
 pub mod restore;
 pub mod tls;
@@ -361,11 +362,65 @@ fn parse_tool_major(text: &str) -> Option<u32> {
         .find_map(|word| word.split('.').next()?.parse::<u32>().ok())
 }
 
-/// Quote an identifier for SQL (what `quote_ident` does server-side).
-/// Rows of every table whose data pg_dump writes: ordinary and partition tables outside the
-/// system schemas, not owned by an extension (pg_dump skips those), not temporary. Backup
-/// records these in the manifest; `verify --deep` counts a restore the same way.
-pub async fn count_rows(client: &Client) -> Result<std::collections::BTreeMap<String, u64>> {
+/// The tables a backup leaves out (`--exclude-table`, `--exclude-table-data`), as patterns
+/// the server matches the way it does for pg_dump.
+#[derive(Debug, Default)]
+pub struct TableExclusions {
+    pub tables: Vec<pattern::NamePattern>,
+    pub data: Vec<pattern::NamePattern>,
+}
+
+impl TableExclusions {
+    pub fn parse(tables: &[String], data: &[String]) -> Result<TableExclusions> {
+        let parse = |flag: &str, patterns: &[String]| {
+            patterns
+                .iter()
+                .map(|p| {
+                    pattern::NamePattern::parse(p)
+                        .map_err(|e| Error::usage(format!("{flag} {p}: {e}")))
+                })
+                .collect::<Result<Vec<_>>>()
+        };
+        Ok(TableExclusions {
+            tables: parse("--exclude-table", tables)?,
+            data: parse("--exclude-table-data", data)?,
+        })
+    }
+
+    /// `schema.table` of every table in the database that one of `patterns` matches.
+    async fn matching(
+        client: &Client,
+        patterns: &[pattern::NamePattern],
+    ) -> Result<std::collections::BTreeSet<String>> {
+        let mut found = std::collections::BTreeSet::new();
+        for p in patterns {
+            let rows = client
+                .query(
+                    "SELECT n.nspname::text || '.' || c.relname::text
+                       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                      WHERE c.relname ~ $1 AND ($2::text IS NULL OR n.nspname ~ $2)",
+                    &[&p.name, &p.schema],
+                )
+                .await
+                .map_err(|e| {
+                    Error::with_source(ErrorKind::Database, "matching --exclude-table patterns", e)
+                })?;
+            found.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+        }
+        Ok(found)
+    }
+}
+
+/// Rows of every table whose data pg_dump writes, by `schema.table`: ordinary and partition
+/// tables outside the system schemas, not owned by an extension (pg_dump skips those), not
+/// temporary. Backup records these in the manifest; `verify --deep` counts a restore the same
+/// way. Tables the backup leaves out are not listed; those whose rows it leaves out count 0.
+pub async fn count_rows(
+    client: &Client,
+    exclusions: &TableExclusions,
+) -> Result<std::collections::BTreeMap<String, u64>> {
+    let left_out = TableExclusions::matching(client, &exclusions.tables).await?;
+    let emptied = TableExclusions::matching(client, &exclusions.data).await?;
     let tables = client
         .query(
             "SELECT n.nspname::text, c.relname::text
@@ -383,6 +438,14 @@ pub async fn count_rows(client: &Client) -> Result<std::collections::BTreeMap<St
     let mut counts = std::collections::BTreeMap::new();
     for row in tables {
         let (schema, table): (String, String) = (row.get(0), row.get(1));
+        let key = format!("{schema}.{table}");
+        if left_out.contains(&key) {
+            continue;
+        }
+        if emptied.contains(&key) {
+            counts.insert(key, 0);
+            continue;
+        }
         let count: i64 = client
             .query_one(
                 &format!(
@@ -401,7 +464,7 @@ pub async fn count_rows(client: &Client) -> Result<std::collections::BTreeMap<St
                 )
             })?
             .get(0);
-        counts.insert(format!("{schema}.{table}"), count as u64);
+        counts.insert(key, count as u64);
     }
     Ok(counts)
 }

@@ -174,74 +174,103 @@ impl PostgresRestore {
             tracing::info!("roles and tablespaces restored");
         }
 
-        for step in steps {
-            check_cancel(ctx)?;
-            let started = Instant::now();
-            line.progress().set_label(&step.target);
-            let created = if step.exists {
-                false
-            } else {
-                let owner_exists = existing_roles(&client, &self.target)
-                    .await?
-                    .contains(&step.props.owner);
-                let sql = step.props.create_statement(&step.target, owner_exists);
-                client.batch_execute(&sql).await.map_err(|e| {
-                    query_error(
-                        &self.target,
-                        &format!("creating database {:?}", step.target),
-                        e,
-                    )
-                })?;
-                true
-            };
-            let result = self
-                .restore_database(ctx, &step, &tools, &tables, server_major, line.progress())
-                .await;
-            if let Err(err) = result {
-                if created {
-                    // FORCE (PostgreSQL 13+): the restore's own session may still be rolling
-                    // back after its psql was stopped.
-                    let force = if server_major >= 13 {
-                        " WITH (FORCE)"
-                    } else {
-                        ""
-                    };
-                    let drop = format!(
-                        "DROP DATABASE IF EXISTS {}{force}",
-                        quote_ident(&step.target)
-                    );
-                    if let Err(e) = client.batch_execute(&drop).await {
-                        tracing::warn!(database = %step.target, error = %e, "could not drop the database created for the failed restore");
-                    }
-                }
-                return Err(err.or_interrupted(&ctx.cancel).context(format!(
-                    "restoring database {:?} into {:?} (left as it was)",
-                    step.part.name, step.target
-                )));
+        // Databases side by side; each is still one transaction, committed on its own.
+        let restored = crate::jobs::run_all(steps, ctx.jobs, &ctx.cancel, |step, stop| {
+            let ctx = ctx.with_cancel(stop);
+            let (client, tools, tables, line) = (&client, &tools, &tables, &line);
+            async move {
+                self.restore_step(&ctx, client, step, tools, tables, server_major, line)
+                    .await
             }
-            if tables.is_empty() {
-                for statement in step.props.property_statements(&step.target) {
-                    if let Err(e) = client.batch_execute(&statement).await {
-                        summary.warnings += 1;
-                        tracing::warn!(database = %step.target, error = %e, "could not restore a database property; the data is restored");
-                    }
-                }
-            }
-            tracing::info!(
-                database = %step.target,
-                source_database = %step.part.name,
-                raw_bytes = step.part.raw_bytes,
-                seconds = started.elapsed().as_secs_f64(),
-                "database {:?} restored from {:?} ({})",
-                step.target,
-                step.part.name,
-                human_bytes(step.part.raw_bytes)
-            );
-            summary.raw_bytes += step.part.raw_bytes;
-            summary.databases.push(step.target);
+        })
+        .await?;
+        for (target, raw_bytes, warnings) in restored {
+            summary.raw_bytes += raw_bytes;
+            summary.warnings += warnings;
+            summary.databases.push(target);
         }
         line.finish().await;
         Ok(summary)
+    }
+
+    /// One database: created unless it exists, restored in one transaction, its properties
+    /// set; a database it created is dropped again if the restore fails. Returns the target,
+    /// the bytes restored and the warnings.
+    #[allow(clippy::too_many_arguments)]
+    async fn restore_step(
+        &self,
+        ctx: &RestoreContext<'_>,
+        client: &tokio_postgres::Client,
+        step: Step<'_>,
+        tools: &Tools,
+        tables: &[(String, String)],
+        server_major: u32,
+        line: &ProgressLine,
+    ) -> Result<(String, u64, usize)> {
+        let mut warnings = 0;
+        check_cancel(ctx)?;
+        let started = Instant::now();
+        line.progress().set_label(&step.target);
+        let created = if step.exists {
+            false
+        } else {
+            let owner_exists = existing_roles(client, &self.target)
+                .await?
+                .contains(&step.props.owner);
+            let sql = step.props.create_statement(&step.target, owner_exists);
+            client.batch_execute(&sql).await.map_err(|e| {
+                query_error(
+                    &self.target,
+                    &format!("creating database {:?}", step.target),
+                    e,
+                )
+            })?;
+            true
+        };
+        let result = self
+            .restore_database(ctx, &step, tools, tables, server_major, line.progress())
+            .await;
+        if let Err(err) = result {
+            if created {
+                // FORCE (PostgreSQL 13+): the restore's own session may still be rolling
+                // back after its psql was stopped.
+                let force = if server_major >= 13 {
+                    " WITH (FORCE)"
+                } else {
+                    ""
+                };
+                let drop = format!(
+                    "DROP DATABASE IF EXISTS {}{force}",
+                    quote_ident(&step.target)
+                );
+                if let Err(e) = client.batch_execute(&drop).await {
+                    tracing::warn!(database = %step.target, error = %e, "could not drop the database created for the failed restore");
+                }
+            }
+            return Err(err.or_interrupted(&ctx.cancel).context(format!(
+                "restoring database {:?} into {:?} (left as it was)",
+                step.part.name, step.target
+            )));
+        }
+        if tables.is_empty() {
+            for statement in step.props.property_statements(&step.target) {
+                if let Err(e) = client.batch_execute(&statement).await {
+                    warnings += 1;
+                    tracing::warn!(database = %step.target, error = %e, "could not restore a database property; the data is restored");
+                }
+            }
+        }
+        tracing::info!(
+            database = %step.target,
+            source_database = %step.part.name,
+            raw_bytes = step.part.raw_bytes,
+            seconds = started.elapsed().as_secs_f64(),
+            "database {:?} restored from {:?} ({})",
+            step.target,
+            step.part.name,
+            human_bytes(step.part.raw_bytes)
+        );
+        Ok((step.target, step.part.raw_bytes, warnings))
     }
 
     async fn plan<'m>(

@@ -1,0 +1,281 @@
+//! `--jobs`: databases backed up, restored and verified side by side on both engines, with
+//! the parts in the databases' order, every database identical after the round trip, and a
+//! failure in one job stopping the others with nothing half-restored left behind.
+
+mod common;
+
+use std::path::Path;
+
+use common::{kura, psql, run, unique};
+
+fn file_storage(command: &mut std::process::Command, dir: &Path) {
+    command.env("KURA_STORAGE", format!("file://{}", dir.display()));
+}
+
+/// The manifest of the only backup under `dir`.
+fn manifest(dir: &Path) -> serde_json::Value {
+    let file = common::walk(dir)
+        .into_iter()
+        .find(|p| p.ends_with("manifest.json"))
+        .expect("a manifest");
+    serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap()
+}
+
+fn database_parts(manifest: &serde_json::Value) -> Vec<(String, String)> {
+    manifest["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["key"].as_str().unwrap().starts_with("db-"))
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["key"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// `count` PostgreSQL databases named `<prefix>_NN`, each with its own rows and an index.
+fn small_databases(url: &str, prefix: &str, count: usize) -> Vec<String> {
+    (0..count)
+        .map(|i| {
+            let name = format!("{prefix}_{i:02}");
+            psql(url, "postgres", &format!("CREATE DATABASE {name}"));
+            psql(
+                url,
+                &name,
+                &format!(
+                    "CREATE TABLE t (id int PRIMARY KEY, v text); \
+                     INSERT INTO t SELECT g, md5((g * {}) ::text) FROM generate_series(1, {}) g; \
+                     CREATE INDEX t_v ON t (v);",
+                    i + 1,
+                    100 + i * 37
+                ),
+            );
+            name
+        })
+        .collect()
+}
+
+#[test]
+fn forty_postgres_databases_back_up_and_restore_with_four_jobs() {
+    let url = require!("KURA_TEST_PG_URL");
+    let prefix = unique("par");
+    let databases = small_databases(&url, &prefix, 40);
+    let dir = tempfile::tempdir().unwrap();
+    let mut backup = kura();
+    file_storage(&mut backup, dir.path());
+    backup
+        .env("KURA_POSTGRES_URL", &url)
+        .args(["backup", "postgres", "--jobs", "4"]);
+    for db in &databases {
+        backup.args(["--database", db]);
+    }
+    let backup = run(&mut backup);
+    backup.assert_ok();
+    // The parts are in the databases' order, numbered in it, whatever order they finished in.
+    let parts = database_parts(&manifest(dir.path()));
+    let expected: Vec<(String, String)> = databases
+        .iter()
+        .enumerate()
+        .map(|(i, db)| (db.clone(), format!("db-{:04}.pgdump.zst", i + 1)))
+        .collect();
+    assert_eq!(parts, expected);
+
+    let mut restore = kura();
+    file_storage(&mut restore, dir.path());
+    restore.env("KURA_POSTGRES_URL", &url).args([
+        "restore",
+        "postgres",
+        &backup.backup_id(),
+        "--jobs",
+        "4",
+    ]);
+    for db in &databases {
+        restore.args(["--database", &format!("{db}:{db}_r")]);
+    }
+    run(&mut restore).assert_ok();
+    for db in &databases {
+        assert_eq!(
+            common::pg_dump_text(&url, db),
+            common::pg_dump_text(&url, &format!("{db}_r")),
+            "{db}"
+        );
+    }
+
+    let mut verify = kura();
+    file_storage(&mut verify, dir.path());
+    verify
+        .env("KURA_POSTGRES_URL", &url)
+        .args(["verify", "postgres", "latest", "--deep", "--jobs", "4"]);
+    let verified = run(&mut verify);
+    verified.assert_ok();
+    assert_eq!(
+        verified.all().matches("counts match").count(),
+        40,
+        "{}",
+        verified.all()
+    );
+    assert_eq!(
+        psql(
+            &url,
+            "postgres",
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'kura_verify_%'"
+        ),
+        "0",
+        "no scratch database is left"
+    );
+}
+
+#[test]
+fn a_corrupted_part_stops_a_parallel_restore_and_leaves_nothing_half_restored() {
+    let url = require!("KURA_TEST_PG_URL");
+    let prefix = unique("parbad");
+    let databases = small_databases(&url, &prefix, 6);
+    // One large database, so jobs are still running when the damaged part is found.
+    psql(
+        &url,
+        &databases[0],
+        "INSERT INTO t SELECT g, md5(g::text) FROM generate_series(100000, 400000) g;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut backup = kura();
+    file_storage(&mut backup, dir.path());
+    backup
+        .env("KURA_POSTGRES_URL", &url)
+        .args(["backup", "postgres"]);
+    for db in &databases {
+        backup.args(["--database", db]);
+    }
+    let backup = run(&mut backup);
+    backup.assert_ok();
+    let id = backup.backup_id();
+    let damaged = common::walk(dir.path())
+        .into_iter()
+        .find(|p| p.ends_with("db-0002.pgdump.zst"))
+        .unwrap();
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&damaged, bytes).unwrap();
+
+    let mut restore = kura();
+    file_storage(&mut restore, dir.path());
+    restore
+        .env("KURA_POSTGRES_URL", &url)
+        .args(["restore", "postgres", &id, "--jobs", "3"]);
+    for db in &databases {
+        restore.args(["--database", &format!("{db}:{db}_r")]);
+    }
+    let failed = run(&mut restore);
+    assert_eq!(failed.code, 5, "{}", failed.all());
+    let message = failed.error_line()["message"].as_str().unwrap().to_string();
+    assert!(message.contains("db-0002.pgdump.zst"), "{message}");
+    // The damaged database's target does not exist; any other that does is whole.
+    for db in &databases {
+        let target = format!("{db}_r");
+        let exists = psql(
+            &url,
+            "postgres",
+            &format!("SELECT count(*) FROM pg_database WHERE datname = '{target}'"),
+        );
+        if db == &databases[1] {
+            assert_eq!(exists, "0", "the damaged database's target was left");
+        } else if exists == "1" {
+            assert_eq!(
+                common::pg_dump_text(&url, db),
+                common::pg_dump_text(&url, &target),
+                "{target} exists but is not whole"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_couchdb_databases_back_up_and_restore_with_four_jobs() {
+    let couch = require!("KURA_TEST_COUCH_URL");
+    let mut base = url::Url::parse(&couch).unwrap();
+    let password = base.password().unwrap().to_string();
+    base.set_username("").unwrap();
+    base.set_password(None).unwrap();
+    let base = base.to_string().trim_end_matches('/').to_string();
+    let http = reqwest::Client::new();
+    let call = |method: reqwest::Method, path: String, body: Option<serde_json::Value>| {
+        let mut request = http
+            .request(method, format!("{base}/{path}"))
+            .basic_auth("admin", Some(&password));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            assert!(response.status().is_success(), "{}", response.status());
+            response.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let prefix = unique("parc");
+    let databases: Vec<String> = (0..50).map(|i| format!("{prefix}_{i:02}")).collect();
+    for (i, db) in databases.iter().enumerate() {
+        call(reqwest::Method::PUT, db.clone(), None).await;
+        let docs: Vec<serde_json::Value> = (0..20 + i)
+            .map(|n| serde_json::json!({"_id": format!("d{n:03}"), "db": i, "n": n}))
+            .collect();
+        call(
+            reqwest::Method::POST,
+            format!("{db}/_bulk_docs"),
+            Some(serde_json::json!({ "docs": docs })),
+        )
+        .await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut backup = kura();
+    file_storage(&mut backup, dir.path());
+    backup
+        .env("KURA_COUCHDB_URL", &couch)
+        .args(["backup", "couchdb", "--jobs", "4"]);
+    for db in &databases {
+        backup.args(["--database", db]);
+    }
+    let backup = tokio::task::block_in_place(|| run(&mut backup));
+    backup.assert_ok();
+    let parts = database_parts(&manifest(dir.path()));
+    let names: Vec<&String> = parts.iter().map(|(name, _)| name).collect();
+    assert_eq!(names, databases.iter().collect::<Vec<_>>());
+
+    let mut restore = kura();
+    file_storage(&mut restore, dir.path());
+    restore.env("KURA_COUCHDB_URL", &couch).args([
+        "restore",
+        "couchdb",
+        &backup.backup_id(),
+        "--jobs",
+        "4",
+    ]);
+    for db in &databases {
+        restore.args(["--database", &format!("{db}:{db}_r")]);
+    }
+    tokio::task::block_in_place(|| run(&mut restore)).assert_ok();
+    for db in &databases {
+        let docs = |name: String| {
+            let call = &call;
+            async move {
+                let all = call(
+                    reqwest::Method::GET,
+                    format!("{name}/_all_docs?include_docs=true"),
+                    None,
+                )
+                .await;
+                all["rows"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|row| row["doc"].to_string())
+                    .collect::<Vec<_>>()
+            }
+        };
+        let original = docs(db.clone()).await;
+        assert!(!original.is_empty());
+        assert_eq!(docs(format!("{db}_r")).await, original, "{db}");
+    }
+}
