@@ -172,6 +172,25 @@ fn a_corrupted_part_stops_a_parallel_restore_and_leaves_nothing_half_restored() 
     assert_eq!(failed.code, 5, "{}", failed.all());
     let message = failed.error_line()["message"].as_str().unwrap().to_string();
     assert!(message.contains("db-0002.pgdump.zst"), "{message}");
+    // No scratch database is left behind.
+    let scratch: Vec<String> = failed
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|line| line["scratch"].as_str().map(str::to_string))
+        .collect();
+    assert!(!scratch.is_empty(), "{}", failed.all());
+    for name in &scratch {
+        assert_eq!(
+            psql(
+                &url,
+                "postgres",
+                &format!("SELECT count(*) FROM pg_database WHERE datname = '{name}'")
+            ),
+            "0",
+            "{name} was left behind"
+        );
+    }
     // The damaged database's target does not exist; any other that does is whole.
     for db in &databases {
         let target = format!("{db}_r");

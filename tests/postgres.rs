@@ -727,48 +727,60 @@ async fn sigterm_while_an_index_builds_rolls_the_restore_back() {
     let dir = tempfile::tempdir().unwrap();
     let id = backup(file_storage(dir.path()), &url, &["--database", &db]);
 
-    let copy = format!("{db}_copy");
-    let mut command = kura();
-    file_storage(dir.path())(&mut command);
-    let child = command
-        .args(["restore", "postgres", &id, "--to", &url])
-        .args(["--database", &format!("{db}:{copy}")])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let building = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{copy}' AND query LIKE 'CREATE INDEX%'"
-    );
-    let started = std::time::Instant::now();
-    while psql(&url, "postgres", &building) != "1" {
-        assert!(
-            started.elapsed().as_secs() < 20,
-            "the index build never started"
+    // Both ways a restore builds indexes: in its one transaction (--jobs 1), and on the
+    // post-data sessions of a scratch database (--jobs 2), which must then be dropped.
+    for jobs in ["1", "2"] {
+        let copy = format!("{db}_copy{jobs}");
+        let mut command = kura();
+        file_storage(dir.path())(&mut command);
+        let child = command
+            .args(["restore", "postgres", &id, "--to", &url, "--jobs", jobs])
+            .args(["--database", &format!("{db}:{copy}")])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let building = format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE (datname = '{copy}' OR datname LIKE 'kura\\_restore\\_%') AND query LIKE '%CREATE INDEX t_slow%' AND pid <> pg_backend_pid()"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let started = std::time::Instant::now();
+        while psql(&url, "postgres", &building) != "1" {
+            assert!(
+                started.elapsed().as_secs() < 20,
+                "--jobs {jobs}: the index build never started"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let signalled = std::time::Instant::now();
+        assert!(std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
+        let result = Run::from_output(child.wait_with_output().unwrap());
+        let took = signalled.elapsed();
+        assert_eq!(result.code, 130, "--jobs {jobs}: {}", result.all());
+        assert_eq!(result.error_line()["error_kind"], "interrupted");
+        assert!(
+            took.as_secs() < 10,
+            "--jobs {jobs}: kura took {took:?} to stop"
+        );
+        assert_eq!(
+            psql(
+                &url,
+                "postgres",
+                &format!("SELECT count(*) FROM pg_database WHERE datname = '{copy}'")
+            ),
+            "0",
+            "--jobs {jobs}: the half-restored database is gone"
+        );
+        assert_eq!(
+            psql(&url, "postgres", &building),
+            "0",
+            "--jobs {jobs}: the index build was stopped, its scratch database dropped"
+        );
     }
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let signalled = std::time::Instant::now();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
-    let result = Run::from_output(child.wait_with_output().unwrap());
-    let took = signalled.elapsed();
-    assert_eq!(result.code, 130, "{}", result.all());
-    assert_eq!(result.error_line()["error_kind"], "interrupted");
-    assert!(took.as_secs() < 10, "kura took {took:?} to stop");
-    assert_eq!(
-        psql(
-            &url,
-            "postgres",
-            &format!("SELECT count(*) FROM pg_database WHERE datname = '{copy}'")
-        ),
-        "0",
-        "the half-restored database is gone"
-    );
 }
 
 /// A session holding a table's ACCESS EXCLUSIVE lock would keep pg_dump waiting until the

@@ -19,6 +19,7 @@ use crate::error::{Error, ErrorKind, Result};
 pub mod backup;
 mod engine;
 pub mod pattern;
+mod postdata;
 pub mod preflight;
 pub mod restore;
 pub mod tls;

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use super::postdata::PostData;
 use super::preflight::{query_error, DatabaseProps};
 use super::{quote_ident, Connection, Tools, DATABASE_KIND, GLOBALS_KIND};
 use crate::catalog::{Manifest, Part};
@@ -211,6 +212,21 @@ impl PostgresRestore {
         check_cancel(ctx)?;
         let started = Instant::now();
         line.progress().set_label(&step.target);
+        if !step.exists && tables.is_empty() && ctx.jobs > 1 {
+            self.restore_through_scratch(ctx, client, &step, tools, server_major, line)
+                .await?;
+            tracing::info!(
+                database = %step.target,
+                source_database = %step.part.name,
+                raw_bytes = step.part.raw_bytes,
+                seconds = started.elapsed().as_secs_f64(),
+                "database {:?} restored from {:?} ({})",
+                step.target,
+                step.part.name,
+                human_bytes(step.part.raw_bytes)
+            );
+            return Ok((step.target, step.part.raw_bytes, warnings));
+        }
         let created = if step.exists {
             false
         } else {
@@ -271,6 +287,168 @@ impl PostgresRestore {
             human_bytes(step.part.raw_bytes)
         );
         Ok((step.target, step.part.raw_bytes, warnings))
+    }
+
+    /// A new database restored with `--jobs`: schema and data in one transaction into a
+    /// scratch database, then the post-data section (indexes, constraints, triggers) on
+    /// `jobs` sessions, as `pg_restore -j` builds them, and only then renamed to the target.
+    /// The target never exists half-restored: any failure, or a signal, drops the scratch
+    /// database (WITH FORCE, which also ends an index build in progress).
+    async fn restore_through_scratch(
+        &self,
+        ctx: &RestoreContext<'_>,
+        client: &tokio_postgres::Client,
+        step: &Step<'_>,
+        tools: &Tools,
+        server_major: u32,
+        line: &ProgressLine,
+    ) -> Result<()> {
+        let scratch = format!("kura_restore_{:08x}", rand::random::<u32>());
+        let owner_exists = existing_roles(client, &self.target)
+            .await?
+            .contains(&step.props.owner);
+        // Our own sessions must get in whatever limit the database has; it is set at the end.
+        let mut unlimited = step.props.clone();
+        unlimited.connection_limit = -1;
+        let sql = unlimited.create_statement(&scratch, owner_exists);
+        client.batch_execute(&sql).await.map_err(|e| {
+            query_error(
+                &self.target,
+                &format!(
+                    "creating the scratch database {scratch:?} for {:?}",
+                    step.target
+                ),
+                e,
+            )
+        })?;
+        tracing::info!(database = %step.target, scratch = %scratch, "restoring {:?} into scratch database {scratch}, renamed to {:?} once complete", step.part.name, step.target);
+        let restored = async {
+            let post_data = self
+                .restore_schema_and_data(ctx, step, tools, server_major, &scratch, line.progress())
+                .await?;
+            check_cancel(ctx)?;
+            line.progress()
+                .set_label(format!("{} (indexes, constraints)", step.target));
+            if !post_data.is_empty() {
+                post_data
+                    .run(&self.target, &scratch, ctx.jobs, &ctx.cancel)
+                    .await?;
+            }
+            check_cancel(ctx)?;
+            self.rename_into_place(client, &scratch, &step.target).await
+        }
+        .await;
+        if let Err(err) = restored {
+            drop_scratch(client, &scratch, server_major).await;
+            return Err(err.or_interrupted(&ctx.cancel).context(format!(
+                "restoring database {:?} into {:?} (not created)",
+                step.part.name, step.target
+            )));
+        }
+        let mut statements = Vec::new();
+        if step.props.connection_limit != -1 {
+            statements.push(format!(
+                "ALTER DATABASE {} CONNECTION LIMIT {}",
+                quote_ident(&step.target),
+                step.props.connection_limit
+            ));
+        }
+        statements.extend(step.props.property_statements(&step.target));
+        for statement in statements {
+            if let Err(e) = client.batch_execute(&statement).await {
+                tracing::warn!(database = %step.target, error = %e, "could not restore a database property; the data is restored");
+            }
+        }
+        Ok(())
+    }
+
+    /// Pre-data and data through pg_restore and psql in one transaction, committed once the
+    /// part's SHA-256 matched; the post-data section is read from the same download by a
+    /// second pg_restore, for [`PostData::run`].
+    async fn restore_schema_and_data(
+        &self,
+        ctx: &RestoreContext<'_>,
+        step: &Step<'_>,
+        tools: &Tools,
+        server_major: u32,
+        scratch: &str,
+        progress: Progress,
+    ) -> Result<PostData> {
+        let mut psql = self.target.command(&tools.psql, scratch);
+        psql.args(PSQL_SCRIPT_ARGS);
+        psql.args(["--tuples-only", "--no-align"]);
+        let mut pg_restore = Command::new(&tools.pg_restore);
+        pg_restore.args([
+            "--file=-",
+            "--single-transaction",
+            "--section=pre-data",
+            "--section=data",
+        ]);
+        let mut post_data = Command::new(&tools.pg_restore);
+        post_data.args(["--file=-", "--section=post-data"]);
+        let mut preamble = String::new();
+        if self.checks_client_connection(server_major).await {
+            preamble.push_str("SET client_connection_check_interval = '1s';\n");
+        }
+        let key = ctx.path.object_key(&ctx.backup_id, &step.part.key);
+        let cancel = ctx.cancel.clone();
+        let (pending, script) = pipeline::read_verified(
+            ctx.store,
+            &key,
+            &step.part.digest(),
+            ctx.unseal(step.part)?,
+            Some(progress),
+            &ctx.cancel,
+            move |input: &mut dyn Read| {
+                let mut tee = Tee::start(input, post_data)?;
+                let pending =
+                    run_restore_tools(&mut tee, pg_restore, psql, preamble.into_bytes(), &cancel);
+                let script = tee.finish();
+                Ok((pending?, script?))
+            },
+        )
+        .await?;
+        check_cancel(ctx)?;
+        let cancel = ctx.cancel.clone();
+        tokio::task::spawn_blocking(move || pending.commit(&cancel))
+            .await
+            .map_err(|e| Error::failed(format!("committing the restore: {e}")))??;
+        Ok(PostData::parse(&script))
+    }
+
+    /// `ALTER DATABASE scratch RENAME TO target`. Sessions just closed may linger for a
+    /// moment on the server (object_in_use), so that is retried briefly.
+    async fn rename_into_place(
+        &self,
+        client: &tokio_postgres::Client,
+        scratch: &str,
+        target: &str,
+    ) -> Result<()> {
+        let sql = format!(
+            "ALTER DATABASE {} RENAME TO {}",
+            quote_ident(scratch),
+            quote_ident(target)
+        );
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match client.batch_execute(&sql).await {
+                Ok(()) => return Ok(()),
+                Err(e)
+                    if attempt < 50
+                        && e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    return Err(query_error(
+                        &self.target,
+                        &format!("renaming the restored {scratch:?} to {target:?}"),
+                        e,
+                    ))
+                }
+            }
+        }
     }
 
     async fn plan<'m>(
@@ -481,6 +659,74 @@ fn check_cancel(ctx: &RestoreContext<'_>) -> Result<()> {
         Ok(())
     }
 }
+
+/// Drop a scratch database after a failed restore; FORCE (PostgreSQL 13+) ends the sessions
+/// still in it, such as an index build.
+async fn drop_scratch(client: &tokio_postgres::Client, scratch: &str, server_major: u32) {
+    let force = if server_major >= 13 {
+        " WITH (FORCE)"
+    } else {
+        ""
+    };
+    let drop = format!("DROP DATABASE IF EXISTS {}{force}", quote_ident(scratch));
+    if let Err(e) = client.batch_execute(&drop).await {
+        tracing::warn!(database = %scratch, error = %e, "could not drop the scratch database of the failed restore; drop it by hand");
+    }
+}
+
+/// The archive on its way to pg_restore, copied to a second pg_restore that prints only the
+/// post-data section. That one may stop reading once it has what it needs (its section has
+/// no data), so a closed pipe to it only ends the copy; its exit status is what counts.
+struct Tee<'a> {
+    input: &'a mut dyn Read,
+    copy: Option<ChildStdin>,
+    tool: ChildProcess,
+    script: std::thread::JoinHandle<std::io::Result<String>>,
+}
+
+impl<'a> Tee<'a> {
+    fn start(input: &'a mut dyn Read, command: Command) -> Result<Tee<'a>> {
+        let mut tool = ChildProcess::spawn(command, "pg_restore", true, true)?;
+        let copy = tool.take_stdin();
+        let stdout = tool.take_stdout().expect("stdout is piped");
+        let script = std::thread::spawn(move || {
+            let mut text = String::new();
+            // The post-data section of a sane schema is megabytes; the cap only stops a
+            // damaged archive from eating memory.
+            stdout.take(POST_DATA_LIMIT).read_to_string(&mut text)?;
+            Ok(text)
+        });
+        Ok(Tee {
+            input,
+            copy,
+            tool,
+            script,
+        })
+    }
+
+    fn finish(mut self) -> Result<String> {
+        drop(self.copy.take());
+        self.tool.wait_success()?;
+        self.script
+            .join()
+            .map_err(|_| Error::failed("reading the post-data section panicked"))?
+            .map_err(|e| Error::with_source(ErrorKind::Failed, "reading the post-data section", e))
+    }
+}
+
+impl Read for Tee<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.input.read(buf)?;
+        if let Some(copy) = self.copy.as_mut() {
+            if copy.write_all(&buf[..n]).is_err() {
+                self.copy = None;
+            }
+        }
+        Ok(n)
+    }
+}
+
+const POST_DATA_LIMIT: u64 = 256 << 20;
 
 /// A restore whose script has been fed to psql except its final COMMIT.
 struct PendingCommit {
