@@ -58,6 +58,11 @@ where
                 stop.cancel();
                 failure = Some(err);
             }
+            // A second, independent failure (another damaged part) is not the one reported,
+            // but is not lost either.
+            Err(err) if err.kind() != crate::error::ErrorKind::Interrupted => {
+                tracing::error!(error = %err.chain(), "another job failed as well");
+            }
             Err(_) => {}
         }
     }

@@ -169,7 +169,14 @@ async fn round_trip_keeps_everything_through_file_and_s3() {
     assert_eq!(listed[0]["status"], "complete");
     assert_eq!(listed[0]["parts"], 4, "globals + three databases");
 
-    restore(file_storage(dir.path()), &id, &target, &["--globals"]).assert_ok();
+    // Both restore paths: parallel through a scratch database, and the single transaction.
+    restore(
+        file_storage(dir.path()),
+        &id,
+        &target,
+        &["--globals", "--jobs", "3"],
+    )
+    .assert_ok();
     assert_eq!(
         globals_without_superuser(&source),
         globals_without_superuser(&target),
@@ -193,6 +200,8 @@ async fn round_trip_keeps_everything_through_file_and_s3() {
         mappings.push(format!("{database}:{database}_s3"));
     }
     let mappings: Vec<&str> = mappings.iter().map(String::as_str).collect();
+    let mut mappings = mappings;
+    mappings.extend(["--jobs", "1"]);
     restore(s3, &id, &target, &mappings).assert_ok();
     for database in databases {
         assert_same_database(&source, database, &target, &format!("{database}_s3"));

@@ -182,6 +182,7 @@ async fn uploads_reset_or_stalled_are_retried_and_the_backup_restores_identicall
     };
     let original = common::pg_dump_text(&fixture.pg, &fixture.db);
     for (name, fault) in [
+        ("slowdown", Fault::SlowDown),
         ("reset", Fault::UploadReset(1 << 20)),
         // Held far past the request timeout (2 × 5 s): only the timeout gets past it.
         (
@@ -189,7 +190,13 @@ async fn uploads_reset_or_stalled_are_retried_and_the_backup_restores_identicall
             Fault::UploadStall(1 << 20, Duration::from_secs(60)),
         ),
     ] {
-        let (port, faults) = fault_front(&fixture.moto, fault, 2);
+        // Every 2nd upload request (a PUT of a part or an object) gets the fault.
+        let (port, faults) = match fault {
+            Fault::SlowDown => {
+                common::front::fault_front_where(&fixture.moto, fault, 2, |m, _| m == "PUT")
+            }
+            _ => fault_front(&fixture.moto, fault, 2),
+        };
         let backup = tokio::task::block_in_place(|| {
             run(through(&fixture, port).env("KURA_PART_SIZE", "5MiB").args([
                 "backup",
@@ -350,31 +357,40 @@ async fn a_couchdb_restore_survives_cut_downloads_with_every_revision() {
         run(kura_at(&moto).args(["backup", "couchdb", "--database", &db]))
     });
     backup.assert_ok();
-    // Every download cut after 64 KiB: the part is read in several resumed pieces.
-    let (port, faults) = fault_front(&moto, Fault::CloseAfter(64 << 10), 1);
-    let copy = format!("{db}_copy");
-    let restore = tokio::task::block_in_place(|| {
-        run(kura_at(&format!("http://127.0.0.1:{port}")).args([
-            "restore",
-            "couchdb",
-            &backup.backup_id(),
-            "--database",
-            &format!("{db}:{copy}"),
-        ]))
-    });
-    restore.assert_ok();
-    assert!(
-        faults.injected.load(Ordering::SeqCst) >= 1,
-        "no download was cut"
-    );
-    assert!(
-        restore.all().contains("resuming from byte"),
-        "{}",
-        restore.all()
-    );
     let original = couch.leaves(&db).await;
     assert_eq!(original.len(), 2000);
-    assert_eq!(couch.leaves(&copy).await, original);
+    for (name, fault, every) in [
+        ("slowdown", Fault::SlowDown, 2),
+        ("reset", Fault::CloseAfter(256 << 10), 2),
+        ("stall", Fault::Stall(256 << 10, Duration::from_secs(60)), 2),
+        // Every download cut after 64 KiB: the part is read in many resumed pieces.
+        ("cut_often", Fault::CloseAfter(64 << 10), 1),
+    ] {
+        let (port, faults) = fault_front(&moto, fault, every);
+        let copy = format!("{db}_{name}");
+        let restore = tokio::task::block_in_place(|| {
+            run(kura_at(&format!("http://127.0.0.1:{port}")).args([
+                "restore",
+                "couchdb",
+                &backup.backup_id(),
+                "--database",
+                &format!("{db}:{copy}"),
+            ]))
+        });
+        restore.assert_ok();
+        assert!(
+            faults.injected.load(Ordering::SeqCst) >= 1,
+            "{name}: no download was disturbed"
+        );
+        if fault != Fault::SlowDown {
+            assert!(
+                restore.all().contains("resuming from byte"),
+                "{name}: {}",
+                restore.all()
+            );
+        }
+        assert_eq!(couch.leaves(&copy).await, original, "{name}");
+    }
 }
 
 /// The revisions in a CouchDB part: (id, rev) of every document line, in order.
@@ -489,6 +505,7 @@ async fn a_backup_rides_out_the_store_gone_for_30_seconds_in_the_middle() {
     });
     backup.assert_ok();
     let took = started.elapsed();
+    eprintln!("a backup through a 30 s outage took {took:?}");
     assert_eq!(faults.injected.load(Ordering::SeqCst), 1);
     assert!(faults.refused.load(Ordering::SeqCst) >= 2);
     assert!(

@@ -719,6 +719,7 @@ impl ObjectStore for S3Store {
             next_part: 1,
             parts: Arc::new(Mutex::new(Vec::new())),
             aborted: false,
+            bytes: 0,
         }))
     }
 
@@ -936,6 +937,27 @@ struct S3Upload {
     parts: Arc<Mutex<Vec<CompletedPart>>>,
     /// Some stores (s3s) answer a second abort with AccessDenied instead of NoSuchUpload.
     aborted: bool,
+    /// Bytes handed to `put_part`: what the completed object must hold.
+    bytes: u64,
+}
+
+impl S3Upload {
+    async fn completed_already(&self, part_count: usize) -> bool {
+        let head = self
+            .store
+            .client
+            .head_object()
+            .bucket(&self.store.bucket)
+            .key(&self.key)
+            .send()
+            .await;
+        head.is_ok_and(|object| {
+            object.content_length() == Some(self.bytes as i64)
+                && object
+                    .e_tag()
+                    .is_some_and(|tag| tag.trim_matches('"').ends_with(&format!("-{part_count}")))
+        })
+    }
 }
 
 #[async_trait]
@@ -943,6 +965,7 @@ impl MultipartUpload for S3Upload {
     fn put_part(&mut self, data: Bytes) -> BoxFuture<'static, Result<()>> {
         let part_number = self.next_part;
         self.next_part += 1;
+        self.bytes += data.len() as u64;
         let store = self.store.clone();
         let (key, upload_id, parts) = (
             self.key.clone(),
@@ -981,10 +1004,12 @@ impl MultipartUpload for S3Upload {
     async fn complete(&mut self) -> Result<()> {
         let mut parts = self.parts.lock().expect("parts lock poisoned").clone();
         parts.sort_by_key(|p| p.part_number());
+        let part_count = parts.len();
         let completed = CompletedMultipartUpload::builder()
             .set_parts(Some(parts))
             .build();
-        self.store
+        let outcome = self
+            .store
             .in_flight("completing the upload of", &self.key, || {
                 self.store
                     .client
@@ -995,9 +1020,20 @@ impl MultipartUpload for S3Upload {
                     .multipart_upload(completed.clone())
                     .send()
             })
-            .await
-            .map_err(|e| self.store.error("cannot complete upload of", &self.key, e))?;
-        Ok(())
+            .await;
+        match outcome {
+            Ok(_) => Ok(()),
+            // A Complete sent again after the first one succeeded but its answer was lost:
+            // the upload is gone because it became the object. Accept it only if the object
+            // is exactly that upload (its length, and the `-<parts>` of a multipart ETag).
+            Err(e)
+                if e.code() == Some("NoSuchUpload") && self.completed_already(part_count).await =>
+            {
+                tracing::warn!(key = %self.key, "the store had already completed the upload whose answer was lost");
+                Ok(())
+            }
+            Err(e) => Err(self.store.error("cannot complete upload of", &self.key, e)),
+        }
     }
 
     async fn abort(&mut self) -> Result<()> {

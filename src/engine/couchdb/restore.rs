@@ -193,7 +193,12 @@ impl CouchRestore {
         let mut summary = RestoreSummary::default();
         // Databases side by side; within each, `_bulk_docs` writers in parallel as before.
         let restored = crate::jobs::run_all(steps, ctx.jobs, &ctx.cancel, |step, stop| {
-            let ctx = ctx.with_cancel(stop);
+            // CouchDB has no transactions: writing into an existing database is not stopped
+            // halfway by another database's failure (only by a signal, as before --jobs).
+            let ctx = match step.2 {
+                true => ctx.with_cancel(ctx.cancel.clone()),
+                false => ctx.with_cancel(stop),
+            };
             let line = &line;
             async move {
                 let (part, target, exists) = step;

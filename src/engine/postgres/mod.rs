@@ -399,7 +399,9 @@ impl TableExclusions {
                 .query(
                     "SELECT n.nspname::text || '.' || c.relname::text
                        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                      WHERE c.relname ~ $1 AND ($2::text IS NULL OR n.nspname ~ $2)",
+                      WHERE c.relname ~ $1
+                        AND CASE WHEN $2::text IS NULL THEN pg_catalog.pg_table_is_visible(c.oid)
+                                 ELSE n.nspname ~ $2 END",
                     &[&p.name, &p.schema],
                 )
                 .await

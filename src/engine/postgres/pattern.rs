@@ -31,7 +31,8 @@ impl NamePattern {
                 '*' => current.push_str(".*"),
                 '?' => current.push('.'),
                 '$' => current.push_str("\\$"),
-                _ => current.extend(c.to_lowercase()),
+                // pg_dump folds ASCII only (pg_tolower).
+                _ => current.push(c.to_ascii_lowercase()),
             }
         }
         if in_quotes {
@@ -40,7 +41,8 @@ impl NamePattern {
         let anchored = |regex: &str| format!("^({regex})$");
         match parts.as_slice() {
             [name] if !name.is_empty() => Ok(NamePattern { schema: None, name: anchored(name) }),
-            [schema, name] if !name.is_empty() => Ok(NamePattern {
+            // `database.schema.name` (PostgreSQL 14+): the database is the one dumped.
+            [_, schema, name] | [schema, name] if !name.is_empty() => Ok(NamePattern {
                 // `.name` as in pg_dump: an empty schema part matches any schema.
                 schema: (!schema.is_empty()).then(|| anchored(schema)),
                 name: anchored(name),
@@ -93,6 +95,8 @@ mod tests {
     fn malformed_patterns_are_refused() {
         assert!(NamePattern::parse("\"open").is_err());
         assert!(NamePattern::parse("a.b.c.d").is_err());
+        assert_eq!(parsed("db.s.t"), (Some("^(s)$".into()), "^(t)$".into()));
+        assert_eq!(parsed("Émile"), (None, "^(Émile)$".into()));
         assert!(NamePattern::parse("").is_err());
         assert!(NamePattern::parse("schema.").is_err());
     }

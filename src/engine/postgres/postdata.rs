@@ -10,11 +10,12 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::preflight::query_error;
 use super::Connection;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 
 /// One entry of the script: its type (`INDEX`, `FK CONSTRAINT`, …) and its SQL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,120 +33,180 @@ pub struct PostData {
     /// Indexes and constraints other than foreign keys: each locks one table, so any
     /// number run at once without deadlocks (two on the same table take turns).
     pub builds: Vec<Entry>,
-    /// Foreign keys lock two tables each: run one after another, so two of them can never
-    /// wait for each other.
-    pub foreign_keys: Vec<Entry>,
-    /// Everything else (triggers, rules, policies, index attachments, comments, matview
-    /// refreshes), in the script's order, after the two above.
-    pub rest: Vec<Entry>,
+    /// Everything else, in the script's order, on one session after the builds: foreign
+    /// keys (they lock two tables each, so two must never wait for each other, and one to
+    /// a partitioned table needs the `INDEX ATTACH` entries before it), triggers, rules,
+    /// policies, comments, materialized view refreshes.
+    pub in_order: Vec<Entry>,
+}
+
+/// While parsing: the preamble (no head) or one entry, with the settings it starts with.
+#[derive(Default)]
+struct Chunk<'a> {
+    head: Option<(String, String)>,
+    settings: String,
+    lines: Vec<&'a str>,
+}
+
+/// The name of the setting a line sets, if it is one of the `SET name = value;` lines
+/// pg_restore writes between entries: only the settings it changes per entry, and only a
+/// whole statement (a line of a multi-line string that happens to start with `SET ` is not).
+fn setting(line: &str) -> Option<String> {
+    const PER_ENTRY: [&str; 4] = [
+        "default_tablespace",
+        "default_table_access_method",
+        "default_with_oids",
+        "search_path",
+    ];
+    let (name, value) = line.strip_prefix("SET ")?.split_once(" = ")?;
+    let value = value.strip_suffix(';')?;
+    let whole = !value.contains(';') && value.matches('\'').count() % 2 == 0;
+    (PER_ENTRY.contains(&name) && whole).then(|| name.to_string())
 }
 
 impl PostData {
     pub fn parse(script: &str) -> PostData {
-        let mut post = PostData::default();
         let mut settings: BTreeMap<String, String> = BTreeMap::new();
-        let mut preamble = String::new();
-        let mut current: Option<Entry> = None;
-        for line in script.lines() {
-            // psql meta-commands (`\restrict`, `\unrestrict` of pg_dump 15.14+): the
-            // sessions here are not psql.
-            if line.starts_with('\\') {
+        // The preamble, then one chunk per entry.
+        let mut chunks = vec![Chunk::default()];
+        let lines: Vec<&str> = script.split('\n').collect();
+        let mut i = 0;
+        while i < lines.len() {
+            let line = lines[i];
+            // An entry starts at its header block, `--` / `-- Name: …` / `--`; a line like it
+            // inside a multi-line string literal (a COMMENT's text) is not alone like that.
+            let header = line
+                .strip_prefix("-- Name: ")
+                .filter(|_| i > 0 && lines[i - 1] == "--" && lines.get(i + 1) == Some(&"--"));
+            let Some(header) = header else {
+                // psql meta-commands around the script (`\restrict`, `\unrestrict` of
+                // pg_dump 15.14+): the sessions here are not psql.
+                if !line.starts_with("\\restrict ") && !line.starts_with("\\unrestrict ") {
+                    chunks
+                        .last_mut()
+                        .expect("one chunk at least")
+                        .lines
+                        .push(line);
+                }
+                i += 1;
                 continue;
-            }
-            if let Some(header) = line.strip_prefix("-- Name: ") {
-                if let Some(done) = current.take() {
-                    post.push(done);
-                }
-                let name = header.split("; Type: ").next().unwrap_or("").to_string();
-                let kind = header
-                    .split("; Type: ")
-                    .nth(1)
-                    .and_then(|rest| rest.split(';').next())
-                    .unwrap_or("")
-                    .to_string();
-                let mut sql = String::new();
-                for set in settings.values() {
-                    sql.push_str(set);
-                    sql.push('\n');
-                }
-                current = Some(Entry { kind, name, sql });
-                continue;
-            }
-            if let Some(rest) = line.strip_prefix("SET ") {
-                if let Some((name, _)) = rest.split_once(" = ") {
-                    settings.insert(name.trim().to_string(), line.to_string());
+            };
+            // pg_restore writes the SETs an entry needs just before its header block: they
+            // belong to it, and to every entry after it until changed.
+            let previous = &mut chunks.last_mut().expect("one chunk at least").lines;
+            previous.pop(); // the header block's first `--`
+            let mut kept = previous.len();
+            while kept > 0 {
+                let candidate = previous[kept - 1];
+                if candidate.trim().is_empty() || setting(candidate).is_some() {
+                    kept -= 1;
+                } else {
+                    break;
                 }
             }
-            if line.starts_with("--") {
-                continue;
+            for moved in previous.drain(kept..) {
+                if let Some(name) = setting(moved) {
+                    settings.insert(name, moved.to_string());
+                }
             }
-            match current.as_mut() {
-                Some(entry) => {
-                    entry.sql.push_str(line);
-                    entry.sql.push('\n');
-                }
-                None => {
-                    preamble.push_str(line);
-                    preamble.push('\n');
-                }
+            let mut parts = header.split("; Type: ");
+            let name = parts.next().unwrap_or("").to_string();
+            let kind = parts
+                .next()
+                .and_then(|rest| rest.split(';').next())
+                .unwrap_or("")
+                .to_string();
+            chunks.push(Chunk {
+                head: Some((kind, name)),
+                settings: settings.values().cloned().collect::<Vec<_>>().join("\n"),
+                lines: Vec::new(),
+            });
+            i += 2;
+        }
+        let mut post = PostData::default();
+        for chunk in chunks {
+            let text = chunk.lines.join("\n");
+            match chunk.head {
+                None => post.preamble = text,
+                Some((kind, name)) => post.push(Entry {
+                    kind,
+                    name,
+                    sql: format!("{}\n{text}", chunk.settings),
+                }),
             }
         }
-        if let Some(done) = current.take() {
-            post.push(done);
-        }
-        post.preamble = preamble;
         post
     }
 
     fn push(&mut self, entry: Entry) {
         match entry.kind.as_str() {
             "INDEX" | "CONSTRAINT" => self.builds.push(entry),
-            "FK CONSTRAINT" => self.foreign_keys.push(entry),
-            _ => self.rest.push(entry),
+            _ => self.in_order.push(entry),
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.builds.is_empty() && self.foreign_keys.is_empty() && self.rest.is_empty()
+        self.builds.is_empty() && self.in_order.is_empty()
     }
 
-    /// Run every entry in `database`: the builds on up to `jobs` sessions, then the foreign
-    /// keys and the rest on one. Stops at the first failure (the others finish their current
-    /// statement, or are ended by the caller dropping the database) and on `cancel`.
+    /// Run every entry in `database`: the builds on up to `jobs` sessions, then the rest
+    /// on one. Every statement holds a permit of `budget`, shared by all the databases a
+    /// restore builds at once, so `--jobs` bounds the index builds of the whole run (and the
+    /// memory each takes, `maintenance_work_mem`), not of each database. The first failure
+    /// stops the other sessions at once (their statements end when the caller drops the
+    /// database); so does `cancel`.
     pub async fn run(
         &self,
         target: &Connection,
         database: &str,
         jobs: usize,
+        budget: &Semaphore,
         cancel: &CancellationToken,
     ) -> Result<()> {
         let queue = Mutex::new(self.builds.iter().collect::<VecDeque<_>>());
-        let failed = CancellationToken::new();
+        let stop = cancel.child_token();
         let sessions = jobs.clamp(1, self.builds.len().max(1));
         let workers = (0..sessions).map(|_| async {
-            let client = self.session(target, database).await?;
+            let mut client = None;
             loop {
-                if cancel.is_cancelled() {
-                    return Err(Error::interrupted());
-                }
-                if failed.is_cancelled() {
-                    return Ok(());
-                }
+                let permit = tokio::select! {
+                    permit = budget.acquire() => permit.expect("the budget is never closed"),
+                    _ = stop.cancelled() => return Err(Error::interrupted()),
+                };
                 let Some(entry) = queue.lock().expect("queue lock").pop_front() else {
                     return Ok(());
                 };
-                if let Err(e) = run_entry(&client, target, entry, cancel).await {
-                    failed.cancel();
-                    return Err(e);
+                if client.is_none() {
+                    client = Some(self.session(target, database).await?);
+                }
+                let session = client.as_ref().expect("just connected");
+                let ran = run_entry(session, target, entry, &stop).await;
+                drop(permit);
+                if let Err(err) = ran {
+                    stop.cancel();
+                    return Err(err);
                 }
             }
         });
         let outcomes = futures::future::join_all(workers).await;
-        if let Some(err) = outcomes.into_iter().find_map(|o| o.err()) {
-            return Err(err);
+        // The failure that stopped the others, not the interruptions it caused.
+        let mut errors = outcomes
+            .into_iter()
+            .filter_map(|o| o.err())
+            .collect::<Vec<_>>();
+        if !errors.is_empty() {
+            let first = errors
+                .iter()
+                .position(|e| e.kind() != ErrorKind::Interrupted)
+                .unwrap_or(0);
+            return Err(errors.swap_remove(first));
+        }
+        if self.in_order.is_empty() {
+            return Ok(());
         }
         let client = self.session(target, database).await?;
-        for entry in self.foreign_keys.iter().chain(&self.rest) {
+        for entry in &self.in_order {
+            let _permit = budget.acquire().await.expect("the budget is never closed");
             run_entry(&client, target, entry, cancel).await?;
         }
         Ok(())
@@ -171,7 +232,8 @@ async fn run_entry(
         done = client.batch_execute(&entry.sql) => done.map_err(|e| {
             query_error(target, &format!("creating {} {}", entry.kind.to_lowercase(), entry.name), e)
         }),
-        // The caller drops the database (WITH FORCE), which ends this session's statement.
+        // The caller drops the database (ending its sessions first), which ends this
+        // session's statement.
         _ = cancel.cancelled() => Err(Error::interrupted()),
     }
 }
@@ -251,19 +313,62 @@ CREATE TRIGGER audit AFTER INSERT ON public.t FOR EACH ROW EXECUTE FUNCTION publ
         let kinds =
             |entries: &[Entry]| -> Vec<String> { entries.iter().map(|e| e.name.clone()).collect() };
         assert_eq!(kinds(&post.builds), ["t t_pkey", "t_v", "t_w"]);
-        assert_eq!(kinds(&post.foreign_keys), ["u u_t_fkey"]);
-        assert_eq!(kinds(&post.rest), ["t audit"]);
+        assert_eq!(kinds(&post.in_order), ["u u_t_fkey", "t audit"]);
         // t_w follows t_v in the script with no SET of its own: it is still in `fast`.
         assert!(post.builds[2]
             .sql
             .contains("SET default_tablespace = fast;"));
         assert!(post.builds[2].sql.contains("CREATE INDEX t_w"));
+        // A SET before a header is the next entry's, not the tail of the one before.
         assert!(post.builds[0].sql.contains("SET default_tablespace = '';"));
-        assert!(post.foreign_keys[0]
+        assert!(
+            !post.builds[0].sql.contains("fast"),
+            "{}",
+            post.builds[0].sql
+        );
+        assert!(post.in_order[0]
             .sql
             .contains("SET default_tablespace = '';"));
-        assert!(!post.rest[0].sql.contains("unrestrict"));
-        assert!(!post.rest[0].sql.contains("dump complete"));
+        assert!(!post.in_order[1].sql.contains("unrestrict"));
+    }
+
+    #[test]
+    fn a_comment_whose_text_looks_like_the_script_is_kept_whole() {
+        let script = "SET client_encoding = 'UTF8';
+
+--
+-- Name: INDEX t_v; Type: COMMENT; Schema: public; Owner: app
+--
+
+COMMENT ON INDEX public.t_v IS 'first line
+--
+-- Name: not a header; Type: INDEX; Schema: x; Owner: y
+\\restrict-like text
+SET default_tablespace = fast;';
+
+--
+-- Name: t_w; Type: INDEX; Schema: public; Owner: app
+--
+
+CREATE INDEX t_w ON public.t USING btree (w);
+";
+        let post = PostData::parse(script);
+        assert_eq!(post.in_order.len(), 1);
+        let sql = &post.in_order[0].sql;
+        for kept in [
+            "-- Name: not a header; Type: INDEX",
+            "\\restrict-like text",
+            "SET default_tablespace = fast;';",
+        ] {
+            assert!(sql.contains(kept), "{kept:?} lost from {sql}");
+        }
+        // The string's last line is not a setting of the entry after it.
+        assert_eq!(post.builds.len(), 1);
+        assert!(
+            !post.builds[0].sql.contains("fast"),
+            "{}",
+            post.builds[0].sql
+        );
     }
 
     #[test]

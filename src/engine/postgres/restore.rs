@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use std::process::{ChildStdin, ChildStdout, Command};
 use std::time::{Duration, Instant};
 
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::postdata::PostData;
@@ -175,13 +176,24 @@ impl PostgresRestore {
             tracing::info!("roles and tablespaces restored");
         }
 
-        // Databases side by side; each is still one transaction, committed on its own.
+        // Databases side by side; each is still one transaction, committed on its own. The
+        // index builds of all of them share one budget of --jobs statements.
+        let budget = Semaphore::new(ctx.jobs);
         let restored = crate::jobs::run_all(steps, ctx.jobs, &ctx.cancel, |step, stop| {
             let ctx = ctx.with_cancel(stop);
-            let (client, tools, tables, line) = (&client, &tools, &tables, &line);
+            let (client, tools, tables, line, budget) = (&client, &tools, &tables, &line, &budget);
             async move {
-                self.restore_step(&ctx, client, step, tools, tables, server_major, line)
-                    .await
+                self.restore_step(
+                    &ctx,
+                    client,
+                    step,
+                    tools,
+                    tables,
+                    server_major,
+                    line,
+                    budget,
+                )
+                .await
             }
         })
         .await?;
@@ -207,13 +219,14 @@ impl PostgresRestore {
         tables: &[(String, String)],
         server_major: u32,
         line: &ProgressLine,
+        budget: &Semaphore,
     ) -> Result<(String, u64, usize)> {
         let mut warnings = 0;
         check_cancel(ctx)?;
         let started = Instant::now();
         line.progress().set_label(&step.target);
         if !step.exists && tables.is_empty() && ctx.jobs > 1 {
-            self.restore_through_scratch(ctx, client, &step, tools, server_major, line)
+            self.restore_through_scratch(ctx, client, &step, tools, server_major, line, budget)
                 .await?;
             tracing::info!(
                 database = %step.target,
@@ -294,6 +307,7 @@ impl PostgresRestore {
     /// `jobs` sessions, as `pg_restore -j` builds them, and only then renamed to the target.
     /// The target never exists half-restored: any failure, or a signal, drops the scratch
     /// database (WITH FORCE, which also ends an index build in progress).
+    #[allow(clippy::too_many_arguments)]
     async fn restore_through_scratch(
         &self,
         ctx: &RestoreContext<'_>,
@@ -302,6 +316,7 @@ impl PostgresRestore {
         tools: &Tools,
         server_major: u32,
         line: &ProgressLine,
+        budget: &Semaphore,
     ) -> Result<()> {
         let scratch = format!("kura_restore_{:08x}", rand::random::<u32>());
         let owner_exists = existing_roles(client, &self.target)
@@ -331,7 +346,7 @@ impl PostgresRestore {
                 .set_label(format!("{} (indexes, constraints)", step.target));
             if !post_data.is_empty() {
                 post_data
-                    .run(&self.target, &scratch, ctx.jobs, &ctx.cancel)
+                    .run(&self.target, &scratch, ctx.jobs, budget, &ctx.cancel)
                     .await?;
             }
             check_cancel(ctx)?;
@@ -416,17 +431,39 @@ impl PostgresRestore {
         Ok(PostData::parse(&script))
     }
 
-    /// `ALTER DATABASE scratch RENAME TO target`. Sessions just closed may linger for a
-    /// moment on the server (object_in_use), so that is retried briefly.
+    /// `ALTER DATABASE scratch RENAME TO target`. A rename needs the database to itself: new
+    /// connections are refused first and any other session in it (a monitoring agent that
+    /// visits every database) is ended, and sessions just closed may linger for a moment on
+    /// the server (object_in_use), so that is retried briefly.
     async fn rename_into_place(
         &self,
         client: &tokio_postgres::Client,
         scratch: &str,
         target: &str,
     ) -> Result<()> {
+        let shut = format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS false",
+            quote_ident(scratch)
+        );
+        client.batch_execute(&shut).await.map_err(|e| {
+            query_error(
+                &self.target,
+                &format!("closing {scratch:?} for the rename"),
+                e,
+            )
+        })?;
+        // Only the sessions we may end (our own, or any with pg_signal_backend); a rename
+        // still blocked by another is the error below.
+        let _ = client
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&scratch],
+            )
+            .await;
         let sql = format!(
-            "ALTER DATABASE {} RENAME TO {}",
+            "ALTER DATABASE {} RENAME TO {}; ALTER DATABASE {} ALLOW_CONNECTIONS true",
             quote_ident(scratch),
+            quote_ident(target),
             quote_ident(target)
         );
         let mut attempt = 0;
@@ -660,14 +697,22 @@ fn check_cancel(ctx: &RestoreContext<'_>) -> Result<()> {
     }
 }
 
-/// Drop a scratch database after a failed restore; FORCE (PostgreSQL 13+) ends the sessions
-/// still in it, such as an index build.
+/// Drop a scratch database after a failed restore, ending the sessions still in it, such as
+/// an index build: FORCE on PostgreSQL 13+, pg_terminate_backend before.
 async fn drop_scratch(client: &tokio_postgres::Client, scratch: &str, server_major: u32) {
     let force = if server_major >= 13 {
         " WITH (FORCE)"
     } else {
         ""
     };
+    if server_major < 13 {
+        let _ = client
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&scratch],
+            )
+            .await;
+    }
     let drop = format!("DROP DATABASE IF EXISTS {}{force}", quote_ident(scratch));
     if let Err(e) = client.batch_execute(&drop).await {
         tracing::warn!(database = %scratch, error = %e, "could not drop the scratch database of the failed restore; drop it by hand");
