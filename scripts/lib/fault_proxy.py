@@ -47,7 +47,9 @@ async def serve(client_reader, client_writer, upstream, mode, min_bytes, stall):
         length = content_length(answer)
         client_writer.write(without_connection(answer))
         cut = None
-        if (mode != "none" and not disturbed and method == b"GET" and b"?" not in target
+        # An object GET: no query but the SDK's own `x-id=GetObject`.
+        query = target.partition(b"?")[2]
+        if (mode != "none" and not disturbed and method == b"GET" and query in (b"", b"x-id=GetObject")
                 and answer.startswith(b"HTTP/1.1 200") and length >= min_bytes):
             disturbed = True
             cut = length // 2

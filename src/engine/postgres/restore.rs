@@ -226,66 +226,46 @@ impl PostgresRestore {
         let started = Instant::now();
         line.progress().set_label(&step.target);
         if !step.exists && tables.is_empty() && ctx.jobs > 1 {
-            self.restore_through_scratch(ctx, client, &step, tools, server_major, line, budget)
+            warnings += self
+                .restore_through_scratch(ctx, client, &step, tools, server_major, line, budget)
                 .await?;
-            tracing::info!(
-                database = %step.target,
-                source_database = %step.part.name,
-                raw_bytes = step.part.raw_bytes,
-                seconds = started.elapsed().as_secs_f64(),
-                "database {:?} restored from {:?} ({})",
-                step.target,
-                step.part.name,
-                human_bytes(step.part.raw_bytes)
-            );
-            return Ok((step.target, step.part.raw_bytes, warnings));
-        }
-        let created = if step.exists {
-            false
         } else {
-            let owner_exists = existing_roles(client, &self.target)
-                .await?
-                .contains(&step.props.owner);
-            let sql = step.props.create_statement(&step.target, owner_exists);
-            client.batch_execute(&sql).await.map_err(|e| {
-                query_error(
-                    &self.target,
-                    &format!("creating database {:?}", step.target),
-                    e,
-                )
-            })?;
-            true
-        };
-        let result = self
-            .restore_database(ctx, &step, tools, tables, server_major, line.progress())
-            .await;
-        if let Err(err) = result {
-            if created {
-                // FORCE (PostgreSQL 13+): the restore's own session may still be rolling
-                // back after its psql was stopped.
-                let force = if server_major >= 13 {
-                    " WITH (FORCE)"
-                } else {
-                    ""
-                };
-                let drop = format!(
-                    "DROP DATABASE IF EXISTS {}{force}",
-                    quote_ident(&step.target)
-                );
-                if let Err(e) = client.batch_execute(&drop).await {
-                    tracing::warn!(database = %step.target, error = %e, "could not drop the database created for the failed restore");
+            let created = if step.exists {
+                false
+            } else {
+                let owner_exists = existing_roles(client, &self.target)
+                    .await?
+                    .contains(&step.props.owner);
+                let sql = step.props.create_statement(&step.target, owner_exists);
+                client.batch_execute(&sql).await.map_err(|e| {
+                    query_error(
+                        &self.target,
+                        &format!("creating database {:?}", step.target),
+                        e,
+                    )
+                })?;
+                true
+            };
+            let result = self
+                .restore_database(ctx, &step, tools, tables, server_major, line.progress())
+                .await;
+            if let Err(err) = result {
+                if created {
+                    // Ending its sessions: the restore's own may still be rolling back after
+                    // its psql was stopped.
+                    drop_scratch(client, &step.target, server_major).await;
                 }
+                return Err(err.or_interrupted(&ctx.cancel).context(format!(
+                    "restoring database {:?} into {:?} (left as it was)",
+                    step.part.name, step.target
+                )));
             }
-            return Err(err.or_interrupted(&ctx.cancel).context(format!(
-                "restoring database {:?} into {:?} (left as it was)",
-                step.part.name, step.target
-            )));
-        }
-        if tables.is_empty() {
-            for statement in step.props.property_statements(&step.target) {
-                if let Err(e) = client.batch_execute(&statement).await {
-                    warnings += 1;
-                    tracing::warn!(database = %step.target, error = %e, "could not restore a database property; the data is restored");
+            if tables.is_empty() {
+                for statement in step.props.property_statements(&step.target) {
+                    if let Err(e) = client.batch_execute(&statement).await {
+                        warnings += 1;
+                        tracing::warn!(database = %step.target, error = %e, "could not restore a database property; the data is restored");
+                    }
                 }
             }
         }
@@ -317,7 +297,7 @@ impl PostgresRestore {
         server_major: u32,
         line: &ProgressLine,
         budget: &Semaphore,
-    ) -> Result<()> {
+    ) -> Result<usize> {
         let scratch = format!("kura_restore_{:08x}", rand::random::<u32>());
         let owner_exists = existing_roles(client, &self.target)
             .await?
@@ -369,12 +349,14 @@ impl PostgresRestore {
             ));
         }
         statements.extend(step.props.property_statements(&step.target));
+        let mut warnings = 0;
         for statement in statements {
             if let Err(e) = client.batch_execute(&statement).await {
+                warnings += 1;
                 tracing::warn!(database = %step.target, error = %e, "could not restore a database property; the data is restored");
             }
         }
-        Ok(())
+        Ok(warnings)
     }
 
     /// Pre-data and data through pg_restore and psql in one transaction, committed once the
@@ -697,8 +679,8 @@ fn check_cancel(ctx: &RestoreContext<'_>) -> Result<()> {
     }
 }
 
-/// Drop a scratch database after a failed restore, ending the sessions still in it, such as
-/// an index build: FORCE on PostgreSQL 13+, pg_terminate_backend before.
+/// Drop a database created for a restore that failed, ending the sessions still in it, such
+/// as an index build: FORCE on PostgreSQL 13+, pg_terminate_backend before.
 async fn drop_scratch(client: &tokio_postgres::Client, scratch: &str, server_major: u32) {
     let force = if server_major >= 13 {
         " WITH (FORCE)"
@@ -715,7 +697,7 @@ async fn drop_scratch(client: &tokio_postgres::Client, scratch: &str, server_maj
     }
     let drop = format!("DROP DATABASE IF EXISTS {}{force}", quote_ident(scratch));
     if let Err(e) = client.batch_execute(&drop).await {
-        tracing::warn!(database = %scratch, error = %e, "could not drop the scratch database of the failed restore; drop it by hand");
+        tracing::warn!(database = %scratch, error = %e, "could not drop the database created for the failed restore; drop it by hand");
     }
 }
 
