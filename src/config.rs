@@ -267,6 +267,8 @@ pub struct FileConfig {
     pub lock_wait_timeout: Option<String>,
     /// `--jobs`: databases backed up, restored or verified at once.
     pub jobs: Option<usize>,
+    /// `--split-table-size`, e.g. "32MiB".
+    pub split_table_size: Option<String>,
     #[serde(default)]
     pub s3: S3File,
     #[serde(default)]
@@ -618,6 +620,10 @@ mod tests {
         assert_eq!(example.sources["main"].kind, SourceKind::Postgres);
         assert!(example.sources["main"].password_file.is_some());
         parse_size(example.pipeline.part_size.as_deref().unwrap()).unwrap();
+        assert_eq!(
+            parse_size(example.split_table_size.as_deref().unwrap()).unwrap(),
+            crate::engine::DEFAULT_SPLIT_TABLE_BYTES
+        );
     }
 
     #[test]

@@ -79,6 +79,16 @@ fn facts(url: &str, database: &str) -> String {
 }
 
 fn assert_same_database(source_url: &str, source: &str, target_url: &str, target: &str) {
+    assert_same_contents(source_url, source, target_url, target);
+    assert_eq!(
+        facts(source_url, source),
+        facts(target_url, target),
+        "database properties of {target:?}"
+    );
+}
+
+/// Everything pg_dump prints of the two databases is the same.
+fn assert_same_contents(source_url: &str, source: &str, target_url: &str, target: &str) {
     let (a, b) = (
         common::pg_dump_text(source_url, source),
         common::pg_dump_text(target_url, target),
@@ -95,11 +105,6 @@ fn assert_same_database(source_url: &str, source: &str, target_url: &str, target
             b.lines().nth(first)
         );
     }
-    assert_eq!(
-        facts(source_url, source),
-        facts(target_url, target),
-        "database properties of {target:?}"
-    );
 }
 
 /// Globals compared without the bootstrap superuser's own line (each cluster keeps its own
@@ -731,19 +736,29 @@ async fn sigterm_while_an_index_builds_rolls_the_restore_back() {
            IF coalesce(current_setting('kura_test.fast', true), '') <> 'on' THEN PERFORM pg_sleep(0.001); END IF; \
            RETURN v; END $$; \
          CREATE TABLE t (v int); SET kura_test.fast = 'on'; \
-         INSERT INTO t SELECT generate_series(1, 20000); CREATE INDEX t_slow ON t (slow(v));",
+         INSERT INTO t SELECT generate_series(1, 20000); CREATE INDEX t_slow ON t (slow(v)); \
+         CREATE TABLE u (v int); INSERT INTO u SELECT generate_series(1, 100);",
     );
     let dir = tempfile::tempdir().unwrap();
-    let id = backup(file_storage(dir.path()), &url, &["--database", &db]);
+    let whole = backup(file_storage(dir.path()), &url, &["--database", &db]);
+    let split = backup(
+        file_storage(dir.path()),
+        &url,
+        &["--database", &db, "--jobs", "2", "--split-table-size", "0"],
+    );
 
     // Both ways a restore builds indexes: in its one transaction (--jobs 1), and on the
-    // post-data sessions of a scratch database (--jobs 2), which must then be dropped.
-    for jobs in ["1", "2"] {
-        let copy = format!("{db}_copy{jobs}");
+    // post-data sessions of a scratch database (--jobs 2), which must then be dropped; from
+    // a whole archive and from a database split into parts.
+    for (n, (id, jobs)) in [(&whole, "1"), (&whole, "2"), (&split, "1"), (&split, "2")]
+        .into_iter()
+        .enumerate()
+    {
+        let copy = format!("{db}_copy{n}");
         let mut command = kura();
         file_storage(dir.path())(&mut command);
         let child = command
-            .args(["restore", "postgres", &id, "--to", &url, "--jobs", jobs])
+            .args(["restore", "postgres", id, "--to", &url, "--jobs", jobs])
             .args(["--database", &format!("{db}:{copy}")])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -949,5 +964,257 @@ fn excluded_tables_and_table_data_are_left_out_shown_and_verified() {
         refused.all().contains("unclosed double quote"),
         "{}",
         refused.all()
+    );
+}
+
+/// A database split into parts from one snapshot (its schema, a part per table, the rest)
+/// restores identically on every path: side by side through a scratch database, in one
+/// transaction with `--jobs 1`, onto itself with `--force`, one table with `--table`, and
+/// through `verify --deep`. A damaged data part fails each path with nothing changed. The
+/// same database backed up whole (format 3) restores on the same paths.
+#[test]
+fn split_and_whole_backups_restore_identically_on_every_path() {
+    let source = require!("KURA_TEST_PG_URL");
+    let target = require!("KURA_TEST_PG2_URL");
+    let fixture = build_fixture(&source);
+    let main = fixture.main.as_str();
+    let dir = tempfile::tempdir().unwrap();
+    let storage = file_storage(dir.path());
+    // Every table is large enough for a part of its own.
+    let id = backup(
+        &storage,
+        &source,
+        &["--database", main, "--jobs", "3", "--split-table-size", "0"],
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            dir.path()
+                .join("default/postgres")
+                .join(&id)
+                .join("manifest.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["format_version"], 4, "{manifest:#}");
+    let parts = manifest["parts"].as_array().unwrap();
+    let schema = parts
+        .iter()
+        .find(|p| p["kind"] == "postgres.database")
+        .unwrap();
+    assert_eq!(schema["format"], "pg_dump-custom-schema");
+    assert!(schema["counts"]["app.bulk"] == 150000, "{schema:#}");
+    let data: Vec<&serde_json::Value> = parts
+        .iter()
+        .filter(|p| p["kind"] == "postgres.table-data")
+        .collect();
+    // Every table its own part (3 jobs allow 12), the largest first, then the rest.
+    let tables = schema["counts"].as_object().unwrap().len();
+    assert!((3..=12).contains(&tables), "{schema:#}");
+    assert_eq!(data.len(), tables + 1, "{manifest:#}");
+    assert!(data.iter().all(|p| p["properties"]["of"] == schema["key"]));
+    assert_eq!(
+        data[0]["properties"]["table"],
+        serde_json::json!({"schema": "app", "name": "bulk"})
+    );
+    assert!(
+        data[tables]["properties"]["table"].is_null(),
+        "the rest comes last"
+    );
+    let mut show = kura();
+    storage(&mut show);
+    show.args(["show", "postgres", &id]);
+    let shown = run(&mut show).assert_ok().all();
+    assert!(shown.contains("rows of table app.bulk"), "{shown}");
+
+    // Side by side through a scratch database.
+    restore(&storage, &id, &target, &["--globals", "--jobs", "3"]).assert_ok();
+    assert_same_database(&source, main, &target, main);
+    // One transaction.
+    let single = format!("{main}_one");
+    restore(
+        &storage,
+        &id,
+        &target,
+        &["--database", &format!("{main}:{single}"), "--jobs", "1"],
+    )
+    .assert_ok();
+    assert_same_database(&source, main, &target, &single);
+    // Onto itself, changed, with --force: the foreign keys are dropped before the tables
+    // they point at, as a whole archive's restore drops them.
+    psql(
+        &target,
+        &single,
+        "DELETE FROM app.payments; UPDATE app.bulk SET filler = 'changed'; DELETE FROM app.people;",
+    );
+    restore(
+        &storage,
+        &id,
+        &target,
+        &[
+            "--database",
+            &format!("{main}:{single}"),
+            "--force",
+            "--jobs",
+            "3",
+        ],
+    )
+    .assert_ok();
+    // (Its grants are granted again, in another order: the same, but not the same text.)
+    assert_same_contents(&source, main, &target, &single);
+    // One table with a part of its own.
+    let bulk = format!("{main}_bulk");
+    restore(
+        &storage,
+        &id,
+        &target,
+        &[
+            "--database",
+            &format!("{main}:{bulk}"),
+            "--table",
+            "app.bulk",
+        ],
+    )
+    .assert_ok();
+    assert_eq!(
+        psql(&target, &bulk, "SELECT count(*), sum(id) FROM app.bulk"),
+        psql(&source, main, "SELECT count(*), sum(id) FROM app.bulk")
+    );
+    assert_eq!(
+        psql(&target, &bulk, "SELECT to_regclass('app.people') IS NULL"),
+        "t",
+        "only the asked table"
+    );
+    let mut verify = kura();
+    storage(&mut verify);
+    verify
+        .env("KURA_POSTGRES_URL", &target)
+        .args(["verify", "postgres", &id, "--deep", "--jobs", "2"]);
+    let verified = run(&mut verify);
+    verified.assert_ok();
+    assert!(
+        verified.all().contains("counts match"),
+        "{}",
+        verified.all()
+    );
+
+    // The largest table's data damaged: neither path changes anything.
+    let damaged = dir
+        .path()
+        .join("default/postgres")
+        .join(&id)
+        .join(data[0]["key"].as_str().unwrap());
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&damaged, bytes).unwrap();
+    let fresh = format!("{main}_bad");
+    let failed = restore(
+        &storage,
+        &id,
+        &target,
+        &["--database", &format!("{main}:{fresh}"), "--jobs", "3"],
+    );
+    assert_eq!(failed.code, 5, "{}", failed.all());
+    let message = failed.error_line()["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains(data[0]["key"].as_str().unwrap()),
+        "{message}"
+    );
+    let scratch: Vec<String> = failed
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|line| line["scratch"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(scratch.len(), 1, "{}", failed.all());
+    assert_eq!(
+        psql(
+            &target,
+            "postgres",
+            &format!(
+                "SELECT count(*) FROM pg_database WHERE datname IN ('{fresh}', '{}')",
+                scratch[0]
+            )
+        ),
+        "0",
+        "neither the target nor the scratch database is left"
+    );
+    let forced = restore(
+        &storage,
+        &id,
+        &target,
+        &[
+            "--database",
+            &format!("{main}:{single}"),
+            "--force",
+            "--jobs",
+            "1",
+        ],
+    );
+    assert_eq!(forced.code, 5, "{}", forced.all());
+    assert_same_contents(&source, main, &target, &single);
+
+    // Backed up whole (manifest format 3, as earlier kura wrote it): the same paths.
+    let whole_dir = tempfile::tempdir().unwrap();
+    let whole_storage = file_storage(whole_dir.path());
+    let whole = backup(
+        &whole_storage,
+        &source,
+        &["--database", main, "--jobs", "3"],
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            whole_dir
+                .path()
+                .join("default/postgres")
+                .join(&whole)
+                .join("manifest.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["format_version"], 3, "{manifest:#}");
+    assert!(manifest["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p["kind"] != "postgres.table-data"));
+    let copy = format!("{main}_whole");
+    restore(
+        &whole_storage,
+        &whole,
+        &target,
+        &["--database", &format!("{main}:{copy}"), "--jobs", "3"],
+    )
+    .assert_ok();
+    assert_same_database(&source, main, &target, &copy);
+    // --force onto the fixture's partitioned primary key, which pg_restore --clean alone
+    // cannot drop (it drops the partitions' constraints before the parent's).
+    psql(&target, &single, "DELETE FROM app.payments;");
+    restore(
+        &whole_storage,
+        &whole,
+        &target,
+        &["--database", &format!("{main}:{single}"), "--force"],
+    )
+    .assert_ok();
+    assert_same_contents(&source, main, &target, &single);
+    let bulk = format!("{main}_wbulk");
+    restore(
+        &whole_storage,
+        &whole,
+        &target,
+        &[
+            "--database",
+            &format!("{main}:{bulk}"),
+            "--table",
+            "app.bulk",
+        ],
+    )
+    .assert_ok();
+    assert_eq!(
+        psql(&target, &bulk, "SELECT count(*), sum(id) FROM app.bulk"),
+        psql(&source, main, "SELECT count(*), sum(id) FROM app.bulk")
     );
 }

@@ -28,8 +28,13 @@ pub const MANIFEST_FORMAT: &str = "kura-backup-manifest";
 /// 2: CouchDB parts stream attachments after their document (`kura-couchdb-ndjson-v2`).
 /// 3: parts may be age-encrypted (`encryption: {algorithm: "age", recipients: [...]}`); a
 /// version-2 kura would try to decompress their ciphertext.
-/// Manifests of versions 1 and 2 are still read, and their parts restored.
-pub const MANIFEST_VERSION: u32 = 3;
+/// 4: a PostgreSQL database may be split into a schema part and table-data parts
+/// (`postgres.table-data`); a version-3 kura would restore the schema alone.
+/// Manifests of versions 1 to 3 are still read, and their parts restored.
+pub const MANIFEST_VERSION: u32 = 4;
+/// What a backup that needs nothing newer is written as, so that kura releases that read
+/// only version 3 still restore it.
+pub const BASE_MANIFEST_VERSION: u32 = 3;
 
 /// `20261128T020304Z-a1b2c3`: UTC time to the second, then a suffix of the millisecond and
 /// random bits so two runs in the same second never collide. Lexical order is time order.

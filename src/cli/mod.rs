@@ -232,6 +232,17 @@ pub struct GlobalArgs {
     /// number of cores, at most 4]
     #[arg(long, env = "KURA_JOBS", global = true, value_name = "N")]
     pub jobs: Option<usize>,
+    /// PostgreSQL backup with --jobs > 1: a database with at least two tables of this size
+    /// is dumped as several parts from one snapshot (its schema, each such table, the rest),
+    /// so its tables are dumped and restored side by side; 0 splits every table
+    /// [default: 32MiB]
+    #[arg(
+        long,
+        env = "KURA_SPLIT_TABLE_SIZE",
+        global = true,
+        value_name = "SIZE"
+    )]
+    pub split_table_size: Option<String>,
     /// After backup, prune, verify or restore: write the run's Prometheus metrics to FILE
     /// (atomically; for node-exporter's textfile collector)
     #[arg(
@@ -379,6 +390,8 @@ pub struct Settings {
     pub lock_wait_timeout: Duration,
     /// `--jobs`: units of work (databases) run side by side.
     pub jobs: usize,
+    /// `--split-table-size`: tables of at least this many bytes get a part of their own.
+    pub split_table_bytes: u64,
     /// CA files and client certificate for https:// CouchDB URLs.
     pub couchdb_tls: crate::tls::TlsFiles,
     /// `--identity` files, read when an encrypted backup is opened.
@@ -482,6 +495,15 @@ impl Settings {
             ));
         }
 
+        let split_table_bytes = match args
+            .split_table_size
+            .as_ref()
+            .or(file.split_table_size.as_ref())
+        {
+            Some(raw) => config::parse_size(raw).map_err(|e| e.context("--split-table-size"))?,
+            None => crate::engine::DEFAULT_SPLIT_TABLE_BYTES,
+        };
+
         let jobs = args
             .jobs
             .or(file.jobs)
@@ -578,6 +600,7 @@ impl Settings {
             pg_bin_dir: args.pg_bin_dir.clone().or(file.pg_bin_dir.clone()),
             lock_wait_timeout,
             jobs,
+            split_table_bytes,
             identity_files,
             recipients_dropped,
             retention: file.retention,
@@ -698,6 +721,7 @@ impl Settings {
         crate::engine::EngineOptions {
             pg_bin_dir: self.pg_bin_dir.clone(),
             lock_wait_timeout: self.lock_wait_timeout,
+            split_table_bytes: self.split_table_bytes,
             single_attempt: false,
             couchdb_tls: self.couchdb_tls.clone(),
             read_timeout: self.s3.read_timeout,

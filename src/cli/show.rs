@@ -92,7 +92,7 @@ fn describe(manifest: &crate::catalog::Manifest) -> String {
     line("parts:".into());
     for part in &manifest.parts {
         line(format!(
-            "  {:<22} {:<28} {:>10} → {:>10}  sha256 {}",
+            "  {:<28} {:<28} {:>10} → {:>10}  sha256 {}",
             part.key,
             format!("{:?}", part.name),
             human_bytes(part.raw_bytes),
@@ -100,7 +100,7 @@ fn describe(manifest: &crate::catalog::Manifest) -> String {
             part.sha256.get(..16).unwrap_or(&part.sha256)
         ));
         if let Some(summary) = crate::engine::describe_part(manifest.kind, part) {
-            line(format!("  {:<22} {summary}", ""));
+            line(format!("  {:<28} {summary}", ""));
         }
     }
     out

@@ -52,6 +52,10 @@ pub mod postgres;
 /// How long a backup waits for a lock on a table before it fails (`--lock-wait-timeout`).
 pub const DEFAULT_LOCK_WAIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// Below this, a table's own pg_dump run (which reads the whole catalog) costs more than
+/// dumping it beside the others saves.
+pub const DEFAULT_SPLIT_TABLE_BYTES: u64 = 32 << 20;
+
 /// Settings an engine may need beyond its URL.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
@@ -59,6 +63,8 @@ pub struct EngineOptions {
     pub pg_bin_dir: Option<PathBuf>,
     /// How long a dump waits for a table lock held by another session.
     pub lock_wait_timeout: std::time::Duration,
+    /// With `--jobs` > 1, a PostgreSQL table of at least this size gets a part of its own.
+    pub split_table_bytes: u64,
     /// One attempt per request (`wait-for`, which retries on its own).
     pub single_attempt: bool,
     /// CA files and client certificate for `https://` CouchDB URLs. PostgreSQL takes its TLS
@@ -74,6 +80,7 @@ impl Default for EngineOptions {
         EngineOptions {
             pg_bin_dir: None,
             lock_wait_timeout: DEFAULT_LOCK_WAIT_TIMEOUT,
+            split_table_bytes: DEFAULT_SPLIT_TABLE_BYTES,
             single_attempt: false,
             couchdb_tls: crate::tls::TlsFiles::default(),
             read_timeout: crate::storage::DEFAULT_READ_TIMEOUT,
@@ -149,6 +156,8 @@ pub struct BackupOutcome {
     pub server_version: String,
     pub tool_version: String,
     pub parts: Vec<Part>,
+    /// The oldest manifest format that describes these parts (see [`crate::catalog::MANIFEST_VERSION`]).
+    pub format_version: u32,
 }
 
 /// What to restore, and how.
@@ -208,6 +217,12 @@ impl BackupContext<'_> {
     /// carry no database name, which may hold any character.
     pub fn database_part_name(index: usize, extension: &str) -> String {
         format!("db-{:04}.{extension}.zst", index + 1)
+    }
+
+    /// The object name of the `piece`-th extra part (from 1) of the `index`-th database, when
+    /// one database is written as several parts: `db-0001.data-001.<extension>.zst`.
+    pub fn database_piece_name(index: usize, piece: usize, extension: &str) -> String {
+        format!("db-{:04}.data-{piece:03}.{extension}.zst", index + 1)
     }
 }
 

@@ -8,7 +8,7 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::lock::Lock;
-use crate::catalog::{self, BackupId, Manifest, SourcePath, MANIFEST_FORMAT, MANIFEST_VERSION};
+use crate::catalog::{self, BackupId, Manifest, SourcePath, MANIFEST_FORMAT};
 use crate::config::SourceKind;
 use crate::engine::{BackupContext, BackupPlan, Engine, Selection};
 use crate::error::{Error, Result};
@@ -92,7 +92,7 @@ async fn commit_backup(job: &BackupJob<'_>, plan: Box<dyn BackupPlan>) -> Result
     };
     let manifest = Manifest {
         format: MANIFEST_FORMAT.to_string(),
-        format_version: MANIFEST_VERSION,
+        format_version: outcome.format_version,
         kura_version: env!("CARGO_PKG_VERSION").to_string(),
         backup_id: id.to_string(),
         tenant: path.tenant.clone(),

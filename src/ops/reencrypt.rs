@@ -11,7 +11,7 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::lock::Lock;
-use crate::catalog::{self, Manifest, SourcePath, MANIFEST_NAME, MANIFEST_VERSION};
+use crate::catalog::{self, Manifest, SourcePath, BASE_MANIFEST_VERSION, MANIFEST_NAME};
 use crate::error::{Error, Result};
 use crate::pipeline::encryption::{self, Identities};
 use crate::pipeline::{self, PipelineOptions};
@@ -102,7 +102,8 @@ async fn rewrite(job: &ReencryptJob<'_>, old: &Manifest) -> Result<Manifest> {
         let _ = store.delete(&written).await;
         return Err(err);
     }
-    manifest.format_version = MANIFEST_VERSION;
+    // Encrypted parts need version 3; a split database keeps the version it needs.
+    manifest.format_version = manifest.format_version.max(BASE_MANIFEST_VERSION);
     manifest
         .labels
         .insert("reencrypted_at".into(), Utc::now().to_rfc3339());

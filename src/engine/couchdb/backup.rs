@@ -150,6 +150,7 @@ impl CouchBackup {
             server_version: plan.server_version,
             tool_version: format!("kura {} (CouchDB HTTP API)", env!("CARGO_PKG_VERSION")),
             parts,
+            format_version: crate::catalog::BASE_MANIFEST_VERSION,
         })
     }
 

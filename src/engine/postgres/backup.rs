@@ -6,7 +6,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use super::preflight::{self, DatabaseProps, ServerInfo};
-use super::{Connection, Tools, DATABASE_KIND, GLOBALS_KIND};
+use tokio::sync::Semaphore;
+
+use super::{
+    Connection, DataPiece, TableName, Tools, DATABASE_KIND, DATA_FORMAT, GLOBALS_KIND,
+    SCHEMA_FORMAT, TABLE_DATA_KIND, WHOLE_FORMAT,
+};
 use crate::catalog::{BackupId, Part};
 use crate::engine::{BackupContext, BackupOutcome, Selection};
 use crate::error::{Error, ErrorKind, Result};
@@ -19,6 +24,8 @@ pub struct PostgresBackup {
     pub selection: Selection,
     pub bin_dir: Option<PathBuf>,
     pub lock_wait_timeout: std::time::Duration,
+    /// With `--jobs` > 1, tables of at least this size get a part of their own.
+    pub split_table_bytes: u64,
 }
 
 /// Checked before anything is uploaded: the server answers, the tools fit, the selection exists.
@@ -110,30 +117,39 @@ impl PostgresBackup {
 
         // Databases side by side, each from its own snapshot, as pg_dump would dump them one
         // by one; the parts keep the databases' order whatever order they finish in.
+        let streams = Semaphore::new(ctx.jobs);
         let database_parts = crate::jobs::run_all(
             databases.iter().enumerate().collect(),
             ctx.jobs,
             &ctx.cancel,
             |(index, database), stop| {
                 let ctx = ctx.with_cancel(stop);
-                let (tools, line) = (&tools, &line);
+                let (tools, line, streams) = (&tools, &line, &streams);
                 async move {
-                    self.backup_database(&ctx, id, tools, index, database, line)
+                    self.backup_database(&ctx, id, tools, index, database, line, streams)
                         .await
                 }
             },
         )
         .await?;
-        parts.extend(database_parts);
+        let split = database_parts.iter().any(|parts| parts.len() > 1);
+        parts.extend(database_parts.into_iter().flatten());
         line.finish().await;
         Ok(BackupOutcome {
             server_version: info.version,
             tool_version: tools.version,
             parts,
+            format_version: match split {
+                true => crate::catalog::MANIFEST_VERSION,
+                false => crate::catalog::BASE_MANIFEST_VERSION,
+            },
         })
     }
 
-    /// One database's part: its dump from an exported snapshot, with the rows counted in it.
+    /// One database from one exported snapshot: a single archive, or (with `--jobs` and
+    /// large tables) its schema, each large table's data and the rest of its data as parts
+    /// dumped side by side, with the rows counted in the same snapshot.
+    #[allow(clippy::too_many_arguments)]
     async fn backup_database(
         &self,
         ctx: &BackupContext<'_>,
@@ -142,32 +158,49 @@ impl PostgresBackup {
         index: usize,
         database: &DatabaseProps,
         line: &ProgressLine,
-    ) -> Result<Part> {
+        streams: &Semaphore,
+    ) -> Result<Vec<Part>> {
         let started = Instant::now();
         line.progress().set_label(&database.name);
         let snapshot =
             Snapshot::export(&self.connection, &database.name, self.lock_wait_timeout).await?;
-        let mut dump = self.connection.command(&tools.pg_dump, &database.name);
-        // Custom format: one snapshot per database, restorable table by table. pg_dump's own
-        // compression is off because zstd does it better and faster downstream.
-        dump.args(["--format=custom", "--compress=0", "--no-password"]);
-        for pattern in &self.selection.exclude_tables {
-            dump.arg(format!("--exclude-table={pattern}"));
-        }
-        for pattern in &self.selection.exclude_table_data {
-            dump.arg(format!("--exclude-table-data={pattern}"));
-        }
-        dump.arg(format!(
-            "--lock-wait-timeout={}",
-            self.lock_wait_timeout.as_millis()
-        ));
-        dump.arg(format!("--snapshot={}", snapshot.id));
-        let name = BackupContext::database_part_name(index, "pgdump");
+        let exclusions = self.exclusions()?;
+        let large = match ctx.jobs {
+            1 => Vec::new(),
+            jobs => snapshot
+                .large_tables(&exclusions, jobs, self.split_table_bytes, tools.major)
+                .await
+                .map_err(|e| {
+                    e.context(format!(
+                        "listing the tables of database {:?}",
+                        database.name
+                    ))
+                })?,
+        };
+        let pieces = Piece::plan(index, large);
         // Rows are counted in pg_dump's own snapshot while it runs, so `verify --deep` can
         // compare a restore with exactly what was dumped. The exporting transaction stays
-        // open until pg_dump is done: its snapshot must outlive pg_dump's import of it.
-        let dumping = self.dump(ctx, id, &name, dump, "pg_dump", line);
-        let exclusions = self.exclusions()?;
+        // open until every pg_dump is done: its snapshot must outlive their imports of it.
+        let dumping = crate::jobs::run_all(
+            pieces.iter().collect(),
+            ctx.jobs,
+            &ctx.cancel,
+            |piece, stop| {
+                let ctx = ctx.with_cancel(stop);
+                let snapshot = &snapshot;
+                async move {
+                    // One budget of --jobs streams for the whole backup, however its
+                    // databases are split: that is what bounds memory.
+                    let _stream = tokio::select! {
+                        permit = streams.acquire() => permit.map_err(|_| Error::interrupted())?,
+                        _ = ctx.cancel.cancelled() => return Err(Error::interrupted()),
+                    };
+                    line.progress().set_label(piece.label(&database.name));
+                    let dump = self.piece_command(tools, database, &snapshot.id, piece);
+                    self.dump(&ctx, id, &piece.key, dump, "pg_dump", line).await
+                }
+            },
+        );
         let counting = async {
             tokio::select! {
                 counts = snapshot.count_rows(&exclusions) => counts,
@@ -205,29 +238,105 @@ impl PostgresBackup {
                     .await);
             }
         };
+        let raw_bytes: u64 = stored.iter().map(|s| s.raw_bytes).sum();
+        let stored_bytes: u64 = stored.iter().map(|s| s.stored.bytes).sum();
         tracing::info!(
             database = %database.name,
-            raw_bytes = stored.raw_bytes,
-            stored_bytes = stored.stored.bytes,
+            raw_bytes,
+            stored_bytes,
+            parts = stored.len(),
             seconds = started.elapsed().as_secs_f64(),
-            "database {:?} backed up: {} → {}",
+            "database {:?} backed up: {} → {}{}",
             database.name,
-            human_bytes(stored.raw_bytes),
-            human_bytes(stored.stored.bytes),
+            human_bytes(raw_bytes),
+            human_bytes(stored_bytes),
+            match stored.len() {
+                1 => String::new(),
+                n => format!(" in {n} parts from one snapshot"),
+            }
         );
         let properties = serde_json::to_value(database)
             .map_err(|e| Error::failed(format!("encoding database properties: {e}")))?;
-        let mut database_part = part(
-            &name,
-            &database.name,
-            DATABASE_KIND,
-            "pg_dump-custom",
-            &stored,
-            ctx,
-            properties,
-        );
-        database_part.counts = counts;
-        Ok(database_part)
+        let schema_key = pieces[0].key.clone();
+        let mut parts = Vec::with_capacity(pieces.len());
+        for (piece, stored) in pieces.iter().zip(&stored) {
+            let part = match &piece.kind {
+                PieceKind::Whole | PieceKind::Schema => {
+                    let format = match piece.kind {
+                        PieceKind::Whole => WHOLE_FORMAT,
+                        _ => SCHEMA_FORMAT,
+                    };
+                    let mut database_part = part(
+                        &piece.key,
+                        &database.name,
+                        DATABASE_KIND,
+                        format,
+                        stored,
+                        ctx,
+                        properties.clone(),
+                    );
+                    database_part.counts = counts.clone();
+                    database_part
+                }
+                PieceKind::Table(table) => data_part(
+                    &piece.key,
+                    database,
+                    &schema_key,
+                    Some(table.clone()),
+                    stored,
+                    ctx,
+                )?,
+                PieceKind::Rest(_) => {
+                    data_part(&piece.key, database, &schema_key, None, stored, ctx)?
+                }
+            };
+            tracing::debug!(database = %database.name, part = %part.key, raw_bytes = part.raw_bytes, "part stored");
+            parts.push(part);
+        }
+        Ok(parts)
+    }
+
+    /// The pg_dump that writes `piece`, in `snapshot`.
+    fn piece_command(
+        &self,
+        tools: &Tools,
+        database: &DatabaseProps,
+        snapshot: &str,
+        piece: &Piece,
+    ) -> std::process::Command {
+        let mut dump = self.connection.command(&tools.pg_dump, &database.name);
+        // Custom format: restorable table by table. pg_dump's own compression is off because
+        // zstd does it better and faster downstream.
+        dump.args(["--format=custom", "--compress=0", "--no-password"]);
+        for pattern in &self.selection.exclude_tables {
+            dump.arg(format!("--exclude-table={pattern}"));
+        }
+        for pattern in &self.selection.exclude_table_data {
+            dump.arg(format!("--exclude-table-data={pattern}"));
+        }
+        match &piece.kind {
+            PieceKind::Whole => {}
+            // Not --schema-only, which would also leave out the materialized views' REFRESH
+            // (post-data, but data to pg_dump); large objects are in the rest of the data.
+            PieceKind::Schema => {
+                dump.args(["--section=pre-data", "--section=post-data", "--no-blobs"]);
+            }
+            PieceKind::Table(table) => {
+                dump.args(["--data-only", &format!("--table={}", table.pattern())]);
+            }
+            PieceKind::Rest(tables) => {
+                dump.arg("--data-only");
+                for table in tables {
+                    dump.arg(format!("--exclude-table-data={}", table.pattern()));
+                }
+            }
+        }
+        dump.arg(format!(
+            "--lock-wait-timeout={}",
+            self.lock_wait_timeout.as_millis()
+        ));
+        dump.arg(format!("--snapshot={snapshot}"));
+        dump
     }
 
     async fn dump(
@@ -393,6 +502,88 @@ fn part(
     }
 }
 
+/// One archive of a database's backup.
+struct Piece {
+    kind: PieceKind,
+    key: String,
+}
+
+enum PieceKind {
+    /// The whole database: schema and data.
+    Whole,
+    /// The schema of a split database: pre-data and post-data, with the materialized views'
+    /// REFRESH and without large objects.
+    Schema,
+    /// One large table's rows.
+    Table(TableName),
+    /// Every other row: small tables, sequence values, large objects.
+    Rest(Vec<TableName>),
+}
+
+impl Piece {
+    /// The database as one archive, or (with at least two large tables, which is when
+    /// dumping them side by side pays for the extra pg_dump runs) its schema, then its
+    /// largest tables first, so the longest dumps start first, then the rest.
+    fn plan(index: usize, large: Vec<TableName>) -> Vec<Piece> {
+        let key = BackupContext::database_part_name(index, "pgdump");
+        if large.len() < 2 {
+            return vec![Piece {
+                kind: PieceKind::Whole,
+                key,
+            }];
+        }
+        let mut pieces = vec![Piece {
+            kind: PieceKind::Schema,
+            key,
+        }];
+        for (n, table) in large.iter().enumerate() {
+            pieces.push(Piece {
+                kind: PieceKind::Table(table.clone()),
+                key: BackupContext::database_piece_name(index, n + 1, "pgdump"),
+            });
+        }
+        pieces.push(Piece {
+            key: BackupContext::database_piece_name(index, large.len() + 1, "pgdump"),
+            kind: PieceKind::Rest(large),
+        });
+        pieces
+    }
+
+    fn label(&self, database: &str) -> String {
+        match &self.kind {
+            PieceKind::Whole => database.to_string(),
+            PieceKind::Schema => format!("{database} (schema)"),
+            PieceKind::Table(table) => format!("{database} ({table})"),
+            PieceKind::Rest(_) => format!("{database} (other tables)"),
+        }
+    }
+}
+
+fn data_part(
+    key: &str,
+    database: &DatabaseProps,
+    schema_key: &str,
+    table: Option<TableName>,
+    stored: &Stored,
+    ctx: &BackupContext<'_>,
+) -> Result<Part> {
+    let piece = DataPiece {
+        of: schema_key.to_string(),
+        table,
+    };
+    let properties = serde_json::to_value(&piece)
+        .map_err(|e| Error::failed(format!("encoding a part's properties: {e}")))?;
+    Ok(part(
+        key,
+        &database.name,
+        TABLE_DATA_KIND,
+        DATA_FORMAT,
+        stored,
+        ctx,
+        properties,
+    ))
+}
+
 /// A transaction whose snapshot pg_dump imports (`--snapshot`), kept open while in use.
 struct Snapshot {
     client: tokio_postgres::Client,
@@ -431,6 +622,67 @@ impl Snapshot {
             .map_err(failed)?
             .get(0);
         Ok(Snapshot { client, id })
+    }
+
+    /// The tables worth a part of their own, largest first, at most `4 × jobs` (16 at most):
+    /// tables pg_dump writes the rows of (as [`super::count_rows`] lists them) of at least
+    /// `min_bytes`, and none the backup leaves out or empties.
+    ///
+    /// Large objects are data to pg_dump up to version 16: `--data-only` writes them with
+    /// their owners, grants and comments, and `--no-blobs` leaves them out. pg_dump 17
+    /// reorganised how it dumps them, and that split is not verified here: with a newer
+    /// pg_dump, a database that holds large objects is dumped whole.
+    async fn large_tables(
+        &self,
+        exclusions: &super::TableExclusions,
+        jobs: usize,
+        min_bytes: u64,
+        pg_dump_major: u32,
+    ) -> Result<Vec<TableName>> {
+        let failed = |e| Error::with_source(ErrorKind::Database, "sizing the tables", e);
+        let has_large_objects: bool = self
+            .client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_largeobject_metadata)",
+                &[],
+            )
+            .await
+            .map_err(failed)?
+            .get(0);
+        if has_large_objects && pg_dump_major > 16 {
+            return Ok(Vec::new());
+        }
+        let limit = (4 * jobs).min(16) as i64;
+        let rows = self
+            .client
+            .query(
+                "SELECT n.nspname::text, c.relname::text
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.relkind = 'r' AND c.relpersistence <> 't'
+                    AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%'
+                    AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                                     WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                                       AND d.deptype = 'e')
+                    AND pg_catalog.pg_table_size(c.oid) >= $1
+                  ORDER BY pg_catalog.pg_table_size(c.oid) DESC, 1, 2
+                  LIMIT $2",
+                &[&(min_bytes.min(i64::MAX as u64) as i64), &limit],
+            )
+            .await
+            .map_err(failed)?;
+        let left_out = super::TableExclusions::matching(&self.client, &exclusions.tables).await?;
+        let emptied = super::TableExclusions::matching(&self.client, &exclusions.data).await?;
+        Ok(rows
+            .iter()
+            .map(|row| TableName {
+                schema: row.get(0),
+                name: row.get(1),
+            })
+            .filter(|table| {
+                let key = table.to_string();
+                !left_out.contains(&key) && !emptied.contains(&key)
+            })
+            .collect())
     }
 
     /// Counted in the snapshot; the transaction stays open until the value is dropped.

@@ -72,6 +72,7 @@ impl Engine for PostgresEngine {
             selection: selection.clone(),
             bin_dir: self.options.pg_bin_dir.clone(),
             lock_wait_timeout: self.options.lock_wait_timeout,
+            split_table_bytes: self.options.split_table_bytes,
         };
         let plan = backup.plan().await?;
         Ok(Box::new(PlannedBackup { backup, plan }))
@@ -137,6 +138,13 @@ impl Engine for PostgresEngine {
 
 /// Tables and rows a part held, from the counts recorded at backup time.
 pub fn describe_part(part: &Part) -> Option<String> {
+    if part.kind == super::TABLE_DATA_KIND {
+        let piece: super::DataPiece = serde_json::from_value(part.properties.clone()).ok()?;
+        return Some(match piece.table {
+            Some(table) => format!("rows of table {table}"),
+            None => "rows of the other tables, sequence values".to_string(),
+        });
+    }
     let counts = part.counts.as_ref()?;
     let rows: u64 = counts.values().sum();
     Some(format!("{} tables, {rows} rows", counts.len()))

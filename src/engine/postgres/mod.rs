@@ -4,6 +4,10 @@
 //! Formats: roles, tablespaces and memberships come from `pg_dumpall --globals-only` (SQL);
 //! each database is one `pg_dump --format=custom` archive, which pg_dump takes from a single
 //! repeatable-read snapshot and which lets pg_restore pick a single table later.
+//! With `--jobs` > 1, a database with large tables is split, as `pg_dump -j` splits it but
+//! streamed: a `--schema-only` archive (the database part, [`SCHEMA_FORMAT`]), one
+//! `--data-only` archive per large table and one for the rest of the data
+//! ([`TABLE_DATA_KIND`] parts), every one of them dumped from the same exported snapshot.
 //! Database-level properties (encoding, locale, owner, settings, grants, comment) are read
 //! from the catalog and kept in the manifest, because pg_dump only emits them with `--create`,
 //! which would tie the dump to the original database name.
@@ -29,6 +33,43 @@ pub use engine::{describe_part, PostgresEngine};
 /// Part object kinds in the manifest.
 pub const GLOBALS_KIND: &str = "postgres.globals";
 pub const DATABASE_KIND: &str = "postgres.database";
+/// Data of a database written as several parts (manifest format 4); see [`DataPiece`].
+pub const TABLE_DATA_KIND: &str = "postgres.table-data";
+
+/// Part formats: a whole database, the schema of a split one, and its data pieces.
+pub const WHOLE_FORMAT: &str = "pg_dump-custom";
+pub const SCHEMA_FORMAT: &str = "pg_dump-custom-schema";
+pub const DATA_FORMAT: &str = "pg_dump-custom-data";
+
+/// The properties of a [`TABLE_DATA_KIND`] part: whose data it holds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DataPiece {
+    /// The key of the database's schema part.
+    pub of: String,
+    /// The one table whose rows it holds, or `None` for the rest of the database's data
+    /// (small tables, sequence values, large objects).
+    pub table: Option<TableName>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TableName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl TableName {
+    /// As a pg_dump `--table` pattern that matches this one table and nothing else: inside
+    /// double quotes, `*`, `?` and `.` are literal.
+    pub fn pattern(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+impl std::fmt::Display for TableName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
 
 /// How to reach one PostgreSQL server, built from its URL.
 #[derive(Debug, Clone)]

@@ -21,7 +21,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::postdata::PostData;
 use super::preflight::{query_error, DatabaseProps};
-use super::{quote_ident, Connection, Tools, DATABASE_KIND, GLOBALS_KIND};
+use super::{
+    quote_ident, Connection, DataPiece, Tools, DATABASE_KIND, GLOBALS_KIND, SCHEMA_FORMAT,
+    TABLE_DATA_KIND,
+};
 use crate::catalog::{Manifest, Part};
 use crate::engine::{select_parts, DatabaseMapping, RestoreContext};
 use crate::error::{Error, ErrorKind, Result};
@@ -42,10 +45,37 @@ pub struct PostgresRestore {
 
 /// One database to restore, decided before anything is touched.
 struct Step<'m> {
+    /// The whole database, or the schema of a split one.
     part: &'m Part,
+    /// The data parts of a split database, in the backup's order; empty for a whole one.
+    data: Vec<(&'m Part, DataPiece)>,
     props: DatabaseProps,
     target: String,
     exists: bool,
+}
+
+impl Step<'_> {
+    fn stored_bytes(&self) -> u64 {
+        self.part.stored_bytes + self.data.iter().map(|(p, _)| p.stored_bytes).sum::<u64>()
+    }
+
+    fn raw_bytes(&self) -> u64 {
+        self.part.raw_bytes + self.data.iter().map(|(p, _)| p.raw_bytes).sum::<u64>()
+    }
+
+    /// The data parts a restore of `tables` (all when empty) needs: the table's own part,
+    /// and the rest, which holds every table without one.
+    fn data_for<'s>(&'s self, tables: &[(String, String)]) -> Vec<&'s (&'s Part, DataPiece)> {
+        self.data
+            .iter()
+            .filter(|(_, piece)| match &piece.table {
+                None => true,
+                Some(t) => {
+                    tables.is_empty() || tables.iter().any(|(s, n)| *s == t.schema && *n == t.name)
+                }
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -160,7 +190,7 @@ impl PostgresRestore {
                 .sum(),
             false => 0,
         };
-        let total = steps.iter().map(|s| s.part.stored_bytes).sum::<u64>() + globals_bytes;
+        let total = steps.iter().map(Step::stored_bytes).sum::<u64>() + globals_bytes;
         let line = ProgressLine::start("restoring", ctx.show_progress, Some(total));
         if self.globals {
             let part = manifest
@@ -246,9 +276,16 @@ impl PostgresRestore {
                 })?;
                 true
             };
-            let result = self
-                .restore_database(ctx, &step, tools, tables, server_major, line.progress())
-                .await;
+            let result = match step.data.is_empty() {
+                true => {
+                    self.restore_database(ctx, &step, tools, tables, server_major, line.progress())
+                        .await
+                }
+                false => {
+                    self.restore_split_database(ctx, &step, tools, tables, server_major, line)
+                        .await
+                }
+            };
             if let Err(err) = result {
                 if created {
                     // Ending its sessions: the restore's own may still be rolling back after
@@ -269,17 +306,19 @@ impl PostgresRestore {
                 }
             }
         }
+        let raw_bytes = step.raw_bytes();
         tracing::info!(
             database = %step.target,
             source_database = %step.part.name,
-            raw_bytes = step.part.raw_bytes,
+            raw_bytes,
+            parts = 1 + step.data.len(),
             seconds = started.elapsed().as_secs_f64(),
             "database {:?} restored from {:?} ({})",
             step.target,
             step.part.name,
-            human_bytes(step.part.raw_bytes)
+            human_bytes(raw_bytes)
         );
-        Ok((step.target, step.part.raw_bytes, warnings))
+        Ok((step.target, raw_bytes, warnings))
     }
 
     /// A new database restored with `--jobs`: schema and data in one transaction into a
@@ -322,6 +361,10 @@ impl PostgresRestore {
                 .restore_schema_and_data(ctx, step, tools, server_major, &scratch, line.progress())
                 .await?;
             check_cancel(ctx)?;
+            if !step.data.is_empty() {
+                self.load_data_side_by_side(ctx, step, tools, server_major, &scratch, line, budget)
+                    .await?;
+            }
             line.progress()
                 .set_label(format!("{} (indexes, constraints)", step.target));
             if !post_data.is_empty() {
@@ -383,34 +426,18 @@ impl PostgresRestore {
         ]);
         let mut post_data = Command::new(&tools.pg_restore);
         post_data.args(["--file=-", "--section=post-data"]);
-        let mut preamble = String::new();
-        if self.checks_client_connection(server_major).await {
-            preamble.push_str("SET client_connection_check_interval = '1s';\n");
-        }
-        let key = ctx.path.object_key(&ctx.backup_id, &step.part.key);
-        let cancel = ctx.cancel.clone();
-        let (pending, script) = pipeline::read_verified(
-            ctx.store,
-            &key,
-            &step.part.digest(),
-            ctx.unseal(step.part)?,
-            Some(progress),
-            &ctx.cancel,
-            move |input: &mut dyn Read| {
-                let mut tee = Tee::start(input, post_data)?;
-                let pending =
-                    run_restore_tools(&mut tee, pg_restore, psql, preamble.into_bytes(), &cancel);
-                let script = tee.finish();
-                Ok((pending?, script?))
-            },
+        let preamble = self.connection_check(server_major).await;
+        let script = restore_in_one_transaction(
+            ctx,
+            step.part,
+            pg_restore,
+            psql,
+            preamble,
+            progress,
+            Some(post_data),
         )
         .await?;
-        check_cancel(ctx)?;
-        let cancel = ctx.cancel.clone();
-        tokio::task::spawn_blocking(move || pending.commit(&cancel))
-            .await
-            .map_err(|e| Error::failed(format!("committing the restore: {e}")))??;
-        Ok(PostData::parse(&script))
+        Ok(PostData::parse(&script.unwrap_or_default()))
     }
 
     /// `ALTER DATABASE scratch RENAME TO target`. A rename needs the database to itself: new
@@ -492,8 +519,33 @@ impl PostgresRestore {
                         part.name
                     ))
                 })?;
+            let mut data = Vec::new();
+            for candidate in manifest.parts.iter().filter(|p| p.kind == TABLE_DATA_KIND) {
+                let piece: DataPiece = serde_json::from_value(candidate.properties.clone())
+                    .map_err(|e| {
+                        Error::integrity(format!(
+                            "manifest entry of part {} is malformed: {e}",
+                            candidate.key
+                        ))
+                    })?;
+                if piece.of == part.key {
+                    data.push((candidate, piece));
+                }
+            }
+            // A schema without its data would restore as an empty database reported as ok.
+            let complete = match part.format == SCHEMA_FORMAT {
+                true => data.iter().any(|(_, piece)| piece.table.is_none()),
+                false => data.is_empty(),
+            };
+            if !complete {
+                return Err(Error::integrity(format!(
+                    "the manifest of backup {} does not list every part of database {:?} (its schema, the rest of its data, or no data parts for a whole one); the backup is damaged",
+                    manifest.backup_id, part.name
+                )));
+            }
             steps.push(Step {
                 part,
+                data,
                 props,
                 exists: existing.contains(&target),
                 target,
@@ -521,13 +573,7 @@ impl PostgresRestore {
         if self.force {
             pg_restore.args(["--clean", "--if-exists"]);
         }
-        let mut preamble = String::new();
-        if self.checks_client_connection(server_major).await {
-            // A stopped restore (SIGTERM, a corrupt part) kills psql; without this the server
-            // would notice only after the statement in progress, e.g. an hour-long CREATE
-            // INDEX, and hold the target's locks until then.
-            preamble.push_str("SET client_connection_check_interval = '1s';\n");
-        }
+        let mut preamble = self.connection_check(server_major).await;
         // pg_restore --table restores the table but not its schema.
         for (schema, table) in tables {
             pg_restore.arg(format!("--schema={schema}"));
@@ -537,25 +583,183 @@ impl PostgresRestore {
                 quote_ident(schema)
             ));
         }
+        restore_in_one_transaction(ctx, step.part, pg_restore, psql, preamble, progress, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// The data parts of a split database into the scratch database that holds its schema,
+    /// side by side: each in its own transaction, committed once its SHA-256 matched (the
+    /// scratch database is invisible until renamed, so there is nothing to see half-done).
+    /// The loads take their turns from the same budget as the index builds.
+    #[allow(clippy::too_many_arguments)]
+    async fn load_data_side_by_side(
+        &self,
+        ctx: &RestoreContext<'_>,
+        step: &Step<'_>,
+        tools: &Tools,
+        server_major: u32,
+        scratch: &str,
+        line: &ProgressLine,
+        budget: &Semaphore,
+    ) -> Result<()> {
+        let preamble = self.connection_check(server_major).await;
+        crate::jobs::run_all(step.data.iter().collect(), ctx.jobs, &ctx.cancel, |(part, piece), stop| {
+            let ctx = ctx.with_cancel(stop);
+            let preamble = preamble.clone();
+            async move {
+                let _turn = tokio::select! {
+                    turn = budget.acquire() => turn.map_err(|_| Error::interrupted())?,
+                    _ = ctx.cancel.cancelled() => return Err(Error::interrupted()),
+                };
+                line.progress()
+                    .set_label(format!("{} ({})", step.target, describe_piece(piece)));
+                let mut psql = self.target.command(&tools.psql, scratch);
+                psql.args(PSQL_SCRIPT_ARGS);
+                psql.args(["--tuples-only", "--no-align"]);
+                let mut pg_restore = Command::new(&tools.pg_restore);
+                pg_restore.args(["--file=-", "--data-only", "--single-transaction"]);
+                let started = Instant::now();
+                restore_in_one_transaction(
+                    &ctx,
+                    part,
+                    pg_restore,
+                    psql,
+                    preamble,
+                    line.progress(),
+                    None,
+                )
+                .await
+                .map_err(|e| {
+                    e.context(format!(
+                        "loading part {} ({})",
+                        part.key,
+                        describe_piece(piece)
+                    ))
+                })?;
+                tracing::info!(database = %step.target, part = %part.key, raw_bytes = part.raw_bytes, seconds = started.elapsed().as_secs_f64(), "loaded {} of {:?} ({})", describe_piece(piece), step.target, human_bytes(part.raw_bytes));
+                Ok(())
+            }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// A split database in one transaction (onto an existing database with `--force`, with
+    /// `--table`, or with `--jobs 1`): its schema's pre-data, every data part, then its
+    /// post-data, all through one psql session, committed once every part's SHA-256
+    /// matched. With `--force`, pg_restore's drops of the post-data section (foreign keys
+    /// above all, which would block dropping the tables they point at) go first, where a
+    /// restore of a whole archive has them.
+    async fn restore_split_database(
+        &self,
+        ctx: &RestoreContext<'_>,
+        step: &Step<'_>,
+        tools: &Tools,
+        tables: &[(String, String)],
+        server_major: u32,
+        line: &ProgressLine,
+    ) -> Result<()> {
+        let mut psql = self.target.command(&tools.psql, &step.target);
+        psql.args(PSQL_SCRIPT_ARGS);
+        psql.args(["--tuples-only", "--no-align"]);
+        let mut selection: Vec<String> = Vec::new();
+        if self.force {
+            selection.extend(["--clean".into(), "--if-exists".into()]);
+        }
+        let mut preamble = self.connection_check(server_major).await;
+        for (schema, table) in tables {
+            selection.push(format!("--schema={schema}"));
+            selection.push(format!("--table={table}"));
+            preamble.push_str(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {};\n",
+                quote_ident(schema)
+            ));
+        }
+        let script = |section: &str| {
+            let mut pg_restore = Command::new(&tools.pg_restore);
+            pg_restore.args(["--file=-", section]).args(&selection);
+            pg_restore
+        };
+        let (pre_data, post_data) = (script("--section=pre-data"), script("--section=post-data"));
         let key = ctx.path.object_key(&ctx.backup_id, &step.part.key);
         let cancel = ctx.cancel.clone();
-        let pending = pipeline::read_verified(
+        let (mut session, post_data) = pipeline::read_verified(
             ctx.store,
             &key,
             &step.part.digest(),
             ctx.unseal(step.part)?,
-            Some(progress),
+            Some(line.progress()),
             &ctx.cancel,
             move |input: &mut dyn Read| {
-                run_restore_tools(input, pg_restore, psql, preamble.into_bytes(), &cancel)
+                let (pre_data, post_data) = two_scripts(input, pre_data, post_data)?;
+                let (drops, post_data) = split_off_drops(&post_data);
+                let mut session = PendingCommit::open(psql, &cancel)?;
+                session.write(preamble.as_bytes())?;
+                session.write(drops.as_bytes())?;
+                session.write(pre_data.as_bytes())?;
+                Ok((session, post_data))
             },
         )
         .await?;
-        check_cancel(ctx)?;
-        let cancel = ctx.cancel.clone();
-        tokio::task::spawn_blocking(move || pending.commit(&cancel))
+        for (part, piece) in step.data_for(tables) {
+            check_cancel(ctx)?;
+            line.progress()
+                .set_label(format!("{} ({})", step.target, describe_piece(piece)));
+            let mut pg_restore = Command::new(&tools.pg_restore);
+            // --clean belongs to the schema: a data-only archive has nothing to drop.
+            pg_restore.args(["--file=-", "--data-only"]);
+            pg_restore.args(
+                selection
+                    .iter()
+                    .filter(|a| a.starts_with("--schema=") || a.starts_with("--table=")),
+            );
+            let key = ctx.path.object_key(&ctx.backup_id, &part.key);
+            let cancel = ctx.cancel.clone();
+            let force = self.force;
+            session = pipeline::read_verified(
+                ctx.store,
+                &key,
+                &part.digest(),
+                ctx.unseal(part)?,
+                Some(line.progress()),
+                &ctx.cancel,
+                move |input: &mut dyn Read| {
+                    session.feed(input, pg_restore, force, &cancel)?;
+                    Ok(session)
+                },
+            )
             .await
-            .map_err(|e| Error::failed(format!("committing the restore: {e}")))?
+            .map_err(|e| {
+                e.context(format!(
+                    "loading part {} ({})",
+                    part.key,
+                    describe_piece(piece)
+                ))
+            })?;
+        }
+        check_cancel(ctx)?;
+        line.progress()
+            .set_label(format!("{} (indexes, constraints)", step.target));
+        let cancel = ctx.cancel.clone();
+        tokio::task::spawn_blocking(move || {
+            session.write(post_data.as_bytes())?;
+            session.commit(&cancel)
+        })
+        .await
+        .map_err(|e| Error::failed(format!("committing the restore: {e}")))?
+    }
+
+    /// `SET client_connection_check_interval`, when the server has it (see
+    /// [`Self::checks_client_connection`]), for the start of a restore's transaction.
+    async fn connection_check(&self, server_major: u32) -> String {
+        match self.checks_client_connection(server_major).await {
+            // A stopped restore (SIGTERM, a corrupt part) kills psql; without this the server
+            // would notice only after the statement in progress, e.g. an hour-long CREATE
+            // INDEX, and hold the target's locks until then.
+            true => "SET client_connection_check_interval = '1s';\n".to_string(),
+            false => String::new(),
+        }
     }
 
     async fn restore_globals(
@@ -825,6 +1029,240 @@ impl PendingCommit {
     }
 }
 
+impl PendingCommit {
+    /// psql with a transaction open, for scripts fed one after another ([`Self::write`],
+    /// [`Self::feed`]) and committed as one by [`Self::commit`].
+    fn open(psql: Command, cancel: &CancellationToken) -> Result<PendingCommit> {
+        let mut psql = ChildProcess::spawn(psql, "psql", true, true)?;
+        let stopper = psql.terminator(cancel.clone());
+        let stdin = psql.take_stdin().expect("stdin is piped");
+        let marker = format!("kura: script applied {:016x}", rand::random::<u64>());
+        let applied = watch_output(psql.take_stdout().expect("stdout is piped"), marker.clone());
+        let mut session = PendingCommit {
+            psql,
+            stdin: Some(stdin),
+            applied,
+            marker,
+            held: b"COMMIT;\n".to_vec(),
+            stopper,
+        };
+        session.write(b"BEGIN;\n")?;
+        Ok(session)
+    }
+
+    /// Blocking: send `sql` into the transaction.
+    fn write(&mut self, sql: &[u8]) -> Result<()> {
+        let stdin = self.stdin.as_mut().expect("open until the end");
+        match stdin.write_all(sql) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.failure(e)),
+        }
+    }
+
+    /// Blocking: run an archive through pg_restore into the transaction. The script goes in
+    /// whole: pg_restore without `--single-transaction` has no BEGIN or COMMIT of its own.
+    /// With `replace_large_objects`, a large object the target already has is unlinked
+    /// before it is created again, as `--clean` does (which pg_restore refuses with
+    /// `--data-only`).
+    fn feed(
+        &mut self,
+        input: &mut dyn Read,
+        pg_restore: Command,
+        replace_large_objects: bool,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        let mut restore = ChildProcess::spawn(pg_restore, "pg_restore", true, true)?;
+        let restore_stopper = restore.terminator(cancel.clone());
+        let mut restore_stdin = restore.take_stdin().expect("stdin is piped");
+        let mut restore_stdout = restore.take_stdout().expect("stdout is piped");
+        let mut psql_stdin = self.stdin.take().expect("open until the end");
+        let forwarder = std::thread::spawn(move || {
+            let copied = match replace_large_objects {
+                false => pipeline::copy_large(&mut restore_stdout, &mut psql_stdin).map(|_| ()),
+                true => unlink_before_create(&mut restore_stdout, &mut psql_stdin),
+            };
+            (psql_stdin, copied)
+        });
+        let fed = pipeline::copy_large(input, &mut restore_stdin);
+        drop(restore_stdin);
+        let restored = restore.wait_success();
+        restore_stopper.abort();
+        // A selective restore (--table) stops reading once it has its data; the checksum
+        // still covers the whole object.
+        let fed = match fed {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe && restored.is_ok() => {
+                std::io::copy(input, &mut std::io::sink())
+            }
+            other => other,
+        };
+        let (psql_stdin, forwarded) = forwarder
+            .join()
+            .map_err(|_| Error::failed("the script forwarder panicked"))?;
+        self.stdin = Some(psql_stdin);
+        if let Err(e) = forwarded {
+            return Err(self.failure(e));
+        }
+        restored?;
+        fed.map_err(|e| Error::with_source(ErrorKind::Failed, "reading the backup", e))?;
+        Ok(())
+    }
+
+    /// A write to psql failed: psql stopping at a failed statement closes its input, and
+    /// its error is the cause.
+    fn failure(&mut self, e: std::io::Error) -> Error {
+        match self.psql.exited_failure(Duration::from_secs(2)) {
+            Some(failure) => advise(failure),
+            None => Error::with_source(ErrorKind::Failed, "feeding psql", e),
+        }
+    }
+}
+
+/// One part through pg_restore and psql in one transaction, committed once its SHA-256
+/// matched; with `post_data`, the same download also goes to that second pg_restore, and
+/// its script is returned.
+async fn restore_in_one_transaction(
+    ctx: &RestoreContext<'_>,
+    part: &Part,
+    pg_restore: Command,
+    psql: Command,
+    preamble: String,
+    progress: Progress,
+    post_data: Option<Command>,
+) -> Result<Option<String>> {
+    let key = ctx.path.object_key(&ctx.backup_id, &part.key);
+    let cancel = ctx.cancel.clone();
+    let (pending, script) = pipeline::read_verified(
+        ctx.store,
+        &key,
+        &part.digest(),
+        ctx.unseal(part)?,
+        Some(progress),
+        &ctx.cancel,
+        move |input: &mut dyn Read| {
+            let preamble = preamble.into_bytes();
+            match post_data {
+                None => Ok((
+                    run_restore_tools(input, pg_restore, psql, preamble, &cancel)?,
+                    None,
+                )),
+                Some(post_data) => {
+                    let mut tee = Tee::start(input, post_data)?;
+                    let pending = run_restore_tools(&mut tee, pg_restore, psql, preamble, &cancel);
+                    let script = tee.finish();
+                    Ok((pending?, Some(script?)))
+                }
+            }
+        },
+    )
+    .await?;
+    check_cancel(ctx)?;
+    let cancel = ctx.cancel.clone();
+    tokio::task::spawn_blocking(move || pending.commit(&cancel))
+        .await
+        .map_err(|e| Error::failed(format!("committing the restore: {e}")))??;
+    Ok(script)
+}
+
+/// What a data part holds, for people.
+fn describe_piece(piece: &DataPiece) -> String {
+    match &piece.table {
+        Some(table) => format!("table {table}"),
+        None => "the other tables".to_string(),
+    }
+}
+
+/// Blocking: the scripts two pg_restores print from one archive (a schema, small enough to
+/// hold), read once.
+fn two_scripts(input: &mut dyn Read, first: Command, second: Command) -> Result<(String, String)> {
+    let mut second = Tee::start(input, second)?;
+    let mut first = Tee::start(&mut second, first)?;
+    let drained = std::io::copy(&mut first, &mut std::io::sink());
+    let first = first.finish();
+    let second = second.finish();
+    drained.map_err(|e| Error::with_source(ErrorKind::Failed, "reading the backup", e))?;
+    Ok((first?, second?))
+}
+
+/// `pg_restore --clean` prints its drops before the first entry, with no header of their
+/// own: split them from the script that creates. (A statement is one line there, unless an
+/// identifier holds a newline; its lines stay together and in order either way.)
+fn split_off_drops(script: &str) -> (String, String) {
+    let mut drops = String::new();
+    let mut rest = String::with_capacity(script.len());
+    let mut in_preamble = true;
+    for line in script.split_inclusive('\n') {
+        if is_entry_header(line.as_bytes()) {
+            in_preamble = false;
+        }
+        let statement = !(line.trim().is_empty()
+            || line.starts_with("--")
+            || line.starts_with('\\')
+            || line.starts_with("SET ")
+            || line.starts_with("SELECT pg_catalog.set_config("));
+        if in_preamble && statement {
+            match guard_drop(line.as_bytes()) {
+                Some(guarded) => drops.push_str(&guarded),
+                None => drops.push_str(line),
+            }
+        } else {
+            rest.push_str(line);
+        }
+    }
+    (drops, rest)
+}
+
+/// Copy a data-only script, putting pg_restore's `--clean` unlink before each large
+/// object's `lo_create`. Lines of COPY data are passed through untouched, whatever they say.
+fn unlink_before_create(script: &mut dyn Read, psql: &mut dyn Write) -> std::io::Result<()> {
+    let mut reader = BufReader::with_capacity(1 << 20, script);
+    let mut writer = BufWriter::with_capacity(1 << 20, psql);
+    let mut line = Vec::with_capacity(8192);
+    let mut in_copy = false;
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            break;
+        }
+        if in_copy {
+            in_copy = line != b"\\.\n";
+        } else if line.starts_with(b"COPY ") && line.ends_with(b" FROM stdin;\n") {
+            in_copy = true;
+        } else if let Some(oid) = line
+            .strip_prefix(b"SELECT pg_catalog.lo_create('")
+            .and_then(|rest| rest.strip_suffix(b"');\n"))
+            .filter(|oid| !oid.is_empty() && oid.iter().all(u8::is_ascii_digit))
+        {
+            writer.write_all(b"SELECT pg_catalog.lo_unlink(oid) FROM pg_catalog.pg_largeobject_metadata WHERE oid = '")?;
+            writer.write_all(oid)?;
+            writer.write_all(b"';\n")?;
+        }
+        writer.write_all(&line)?;
+    }
+    writer.flush()
+}
+
+/// The first line of the comment block pg_restore prints above each entry.
+fn is_entry_header(line: &[u8]) -> bool {
+    line.starts_with(b"-- Name: ") || line.starts_with(b"-- Data for Name: ")
+}
+
+/// pg_restore --clean drops a partition's primary key or unique constraint before its
+/// parent's, which PostgreSQL refuses ("cannot drop inherited constraint", 42P16: pg_restore
+/// itself fails on such a database). Dropping the parent's constraint, next, drops the
+/// partition's with it, so that one refusal is passed over, in a subtransaction.
+fn guard_drop(line: &[u8]) -> Option<String> {
+    let statement = std::str::from_utf8(line).ok()?.trim_end();
+    if !(statement.starts_with("ALTER TABLE IF EXISTS ONLY ")
+        && statement.contains(" DROP CONSTRAINT IF EXISTS ")
+        && statement.ends_with(';'))
+    {
+        return None;
+    }
+    Some(format!(
+        "DO $kura_drop$ BEGIN {statement} EXCEPTION WHEN invalid_table_definition THEN NULL; END $kura_drop$;\n"
+    ))
+}
+
 /// Blocking: feed the archive to pg_restore and its script to psql, holding back the COMMIT.
 ///
 /// A signal stops both tools at once (`cancel`), whatever they are doing: psql may be busy
@@ -1088,10 +1526,20 @@ fn forward_script<R: Read, W: Write>(
     let mut line = Vec::with_capacity(8192);
     let mut held: Vec<u8> = Vec::new();
     let mut preamble_sent = preamble.is_empty();
+    // --clean's drops come before the first entry, and nothing else there looks like one.
+    let mut in_drops = true;
     loop {
         line.clear();
         if reader.read_until(b'\n', &mut line)? == 0 {
             break;
+        }
+        if in_drops {
+            if is_entry_header(&line) {
+                in_drops = false;
+            } else if let Some(guarded) = guard_drop(&line) {
+                writer.write_all(guarded.as_bytes())?;
+                continue;
+            }
         }
         if !preamble_sent && line == b"BEGIN;\n" {
             writer.write_all(&line)?;
@@ -1308,6 +1756,52 @@ mod tests {
         let (sent, held) = forward(script);
         assert_eq!(sent, "BEGIN;\nCOPY t (x) FROM stdin;\nCOMMIT;\n\\.\n");
         assert_eq!(held, "COMMIT;\n");
+    }
+
+    #[test]
+    fn drops_are_split_from_the_creates_and_inherited_constraints_tolerated() {
+        let script = "--\n-- PostgreSQL database dump\n--\n\n\\restrict k\n\nSET lock_timeout = 0;\n\
+            SELECT pg_catalog.set_config('search_path', '', false);\n\n\
+            ALTER TABLE IF EXISTS ONLY app.p DROP CONSTRAINT IF EXISTS p_fkey;\n\
+            DROP INDEX IF EXISTS app.p_v;\nSET default_tablespace = '';\n\n\
+            --\n-- Name: p p_pkey; Type: CONSTRAINT; Schema: app; Owner: o\n--\n\n\
+            ALTER TABLE ONLY app.p\n    ADD CONSTRAINT p_pkey PRIMARY KEY (id);\n\n\\unrestrict k\n";
+        let (drops, rest) = split_off_drops(script);
+        assert_eq!(
+            drops,
+            "DO $kura_drop$ BEGIN ALTER TABLE IF EXISTS ONLY app.p DROP CONSTRAINT IF EXISTS p_fkey; \
+             EXCEPTION WHEN invalid_table_definition THEN NULL; END $kura_drop$;\nDROP INDEX IF EXISTS app.p_v;\n"
+        );
+        assert!(rest.starts_with("--\n-- PostgreSQL database dump"));
+        assert!(rest.contains("\\restrict k\n") && rest.contains("SET default_tablespace = '';"));
+        assert!(rest.contains("ADD CONSTRAINT p_pkey") && !rest.contains("DROP"));
+        // Without --clean there is nothing to split off.
+        let (drops, rest) = split_off_drops(
+            &script
+                .replace(
+                    "ALTER TABLE IF EXISTS ONLY app.p DROP CONSTRAINT IF EXISTS p_fkey;\n",
+                    "",
+                )
+                .replace("DROP INDEX IF EXISTS app.p_v;\n", ""),
+        );
+        assert!(drops.is_empty());
+        assert!(rest.contains("ADD CONSTRAINT p_pkey"));
+        // The same guard in a whole archive's script, before its first entry only.
+        let (sent, _) = forward("BEGIN;\nALTER TABLE IF EXISTS ONLY a.b DROP CONSTRAINT IF EXISTS c;\n-- Name: t; Type: TABLE\nALTER TABLE IF EXISTS ONLY a.b DROP CONSTRAINT IF EXISTS c;\nCOMMIT;\n");
+        assert_eq!(sent.matches("DO $kura_drop$").count(), 1, "{sent}");
+    }
+
+    #[test]
+    fn large_objects_are_unlinked_before_they_are_created_again() {
+        let script = "SELECT pg_catalog.lo_create('16408');\nCOPY a.t (v) FROM stdin;\nSELECT pg_catalog.lo_create('1');\n\\.\nSELECT pg_catalog.lo_open('16408', 131072);\n";
+        let mut out = Vec::new();
+        unlink_before_create(&mut script.as_bytes(), &mut out).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "SELECT pg_catalog.lo_unlink(oid) FROM pg_catalog.pg_largeobject_metadata WHERE oid = '16408';\n\
+             SELECT pg_catalog.lo_create('16408');\nCOPY a.t (v) FROM stdin;\nSELECT pg_catalog.lo_create('1');\n\\.\n\
+             SELECT pg_catalog.lo_open('16408', 131072);\n"
+        );
     }
 
     #[test]
