@@ -1218,3 +1218,113 @@ fn split_and_whole_backups_restore_identically_on_every_path() {
         psql(&source, main, "SELECT count(*), sum(id) FROM app.bulk")
     );
 }
+
+/// `--force --swap`: the existing database is replaced whole, by a rename in one
+/// transaction, or not at all: refused while an application is connected (unless
+/// `--terminate-sessions`), and a damaged part leaves it as it was.
+#[test]
+fn swap_replaces_an_existing_database_whole_or_not_at_all() {
+    let url = require!("KURA_TEST_PG_URL");
+    let db = unique("swap");
+    create_database(&url, &db, "");
+    psql(
+        &url,
+        &db,
+        "CREATE TABLE t (id int PRIMARY KEY, v text); \
+         INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 5000) g; CREATE INDEX t_v ON t (v);",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let id = backup(file_storage(dir.path()), &url, &["--database", &db]);
+    let live = format!("{db}_live");
+    create_database(&url, &live, "");
+    psql(
+        &url,
+        &live,
+        "CREATE TABLE before (x int); INSERT INTO before VALUES (1);",
+    );
+    let swap = |extra: &[&str]| {
+        let mut args = vec!["--database".to_string(), format!("{db}:{live}")];
+        args.extend(["--force", "--swap"].map(String::from));
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        restore(file_storage(dir.path()), &id, &url, &args)
+    };
+    // The scratch and replaced databases a run names in its log are gone after it.
+    let left_behind = |run: &Run| -> Vec<String> {
+        run.stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .flat_map(|line| {
+                ["scratch", "replaced"].map(|field| line[field].as_str().map(str::to_string))
+            })
+            .flatten()
+            .filter(|name| {
+                psql(
+                    &url,
+                    "postgres",
+                    &format!("SELECT count(*) FROM pg_database WHERE datname = '{name}'"),
+                ) != "0"
+            })
+            .collect()
+    };
+
+    // An application holds a session in the database to replace.
+    let mut app = std::process::Command::new(common::pg_tool("psql"))
+        .args(["-X", "-q", "-c", "SELECT pg_sleep(120)"])
+        .envs(common::pg_env(&url, &live))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while psql(
+        &url,
+        "postgres",
+        &format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{live}'"),
+    ) != "1"
+    {
+        assert!(
+            started.elapsed().as_secs() < 20,
+            "the app session never connected"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let refused = swap(&[]);
+    assert_eq!(refused.code, 7, "{}", refused.all());
+    let message = refused.error_line()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains(&live) && message.contains("--terminate-sessions"),
+        "{message}"
+    );
+    assert_eq!(psql(&url, &live, "SELECT x FROM before"), "1", "untouched");
+
+    // A damaged part: the swap never happens.
+    let part = part_path(dir.path(), &id);
+    let good = std::fs::read(&part).unwrap();
+    let mut bad = good.clone();
+    let middle = bad.len() / 2;
+    bad[middle] ^= 0x40;
+    std::fs::write(&part, &bad).unwrap();
+    let failed = swap(&["--terminate-sessions"]);
+    assert_eq!(failed.code, 5, "{}", failed.all());
+    assert_eq!(psql(&url, &live, "SELECT x FROM before"), "1", "untouched");
+    assert!(failed.all().contains("scratch"), "{}", failed.all());
+    assert_eq!(left_behind(&failed), Vec::<String>::new());
+    std::fs::write(&part, &good).unwrap();
+
+    let swapped = swap(&["--terminate-sessions"]);
+    swapped.assert_ok();
+    assert!(swapped.all().contains("replaced"), "{}", swapped.all());
+    let _ = app.kill();
+    let _ = app.wait();
+    assert_same_database(&url, &db, &url, &live);
+    assert_eq!(
+        psql(&url, &live, "SELECT to_regclass('before') IS NULL"),
+        "t",
+        "the old database is replaced whole, not merged into"
+    );
+    assert_eq!(left_behind(&swapped), Vec::<String>::new());
+}

@@ -36,6 +36,14 @@ pub struct Options {
     /// backup; CouchDB adds only the revisions that are missing.
     #[arg(long)]
     pub force: bool,
+    /// PostgreSQL, with --force: restore an existing database beside it, through a scratch
+    /// database, and swap the two in one transaction; then drop the old one. Refused while
+    /// other sessions use it, unless --terminate-sessions.
+    #[arg(long, requires = "force")]
+    pub swap: bool,
+    /// With --swap: end the other sessions of the database being replaced.
+    #[arg(long, requires = "swap")]
+    pub terminate_sessions: bool,
     /// CouchDB: upper bound of one _bulk_docs request, e.g. 4MiB (some proxies cap bodies).
     #[arg(long, value_name = "SIZE", default_value = "4MiB", value_parser = parse_batch_bytes)]
     pub batch_bytes: usize,
@@ -66,6 +74,8 @@ pub async fn run(settings: &Settings, options: &Options) -> Result<()> {
         tables: options.tables.clone(),
         globals: options.globals,
         force: options.force,
+        swap: options.swap,
+        terminate_sessions: options.terminate_sessions,
         batch_bytes: options.batch_bytes,
     };
     let began = std::time::Instant::now();

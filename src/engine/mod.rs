@@ -171,6 +171,12 @@ pub struct RestoreRequest {
     pub globals: bool,
     /// Write into targets that already hold data.
     pub force: bool,
+    /// With `force`, replace an existing database by restoring beside it and swapping the
+    /// two (PostgreSQL).
+    pub swap: bool,
+    /// With `swap`, end the other sessions of the database being replaced instead of
+    /// refusing.
+    pub terminate_sessions: bool,
     /// Upper bound of one write request (CouchDB `_bulk_docs`).
     pub batch_bytes: usize,
 }

@@ -91,9 +91,9 @@ impl Engine for CouchEngine {
         manifest: &Manifest,
         request: &RestoreRequest,
     ) -> Result<RestoreSummary> {
-        if !request.tables.is_empty() || request.globals {
+        if !request.tables.is_empty() || request.globals || request.swap {
             return Err(Error::usage(
-                "--table and --globals apply to PostgreSQL backups only",
+                "--table, --globals and --swap apply to PostgreSQL backups only",
             ));
         }
         let restore = CouchRestore {

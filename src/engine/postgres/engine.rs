@@ -90,6 +90,8 @@ impl Engine for PostgresEngine {
             tables: request.tables.clone(),
             globals: request.globals,
             force: request.force,
+            swap: request.swap,
+            terminate_sessions: request.terminate_sessions,
             bin_dir: self.options.pg_bin_dir.clone(),
         };
         let summary = restore.run(ctx, manifest).await?;
@@ -123,6 +125,8 @@ impl Engine for PostgresEngine {
             tables: Vec::new(),
             globals: false,
             force: false,
+            swap: false,
+            terminate_sessions: false,
             bin_dir: self.options.pg_bin_dir.clone(),
         };
         let counted = async {

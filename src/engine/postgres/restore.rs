@@ -40,6 +40,10 @@ pub struct PostgresRestore {
     pub tables: Vec<String>,
     pub globals: bool,
     pub force: bool,
+    /// Replace an existing database by restoring beside it and swapping (`--swap`).
+    pub swap: bool,
+    /// End the replaced database's other sessions instead of refusing.
+    pub terminate_sessions: bool,
     pub bin_dir: Option<PathBuf>,
 }
 
@@ -138,7 +142,20 @@ impl PostgresRestore {
         }
 
         if !tables.is_empty() {
+            if self.swap {
+                return Err(Error::usage(
+                    "--swap replaces whole databases; --table restores tables into the existing one: use one or the other",
+                ));
+            }
             check_tables_in_backup(ctx, manifest, steps[0].part, &tools, &tables).await?;
+        }
+        if self.swap && !self.terminate_sessions {
+            for step in steps.iter().filter(|s| s.exists) {
+                let sessions = other_sessions(&client, &self.target, &step.target).await?;
+                if !sessions.is_empty() {
+                    return Err(busy(&step.target, &sessions));
+                }
+            }
         }
 
         // Refuse before touching anything, and name every target that is in the way.
@@ -255,7 +272,11 @@ impl PostgresRestore {
         check_cancel(ctx)?;
         let started = Instant::now();
         line.progress().set_label(&step.target);
-        if !step.exists && tables.is_empty() && ctx.jobs > 1 {
+        let through_scratch = match step.exists {
+            false => ctx.jobs > 1,
+            true => self.swap,
+        };
+        if through_scratch && tables.is_empty() {
             warnings += self
                 .restore_through_scratch(ctx, client, &step, tools, server_major, line, budget)
                 .await?;
@@ -373,7 +394,13 @@ impl PostgresRestore {
                     .await?;
             }
             check_cancel(ctx)?;
-            self.rename_into_place(client, &scratch, &step.target).await
+            match step.exists {
+                false => self.rename_into_place(client, &scratch, &step.target).await,
+                true => {
+                    self.swap_into_place(client, &scratch, &step.target, server_major)
+                        .await
+                }
+            }
         }
         .await;
         if let Err(err) = restored {
@@ -495,6 +522,105 @@ impl PostgresRestore {
                 }
             }
         }
+    }
+
+    /// `--swap`: the restored scratch database takes the target's name and the target moves
+    /// aside, both renames in one transaction, so the name always means a whole database;
+    /// then the old one is dropped. The target takes no new connections meanwhile; its other
+    /// sessions are ended with `--terminate-sessions`, else the swap is refused. On any
+    /// failure the target is left as it was (the caller drops the scratch database).
+    async fn swap_into_place(
+        &self,
+        client: &tokio_postgres::Client,
+        scratch: &str,
+        target: &str,
+        server_major: u32,
+    ) -> Result<()> {
+        let failed = |what: &str, e| query_error(&self.target, what, e);
+        let allowed: bool = client
+            .query_one(
+                "SELECT datallowconn FROM pg_database WHERE datname = $1",
+                &[&target],
+            )
+            .await
+            .map_err(|e| failed("reading the target's settings", e))?
+            .get(0);
+        let (quoted_target, quoted_scratch) = (quote_ident(target), quote_ident(scratch));
+        for database in [&quoted_target, &quoted_scratch] {
+            client
+                .batch_execute(&format!(
+                    "ALTER DATABASE {database} ALLOW_CONNECTIONS false"
+                ))
+                .await
+                .map_err(|e| failed(&format!("closing {database} for the swap"), e))?;
+        }
+        let old = format!("kura_replaced_{:08x}", rand::random::<u32>());
+        let swapped = async {
+            if self.terminate_sessions {
+                let ended = client
+                    .execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                        &[&target],
+                    )
+                    .await
+                    .map_err(|e| failed("ending the target's sessions", e))?;
+                if ended > 0 {
+                    tracing::warn!(database = %target, sessions = ended, "ended {ended} session(s) of {target:?} for the swap (--terminate-sessions)");
+                }
+            } else {
+                let sessions = other_sessions(client, &self.target, target).await?;
+                if !sessions.is_empty() {
+                    return Err(busy(target, &sessions));
+                }
+            }
+            let _ = client
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                    &[&scratch],
+                )
+                .await;
+            let sql = format!(
+                "BEGIN; ALTER DATABASE {quoted_target} RENAME TO {}; \
+                 ALTER DATABASE {quoted_scratch} RENAME TO {quoted_target}; \
+                 ALTER DATABASE {quoted_target} ALLOW_CONNECTIONS true; COMMIT",
+                quote_ident(&old)
+            );
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match client.batch_execute(&sql).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => {
+                        let _ = client.batch_execute("ROLLBACK").await;
+                        // Sessions just ended may linger for a moment on the server.
+                        if attempt < 50
+                            && e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE)
+                        {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                        return Err(failed(
+                            &format!("swapping the restored {scratch:?} with {target:?}"),
+                            e,
+                        ));
+                    }
+                }
+            }
+        }
+        .await;
+        if let Err(err) = swapped {
+            if allowed {
+                let _ = client
+                    .batch_execute(&format!(
+                        "ALTER DATABASE {quoted_target} ALLOW_CONNECTIONS true"
+                    ))
+                    .await;
+            }
+            return Err(err);
+        }
+        tracing::info!(database = %target, replaced = %old, "swapped the restored database in as {target:?}; dropping the one it replaced");
+        drop_scratch(client, &old, server_major).await;
+        Ok(())
     }
 
     async fn plan<'m>(
@@ -881,6 +1007,44 @@ fn check_cancel(ctx: &RestoreContext<'_>) -> Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// Other sessions connected to `database`, described for people.
+async fn other_sessions(
+    client: &tokio_postgres::Client,
+    target: &Connection,
+    database: &str,
+) -> Result<Vec<String>> {
+    let rows = client
+        .query(
+            "SELECT pid, coalesce(usename::text, '?'), coalesce(application_name, '') \
+               FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid() ORDER BY pid",
+            &[&database],
+        )
+        .await
+        .map_err(|e| query_error(target, "listing the sessions of the database to replace", e))?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            format!(
+                "pid {} (user {}, application {:?})",
+                row.get::<_, i32>(0),
+                row.get::<_, String>(1),
+                row.get::<_, String>(2)
+            )
+        })
+        .collect())
+}
+
+fn busy(database: &str, sessions: &[String]) -> Error {
+    Error::new(
+        ErrorKind::TargetNotEmpty,
+        format!(
+            "refusing to swap database {database:?}: {} other session(s) use it ({}); stop them (scale the app down), or pass --terminate-sessions to end them; nothing was changed",
+            sessions.len(),
+            sessions.join(", ")
+        ),
+    )
 }
 
 /// Drop a database created for a restore that failed, ending the sessions still in it, such
