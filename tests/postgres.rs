@@ -980,6 +980,8 @@ fn split_and_whole_backups_restore_identically_on_every_path() {
     let main = fixture.main.as_str();
     let dir = tempfile::tempdir().unwrap();
     let storage = file_storage(dir.path());
+    // Tables are sized from the catalog's page counts, as autovacuum keeps them.
+    psql(&source, main, "ANALYZE");
     // Every table is large enough for a part of its own.
     let id = backup(
         &storage,
@@ -1008,9 +1010,10 @@ fn split_and_whole_backups_restore_identically_on_every_path() {
         .iter()
         .filter(|p| p["kind"] == "postgres.table-data")
         .collect();
-    // Every table its own part (3 jobs allow 12), the largest first, then the rest.
-    let tables = schema["counts"].as_object().unwrap().len();
-    assert!((3..=12).contains(&tables), "{schema:#}");
+    // Every table its own part, as many as 3 jobs allow (6), the largest first, then the
+    // rest.
+    let tables = schema["counts"].as_object().unwrap().len().min(6);
+    assert!(tables >= 3, "{schema:#}");
     assert_eq!(data.len(), tables + 1, "{manifest:#}");
     assert!(data.iter().all(|p| p["properties"]["of"] == schema["key"]));
     assert_eq!(
@@ -1104,7 +1107,8 @@ fn split_and_whole_backups_restore_identically_on_every_path() {
         .join("default/postgres")
         .join(&id)
         .join(data[0]["key"].as_str().unwrap());
-    let mut bytes = std::fs::read(&damaged).unwrap();
+    let good_part = std::fs::read(&damaged).unwrap();
+    let mut bytes = good_part.clone();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x40;
     std::fs::write(&damaged, bytes).unwrap();
@@ -1154,6 +1158,37 @@ fn split_and_whole_backups_restore_identically_on_every_path() {
     );
     assert_eq!(forced.code, 5, "{}", forced.all());
     assert_same_contents(&source, main, &target, &single);
+    // The rest of the data (with the large objects, which pg_restore would wrap in a
+    // transaction of their own) damaged at its very end: still nothing changes.
+    std::fs::write(&damaged, &good_part).unwrap();
+    psql(&target, &single, "DELETE FROM app.people;");
+    let rest = dir
+        .path()
+        .join("default/postgres")
+        .join(&id)
+        .join(data[tables]["key"].as_str().unwrap());
+    let mut bytes = std::fs::read(&rest).unwrap();
+    let last = bytes.len() - 2;
+    bytes[last] ^= 0x40;
+    std::fs::write(&rest, bytes).unwrap();
+    let forced = restore(
+        &storage,
+        &id,
+        &target,
+        &[
+            "--database",
+            &format!("{main}:{single}"),
+            "--force",
+            "--jobs",
+            "1",
+        ],
+    );
+    assert_eq!(forced.code, 5, "{}", forced.all());
+    assert_eq!(
+        psql(&target, &single, "SELECT count(*) FROM app.people"),
+        "0",
+        "the failed restore changed the target"
+    );
 
     // Backed up whole (manifest format 3, as earlier kura wrote it): the same paths.
     let whole_dir = tempfile::tempdir().unwrap();

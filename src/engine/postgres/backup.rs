@@ -178,29 +178,32 @@ impl PostgresBackup {
                 })?,
         };
         let pieces = Piece::plan(index, large);
+        // Every pg_dump of the database starts now and takes its table locks at once, as one
+        // pg_dump would; only then do they wait for their turn to stream (one budget of
+        // --jobs streams for the whole backup, which is what bounds memory), blocked on a
+        // full pipe. One started later would queue its locks behind any DDL that arrived
+        // meanwhile, which itself waits for the snapshot's transaction: stuck until
+        // --lock-wait-timeout.
+        let mut dumps = Vec::with_capacity(pieces.len());
+        for piece in &pieces {
+            let dump = self.piece_command(tools, database, &snapshot.id, piece);
+            dumps.push((piece, ChildProcess::spawn(dump, "pg_dump", false, true)?));
+        }
         // Rows are counted in pg_dump's own snapshot while it runs, so `verify --deep` can
         // compare a restore with exactly what was dumped. The exporting transaction stays
         // open until every pg_dump is done: its snapshot must outlive their imports of it.
-        let dumping = crate::jobs::run_all(
-            pieces.iter().collect(),
-            ctx.jobs,
-            &ctx.cancel,
-            |piece, stop| {
-                let ctx = ctx.with_cancel(stop);
-                let snapshot = &snapshot;
-                async move {
-                    // One budget of --jobs streams for the whole backup, however its
-                    // databases are split: that is what bounds memory.
-                    let _stream = tokio::select! {
-                        permit = streams.acquire() => permit.map_err(|_| Error::interrupted())?,
-                        _ = ctx.cancel.cancelled() => return Err(Error::interrupted()),
-                    };
-                    line.progress().set_label(piece.label(&database.name));
-                    let dump = self.piece_command(tools, database, &snapshot.id, piece);
-                    self.dump(&ctx, id, &piece.key, dump, "pg_dump", line).await
-                }
-            },
-        );
+        let dumping = crate::jobs::run_all(dumps, ctx.jobs, &ctx.cancel, |(piece, child), stop| {
+            let ctx = ctx.with_cancel(stop);
+            async move {
+                let _stream = tokio::select! {
+                    permit = streams.acquire() => permit.map_err(|_| Error::interrupted())?,
+                    _ = ctx.cancel.cancelled() => return Err(Error::interrupted()),
+                };
+                line.progress().set_label(piece.label(&database.name));
+                self.stream(&ctx, id, &piece.key, child, "pg_dump", line)
+                    .await
+            }
+        });
         let counting = async {
             tokio::select! {
                 counts = snapshot.count_rows(&exclusions) => counts,
@@ -348,8 +351,21 @@ impl PostgresBackup {
         tool: &'static str,
         line: &ProgressLine,
     ) -> Result<Stored> {
+        let child = ChildProcess::spawn(command, tool, false, true)?;
+        self.stream(ctx, id, name, child, tool, line).await
+    }
+
+    /// A dump tool's output through the pipeline into part `name`.
+    async fn stream(
+        &self,
+        ctx: &BackupContext<'_>,
+        id: &BackupId,
+        name: &str,
+        mut child: ChildProcess,
+        tool: &'static str,
+        line: &ProgressLine,
+    ) -> Result<Stored> {
         let key = ctx.path.object_key(id, name);
-        let mut child = ChildProcess::spawn(command, tool, false, true)?;
         let mut stdout = child.take_stdout().expect("stdout is piped");
         crate::process::enlarge_pipe(&stdout);
         // pg_dump waiting on a lock writes nothing, so the pipeline alone would not notice a
@@ -624,9 +640,12 @@ impl Snapshot {
         Ok(Snapshot { client, id })
     }
 
-    /// The tables worth a part of their own, largest first, at most `4 × jobs` (16 at most):
+    /// The tables worth a part of their own, largest first, at most `2 × jobs` (8 at most):
     /// tables pg_dump writes the rows of (as [`super::count_rows`] lists them) of at least
-    /// `min_bytes`, and none the backup leaves out or empties.
+    /// `min_bytes`, and none the backup leaves out or empties. Sizes are the catalog's
+    /// page counts, as pg_dump -j orders its work by them: reading the files' sizes would
+    /// take a lock on each table and queue behind a migration holding one (a table never
+    /// vacuumed or analysed counts as empty, and is dumped with the rest).
     ///
     /// Large objects are data to pg_dump up to version 16: `--data-only` writes them with
     /// their owners, grants and comments, and `--no-blobs` leaves them out. pg_dump 17
@@ -652,24 +671,36 @@ impl Snapshot {
         if has_large_objects && pg_dump_major > 16 {
             return Ok(Vec::new());
         }
-        let limit = (4 * jobs).min(16) as i64;
+        // Each is a pg_dump session, all open at once (see backup_database).
+        let limit = (2 * jobs).min(8) as i64;
         let rows = self
             .client
             .query(
                 "SELECT n.nspname::text, c.relname::text
-                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace,
+                        LATERAL (SELECT (c.relpages::bigint + coalesce(
+                                          (SELECT t.relpages FROM pg_class t WHERE t.oid = c.reltoastrelid), 0))
+                                        * current_setting('block_size')::bigint AS bytes) s
                   WHERE c.relkind = 'r' AND c.relpersistence <> 't'
                     AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%'
                     AND NOT EXISTS (SELECT 1 FROM pg_depend d
                                      WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
                                        AND d.deptype = 'e')
-                    AND pg_catalog.pg_table_size(c.oid) >= $1
-                  ORDER BY pg_catalog.pg_table_size(c.oid) DESC, 1, 2
+                    AND s.bytes >= $1
+                  ORDER BY s.bytes DESC, 1, 2
                   LIMIT $2",
                 &[&(min_bytes.min(i64::MAX as u64) as i64), &limit],
             )
             .await
             .map_err(failed)?;
+        // pg_dump reads a --table pattern in the database's encoding; kura's arguments are
+        // UTF-8. Elsewhere only ASCII names match for certain.
+        let utf8: bool = self
+            .client
+            .query_one("SELECT current_setting('server_encoding') = 'UTF8'", &[])
+            .await
+            .map_err(failed)?
+            .get(0);
         let left_out = super::TableExclusions::matching(&self.client, &exclusions.tables).await?;
         let emptied = super::TableExclusions::matching(&self.client, &exclusions.data).await?;
         Ok(rows
@@ -680,7 +711,7 @@ impl Snapshot {
             })
             .filter(|table| {
                 let key = table.to_string();
-                !left_out.contains(&key) && !emptied.contains(&key)
+                (utf8 || key.is_ascii()) && !left_out.contains(&key) && !emptied.contains(&key)
             })
             .collect())
     }

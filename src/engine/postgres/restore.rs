@@ -804,7 +804,9 @@ impl PostgresRestore {
         }
         let script = |section: &str| {
             let mut pg_restore = Command::new(&tools.pg_restore);
-            pg_restore.args(["--file=-", section]).args(&selection);
+            pg_restore
+                .args(["--file=-", "--single-transaction", section])
+                .args(&selection);
             pg_restore
         };
         let (pre_data, post_data) = (script("--section=pre-data"), script("--section=post-data"));
@@ -819,6 +821,10 @@ impl PostgresRestore {
             &ctx.cancel,
             move |input: &mut dyn Read| {
                 let (pre_data, post_data) = two_scripts(input, pre_data, post_data)?;
+                let (pre_data, post_data) = (
+                    inside_transaction(&pre_data)?,
+                    inside_transaction(&post_data)?,
+                );
                 let (drops, post_data) = split_off_drops(&post_data);
                 let mut session = PendingCommit::open(psql, &cancel)?;
                 session.write(preamble.as_bytes())?;
@@ -834,7 +840,7 @@ impl PostgresRestore {
                 .set_label(format!("{} ({})", step.target, describe_piece(piece)));
             let mut pg_restore = Command::new(&tools.pg_restore);
             // --clean belongs to the schema: a data-only archive has nothing to drop.
-            pg_restore.args(["--file=-", "--data-only"]);
+            pg_restore.args(["--file=-", "--data-only", "--single-transaction"]);
             pg_restore.args(
                 selection
                     .iter()
@@ -1223,11 +1229,10 @@ impl PendingCommit {
         }
     }
 
-    /// Blocking: run an archive through pg_restore into the transaction. The script goes in
-    /// whole: pg_restore without `--single-transaction` has no BEGIN or COMMIT of its own.
-    /// With `replace_large_objects`, a large object the target already has is unlinked
-    /// before it is created again, as `--clean` does (which pg_restore refuses with
-    /// `--data-only`).
+    /// Blocking: run an archive through `pg_restore --single-transaction` into the
+    /// transaction, without its BEGIN and COMMIT ([`inside_transaction`] says why). With
+    /// `replace_large_objects`, a large object the target already has is unlinked before it
+    /// is created again.
     fn feed(
         &mut self,
         input: &mut dyn Read,
@@ -1241,11 +1246,14 @@ impl PendingCommit {
         let mut restore_stdout = restore.take_stdout().expect("stdout is piped");
         let mut psql_stdin = self.stdin.take().expect("open until the end");
         let forwarder = std::thread::spawn(move || {
-            let copied = match replace_large_objects {
-                false => pipeline::copy_large(&mut restore_stdout, &mut psql_stdin).map(|_| ()),
-                true => unlink_before_create(&mut restore_stdout, &mut psql_stdin),
-            };
-            (psql_stdin, copied)
+            let forwarded = forward_script(
+                &mut restore_stdout,
+                &mut psql_stdin,
+                Opening::Inside,
+                replace_large_objects,
+            )
+            .map(|(_, held)| held);
+            (psql_stdin, forwarded)
         });
         let fed = pipeline::copy_large(input, &mut restore_stdin);
         drop(restore_stdin);
@@ -1263,12 +1271,17 @@ impl PendingCommit {
             .join()
             .map_err(|_| Error::failed("the script forwarder panicked"))?;
         self.stdin = Some(psql_stdin);
-        if let Err(e) = forwarded {
-            return Err(self.failure(e));
-        }
+        let held = match forwarded {
+            Ok(held) => held,
+            Err(e) => return Err(self.failure(e)),
+        };
         restored?;
         fed.map_err(|e| Error::with_source(ErrorKind::Failed, "reading the backup", e))?;
-        Ok(())
+        let after_commit = held.strip_prefix(b"COMMIT;\n").ok_or_else(|| {
+            Error::integrity("the restore script has no final COMMIT: the archive is incomplete")
+        })?;
+        // The `\unrestrict` after it ends the script's restricted mode for the next one.
+        self.write(after_commit)
     }
 
     /// A write to psql failed: psql stopping at a failed statement closes its input, and
@@ -1349,7 +1362,8 @@ fn two_scripts(input: &mut dyn Read, first: Command, second: Command) -> Result<
 
 /// `pg_restore --clean` prints its drops before the first entry, with no header of their
 /// own: split them from the script that creates. (A statement is one line there, unless an
-/// identifier holds a newline; its lines stay together and in order either way.)
+/// identifier holds a newline; its lines stay together and in order either way.) The
+/// script's settings before them (`lock_timeout = 0`, the empty search_path) go with them.
 fn split_off_drops(script: &str) -> (String, String) {
     let mut drops = String::new();
     let mut rest = String::with_capacity(script.len());
@@ -1358,11 +1372,14 @@ fn split_off_drops(script: &str) -> (String, String) {
         if is_entry_header(line.as_bytes()) {
             in_preamble = false;
         }
+        let setting = line.starts_with("SET ") || line.starts_with("SELECT pg_catalog.set_config(");
         let statement = !(line.trim().is_empty()
             || line.starts_with("--")
             || line.starts_with('\\')
-            || line.starts_with("SET ")
-            || line.starts_with("SELECT pg_catalog.set_config("));
+            || setting);
+        if in_preamble && setting {
+            drops.push_str(line);
+        }
         if in_preamble && statement {
             match guard_drop(line.as_bytes()) {
                 Some(guarded) => drops.push_str(&guarded),
@@ -1375,34 +1392,29 @@ fn split_off_drops(script: &str) -> (String, String) {
     (drops, rest)
 }
 
-/// Copy a data-only script, putting pg_restore's `--clean` unlink before each large
-/// object's `lo_create`. Lines of COPY data are passed through untouched, whatever they say.
-fn unlink_before_create(script: &mut dyn Read, psql: &mut dyn Write) -> std::io::Result<()> {
-    let mut reader = BufReader::with_capacity(1 << 20, script);
-    let mut writer = BufWriter::with_capacity(1 << 20, psql);
-    let mut line = Vec::with_capacity(8192);
-    let mut in_copy = false;
-    loop {
-        line.clear();
-        if reader.read_until(b'\n', &mut line)? == 0 {
-            break;
-        }
-        if in_copy {
-            in_copy = line != b"\\.\n";
-        } else if line.starts_with(b"COPY ") && line.ends_with(b" FROM stdin;\n") {
-            in_copy = true;
-        } else if let Some(oid) = line
-            .strip_prefix(b"SELECT pg_catalog.lo_create('")
-            .and_then(|rest| rest.strip_suffix(b"');\n"))
-            .filter(|oid| !oid.is_empty() && oid.iter().all(u8::is_ascii_digit))
-        {
-            writer.write_all(b"SELECT pg_catalog.lo_unlink(oid) FROM pg_catalog.pg_largeobject_metadata WHERE oid = '")?;
-            writer.write_all(oid)?;
-            writer.write_all(b"';\n")?;
-        }
-        writer.write_all(&line)?;
-    }
-    writer.flush()
+/// How a script from `pg_restore --single-transaction` goes into psql.
+#[derive(Clone, Copy)]
+enum Opening<'a> {
+    /// As its own transaction, with these statements first.
+    Begin(&'a [u8]),
+    /// Into a transaction already open: its BEGIN is left out (and its COMMIT held back).
+    Inside,
+}
+
+/// A script of `pg_restore --single-transaction` without its BEGIN and final COMMIT, for a
+/// transaction already open; an integrity error if the script never ends (a truncated
+/// archive). Without `--single-transaction` pg_restore would wrap large objects in a
+/// BEGIN/COMMIT of their own, committing the open transaction halfway.
+fn inside_transaction(script: &str) -> Result<String> {
+    let (body, held) = forward_script(script.as_bytes(), Vec::new(), Opening::Inside, false)
+        .map_err(|e| Error::with_source(ErrorKind::Failed, "reading a restore script", e))?;
+    let rest = held.strip_prefix(b"COMMIT;\n").ok_or_else(|| {
+        Error::integrity("the restore script has no final COMMIT: the archive is incomplete")
+    })?;
+    let mut body = String::from_utf8_lossy(&body).into_owned();
+    // The `\unrestrict` after the COMMIT ends the script's restricted mode.
+    body.push_str(&String::from_utf8_lossy(rest));
+    Ok(body)
 }
 
 /// The first line of the comment block pg_restore prints above each entry.
@@ -1447,8 +1459,9 @@ fn run_restore_tools(
     let restore_stopper = restore.terminator(cancel.clone());
     let mut restore_stdin = restore.take_stdin().expect("stdin is piped");
     let restore_stdout = restore.take_stdout().expect("stdout is piped");
-    let forwarder =
-        std::thread::spawn(move || forward_script(restore_stdout, psql_stdin, &preamble));
+    let forwarder = std::thread::spawn(move || {
+        forward_script(restore_stdout, psql_stdin, Opening::Begin(&preamble), false)
+    });
 
     let fed = pipeline::copy_large(input, &mut restore_stdin);
     drop(restore_stdin);
@@ -1679,23 +1692,47 @@ fn advise(err: Error) -> Error {
 /// `\unrestrict` after it). A `COMMIT;` line followed by anything significant was not the final one — e.g. a line
 /// of COPY data or of a procedure body — and is forwarded unchanged.
 ///
-/// `preamble` is sent right after the script's opening `BEGIN;`, inside the transaction.
+/// The script's opening `BEGIN;` is forwarded with `preamble` after it, inside the
+/// transaction; or, for a script fed into a transaction already open, left out. With
+/// `unlink_large_objects`, a large object the target already has is unlinked before its
+/// `lo_create`, as `--clean` does (which pg_restore refuses with `--data-only`).
 fn forward_script<R: Read, W: Write>(
     script: R,
     psql: W,
-    preamble: &[u8],
+    opening: Opening<'_>,
+    unlink_large_objects: bool,
 ) -> std::io::Result<(W, Vec<u8>)> {
     let mut reader = BufReader::with_capacity(1 << 20, script);
     let mut writer = BufWriter::with_capacity(1 << 20, psql);
     let mut line = Vec::with_capacity(8192);
     let mut held: Vec<u8> = Vec::new();
-    let mut preamble_sent = preamble.is_empty();
+    let mut opened = false;
     // --clean's drops come before the first entry, and nothing else there looks like one.
     let mut in_drops = true;
+    // Lines of COPY data are passed through untouched, whatever they say.
+    let mut in_copy = false;
     loop {
         line.clear();
         if reader.read_until(b'\n', &mut line)? == 0 {
             break;
+        }
+        if in_copy {
+            in_copy = line != b"\\.\n";
+            writer.write_all(&line)?;
+            continue;
+        }
+        if line.starts_with(b"COPY ") && line.ends_with(b" FROM stdin;\n") {
+            in_copy = true;
+        } else if unlink_large_objects {
+            if let Some(oid) = line
+                .strip_prefix(b"SELECT pg_catalog.lo_create('")
+                .and_then(|rest| rest.strip_suffix(b"');\n"))
+                .filter(|oid| !oid.is_empty() && oid.iter().all(u8::is_ascii_digit))
+            {
+                writer.write_all(b"SELECT pg_catalog.lo_unlink(oid) FROM pg_catalog.pg_largeobject_metadata WHERE oid = '")?;
+                writer.write_all(oid)?;
+                writer.write_all(b"';\n")?;
+            }
         }
         if in_drops {
             if is_entry_header(&line) {
@@ -1705,10 +1742,12 @@ fn forward_script<R: Read, W: Write>(
                 continue;
             }
         }
-        if !preamble_sent && line == b"BEGIN;\n" {
-            writer.write_all(&line)?;
-            writer.write_all(preamble)?;
-            preamble_sent = true;
+        if !opened && line == b"BEGIN;\n" {
+            opened = true;
+            if let Opening::Begin(preamble) = opening {
+                writer.write_all(&line)?;
+                writer.write_all(preamble)?;
+            }
             continue;
         }
         if !held.is_empty() {
@@ -1876,7 +1915,8 @@ mod tests {
     use super::*;
 
     fn forward(script: &str) -> (String, String) {
-        let (out, held) = forward_script(script.as_bytes(), Vec::new(), b"").unwrap();
+        let (out, held) =
+            forward_script(script.as_bytes(), Vec::new(), Opening::Begin(b""), false).unwrap();
         (
             String::from_utf8(out).unwrap(),
             String::from_utf8(held).unwrap(),
@@ -1933,8 +1973,10 @@ mod tests {
         let (drops, rest) = split_off_drops(script);
         assert_eq!(
             drops,
-            "DO $kura_drop$ BEGIN ALTER TABLE IF EXISTS ONLY app.p DROP CONSTRAINT IF EXISTS p_fkey; \
-             EXCEPTION WHEN invalid_table_definition THEN NULL; END $kura_drop$;\nDROP INDEX IF EXISTS app.p_v;\n"
+            "SET lock_timeout = 0;\nSELECT pg_catalog.set_config('search_path', '', false);\n\
+             DO $kura_drop$ BEGIN ALTER TABLE IF EXISTS ONLY app.p DROP CONSTRAINT IF EXISTS p_fkey; \
+             EXCEPTION WHEN invalid_table_definition THEN NULL; END $kura_drop$;\nDROP INDEX IF EXISTS app.p_v;\n\
+             SET default_tablespace = '';\n"
         );
         assert!(rest.starts_with("--\n-- PostgreSQL database dump"));
         assert!(rest.contains("\\restrict k\n") && rest.contains("SET default_tablespace = '';"));
@@ -1948,7 +1990,7 @@ mod tests {
                 )
                 .replace("DROP INDEX IF EXISTS app.p_v;\n", ""),
         );
-        assert!(drops.is_empty());
+        assert!(!drops.contains("DROP"), "{drops}");
         assert!(rest.contains("ADD CONSTRAINT p_pkey"));
         // The same guard in a whole archive's script, before its first entry only.
         let (sent, _) = forward("BEGIN;\nALTER TABLE IF EXISTS ONLY a.b DROP CONSTRAINT IF EXISTS c;\n-- Name: t; Type: TABLE\nALTER TABLE IF EXISTS ONLY a.b DROP CONSTRAINT IF EXISTS c;\nCOMMIT;\n");
@@ -1958,8 +2000,8 @@ mod tests {
     #[test]
     fn large_objects_are_unlinked_before_they_are_created_again() {
         let script = "SELECT pg_catalog.lo_create('16408');\nCOPY a.t (v) FROM stdin;\nSELECT pg_catalog.lo_create('1');\n\\.\nSELECT pg_catalog.lo_open('16408', 131072);\n";
-        let mut out = Vec::new();
-        unlink_before_create(&mut script.as_bytes(), &mut out).unwrap();
+        let (out, _) =
+            forward_script(script.as_bytes(), Vec::new(), Opening::Inside, true).unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "SELECT pg_catalog.lo_unlink(oid) FROM pg_catalog.pg_largeobject_metadata WHERE oid = '16408';\n\
