@@ -1246,13 +1246,9 @@ impl PendingCommit {
         let mut restore_stdout = restore.take_stdout().expect("stdout is piped");
         let mut psql_stdin = self.stdin.take().expect("open until the end");
         let forwarder = std::thread::spawn(move || {
-            let forwarded = forward_script(
-                &mut restore_stdout,
-                &mut psql_stdin,
-                Opening::Inside,
-                replace_large_objects,
-            )
-            .map(|(_, held)| held);
+            let forwarded =
+                forward_script(&mut restore_stdout, &mut psql_stdin, replace_large_objects)
+                    .map(|(_, held)| held);
             (psql_stdin, forwarded)
         });
         let fed = pipeline::copy_large(input, &mut restore_stdin);
@@ -1392,21 +1388,12 @@ fn split_off_drops(script: &str) -> (String, String) {
     (drops, rest)
 }
 
-/// How a script from `pg_restore --single-transaction` goes into psql.
-#[derive(Clone, Copy)]
-enum Opening<'a> {
-    /// As its own transaction, with these statements first.
-    Begin(&'a [u8]),
-    /// Into a transaction already open: its BEGIN is left out (and its COMMIT held back).
-    Inside,
-}
-
 /// A script of `pg_restore --single-transaction` without its BEGIN and final COMMIT, for a
 /// transaction already open; an integrity error if the script never ends (a truncated
 /// archive). Without `--single-transaction` pg_restore would wrap large objects in a
 /// BEGIN/COMMIT of their own, committing the open transaction halfway.
 fn inside_transaction(script: &str) -> Result<String> {
-    let (body, held) = forward_script(script.as_bytes(), Vec::new(), Opening::Inside, false)
+    let (body, held) = forward_script(script.as_bytes(), Vec::new(), false)
         .map_err(|e| Error::with_source(ErrorKind::Failed, "reading a restore script", e))?;
     let rest = held.strip_prefix(b"COMMIT;\n").ok_or_else(|| {
         Error::integrity("the restore script has no final COMMIT: the archive is incomplete")
@@ -1450,56 +1437,10 @@ fn run_restore_tools(
     preamble: Vec<u8>,
     cancel: &CancellationToken,
 ) -> Result<PendingCommit> {
-    let mut psql = ChildProcess::spawn(psql, "psql", true, true)?;
-    let psql_stopper = psql.terminator(cancel.clone());
-    let psql_stdin = psql.take_stdin().expect("stdin is piped");
-    let marker = format!("kura: script applied {:016x}", rand::random::<u64>());
-    let applied = watch_output(psql.take_stdout().expect("stdout is piped"), marker.clone());
-    let mut restore = ChildProcess::spawn(pg_restore, "pg_restore", true, true)?;
-    let restore_stopper = restore.terminator(cancel.clone());
-    let mut restore_stdin = restore.take_stdin().expect("stdin is piped");
-    let restore_stdout = restore.take_stdout().expect("stdout is piped");
-    let forwarder = std::thread::spawn(move || {
-        forward_script(restore_stdout, psql_stdin, Opening::Begin(&preamble), false)
-    });
-
-    let fed = pipeline::copy_large(input, &mut restore_stdin);
-    drop(restore_stdin);
-    let restored = restore.wait_success();
-    restore_stopper.abort();
-    // A selective restore (--table) stops reading once it has its data. The rest of the object
-    // is still read, so the checksum covers all of it before anything is committed.
-    let fed = match fed {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe && restored.is_ok() => {
-            std::io::copy(input, &mut std::io::sink())
-        }
-        other => other,
-    };
-    let forwarded = forwarder
-        .join()
-        .map_err(|_| Error::failed("the script forwarder panicked"))?;
-    match (fed, restored, forwarded) {
-        (Ok(_), Ok(_), Ok((stdin, held))) => Ok(PendingCommit {
-            psql,
-            stdin: Some(stdin),
-            applied,
-            marker,
-            held,
-            stopper: psql_stopper,
-        }),
-        (fed, restored, forwarded) => {
-            psql_stopper.abort();
-            // psql stopping at a failed statement breaks the pipes upstream; its error is the cause.
-            if let Some(failure) = psql.exited_failure(Duration::from_secs(2)) {
-                return Err(advise(failure));
-            }
-            psql.kill();
-            restored?;
-            fed.map_err(|e| Error::with_source(ErrorKind::Failed, "reading the backup", e))?;
-            forwarded.map_err(|e| Error::with_source(ErrorKind::Failed, "feeding psql", e))?;
-            Err(Error::failed("the restore tools failed"))
-        }
-    }
+    let mut session = PendingCommit::open(psql, cancel)?;
+    session.write(&preamble)?;
+    session.feed(input, pg_restore, false, cancel)?;
+    Ok(session)
 }
 
 /// Drain psql's output (never let it block on a full pipe) and signal when `marker` passes.
@@ -1692,14 +1633,13 @@ fn advise(err: Error) -> Error {
 /// `\unrestrict` after it). A `COMMIT;` line followed by anything significant was not the final one — e.g. a line
 /// of COPY data or of a procedure body — and is forwarded unchanged.
 ///
-/// The script's opening `BEGIN;` is forwarded with `preamble` after it, inside the
-/// transaction; or, for a script fed into a transaction already open, left out. With
+/// The script goes into a transaction already open ([`PendingCommit::open`]): its opening
+/// `BEGIN;` is left out. With
 /// `unlink_large_objects`, a large object the target already has is unlinked before its
 /// `lo_create`, as `--clean` does (which pg_restore refuses with `--data-only`).
 fn forward_script<R: Read, W: Write>(
     script: R,
     psql: W,
-    opening: Opening<'_>,
     unlink_large_objects: bool,
 ) -> std::io::Result<(W, Vec<u8>)> {
     let mut reader = BufReader::with_capacity(1 << 20, script);
@@ -1744,10 +1684,6 @@ fn forward_script<R: Read, W: Write>(
         }
         if !opened && line == b"BEGIN;\n" {
             opened = true;
-            if let Opening::Begin(preamble) = opening {
-                writer.write_all(&line)?;
-                writer.write_all(preamble)?;
-            }
             continue;
         }
         if !held.is_empty() {
@@ -1915,8 +1851,7 @@ mod tests {
     use super::*;
 
     fn forward(script: &str) -> (String, String) {
-        let (out, held) =
-            forward_script(script.as_bytes(), Vec::new(), Opening::Begin(b""), false).unwrap();
+        let (out, held) = forward_script(script.as_bytes(), Vec::new(), false).unwrap();
         (
             String::from_utf8(out).unwrap(),
             String::from_utf8(held).unwrap(),
@@ -1950,7 +1885,7 @@ mod tests {
     fn final_commit_is_held_back() {
         let (sent, held) =
             forward("BEGIN;\nCREATE TABLE t();\nCOMMIT;\n\n--\n-- done\n--\n\\unrestrict abc\n\n");
-        assert_eq!(sent, "BEGIN;\nCREATE TABLE t();\n");
+        assert_eq!(sent, "CREATE TABLE t();\n");
         assert_eq!(held, "COMMIT;\n\n--\n-- done\n--\n\\unrestrict abc\n\n");
     }
 
@@ -1958,7 +1893,7 @@ mod tests {
     fn inner_commit_lines_pass_through() {
         let script = "BEGIN;\nCOPY t (x) FROM stdin;\nCOMMIT;\n\\.\nCOMMIT;\n";
         let (sent, held) = forward(script);
-        assert_eq!(sent, "BEGIN;\nCOPY t (x) FROM stdin;\nCOMMIT;\n\\.\n");
+        assert_eq!(sent, "COPY t (x) FROM stdin;\nCOMMIT;\n\\.\n");
         assert_eq!(held, "COMMIT;\n");
     }
 
@@ -2000,8 +1935,7 @@ mod tests {
     #[test]
     fn large_objects_are_unlinked_before_they_are_created_again() {
         let script = "SELECT pg_catalog.lo_create('16408');\nCOPY a.t (v) FROM stdin;\nSELECT pg_catalog.lo_create('1');\n\\.\nSELECT pg_catalog.lo_open('16408', 131072);\n";
-        let (out, _) =
-            forward_script(script.as_bytes(), Vec::new(), Opening::Inside, true).unwrap();
+        let (out, _) = forward_script(script.as_bytes(), Vec::new(), true).unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "SELECT pg_catalog.lo_unlink(oid) FROM pg_catalog.pg_largeobject_metadata WHERE oid = '16408';\n\
