@@ -293,7 +293,15 @@ impl PostgresBackup {
                     data_part(&piece.key, database, &schema_key, None, stored, ctx)?
                 }
             };
-            tracing::debug!(database = %database.name, part = %part.key, raw_bytes = part.raw_bytes, "part stored");
+            if pieces.len() > 1 {
+                // A Job's log shows which part of a split database took the bytes.
+                let what = match &piece.kind {
+                    PieceKind::Table(table) => format!("the data of table {table}"),
+                    PieceKind::Rest(_) => "the data of the other tables".to_string(),
+                    _ => "the schema".to_string(),
+                };
+                tracing::info!(database = %database.name, part = %part.key, raw_bytes = part.raw_bytes, stored_bytes = part.stored_bytes, "part {} of {:?}: {what}, {} → {}", part.key, database.name, human_bytes(part.raw_bytes), human_bytes(part.stored_bytes));
+            }
             parts.push(part);
         }
         Ok(parts)
