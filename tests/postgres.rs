@@ -983,11 +983,22 @@ fn split_and_whole_backups_restore_identically_on_every_path() {
     // Tables are sized from the catalog's page counts, as autovacuum keeps them.
     psql(&source, main, "ANALYZE");
     // Every table is large enough for a part of its own.
-    let id = backup(
-        &storage,
-        &source,
-        &["--database", main, "--jobs", "3", "--split-table-size", "0"],
-    );
+    let mut command = kura();
+    storage(&mut command);
+    command.env("KURA_POSTGRES_URL", &source).args([
+        "backup",
+        "postgres",
+        "--database",
+        main,
+        "--jobs",
+        "3",
+        "--split-table-size",
+        "0",
+    ]);
+    let backed_up = run(&mut command);
+    backed_up.assert_ok();
+    let id = backed_up.backup_id();
+    let log = backed_up.all();
     let manifest: serde_json::Value = serde_json::from_slice(
         &std::fs::read(
             dir.path()
@@ -1016,6 +1027,15 @@ fn split_and_whole_backups_restore_identically_on_every_path() {
     assert!(tables >= 3, "{schema:#}");
     assert_eq!(data.len(), tables + 1, "{manifest:#}");
     assert!(data.iter().all(|p| p["properties"]["of"] == schema["key"]));
+    // A Job's log names every part of the split database, with what it holds.
+    for part in data.iter().copied().chain([schema]) {
+        let key = part["key"].as_str().unwrap();
+        assert!(
+            log.lines()
+                .any(|line| line.contains(&format!("part {key} of"))),
+            "no log line for {key}:\n{log}"
+        );
+    }
     assert_eq!(
         data[0]["properties"]["table"],
         serde_json::json!({"schema": "app", "name": "bulk"})
