@@ -209,15 +209,6 @@ fn missing_part(err: Error, key: &str) -> Error {
 }
 
 async fn deep(job: &VerifyJob<'_>, manifest: &Manifest, engine: &dyn Engine) -> Result<()> {
-    let ctx = RestoreContext {
-        store: job.store,
-        path: job.path.clone(),
-        backup_id: manifest.id()?,
-        cancel: job.cancel.clone(),
-        show_progress: job.show_progress,
-        identities: job.identities.clone(),
-        jobs: job.jobs,
-    };
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let databases: Vec<(usize, &Part)> = manifest
         .parts
@@ -225,6 +216,15 @@ async fn deep(job: &VerifyJob<'_>, manifest: &Manifest, engine: &dyn Engine) -> 
         .filter(|p| p.kind == engine.database_kind())
         .enumerate()
         .collect();
+    let ctx = RestoreContext {
+        store: job.store,
+        path: job.path.clone(),
+        backup_id: manifest.id()?,
+        cancel: job.cancel.clone(),
+        show_progress: job.show_progress,
+        identities: job.identities.clone(),
+        jobs: jobs_per_database(job.jobs, databases.len()),
+    };
     // Scratch restores side by side; each removes its own scratch database, also when a
     // sibling's failure stops it.
     let outcomes = crate::jobs::run_all(databases, job.jobs, &job.cancel, |(index, part), stop| {
@@ -267,6 +267,12 @@ async fn deep(job: &VerifyJob<'_>, manifest: &Manifest, engine: &dyn Engine) -> 
     }
 }
 
+/// The `--jobs` of each scratch restore when `jobs` of them run side by side: the whole
+/// verify stays within `jobs` sessions (one large database gets them all), not jobs².
+fn jobs_per_database(jobs: usize, databases: usize) -> usize {
+    (jobs / databases.clamp(1, jobs.max(1))).max(1)
+}
+
 /// Differences between recorded and restored counts; a count only one side has is compared
 /// only when the backup recorded it (servers differ in what they report).
 fn compare(recorded: &BTreeMap<String, u64>, restored: &BTreeMap<String, u64>) -> Vec<String> {
@@ -290,6 +296,16 @@ fn compare(recorded: &BTreeMap<String, u64>, restored: &BTreeMap<String, u64>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scratch_restores_share_the_jobs() {
+        assert_eq!(jobs_per_database(4, 1), 4);
+        assert_eq!(jobs_per_database(4, 2), 2);
+        assert_eq!(jobs_per_database(4, 3), 1);
+        assert_eq!(jobs_per_database(4, 40), 1);
+        assert_eq!(jobs_per_database(1, 0), 1);
+        assert_eq!(jobs_per_database(0, 5), 1);
+    }
 
     #[test]
     fn counts_compare_by_name() {
