@@ -330,19 +330,17 @@ impl Tools {
     }
 
     fn locate_now(bin_dir: Option<&Path>, server_major: u32, why: &str) -> Result<Tools> {
-        let mut candidates: Vec<Option<PathBuf>> = Vec::new();
-        if let Some(dir) = bin_dir {
-            candidates.push(Some(dir.to_path_buf()));
-        } else {
-            candidates.push(None);
-            if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
-                let mut dirs: Vec<PathBuf> =
-                    entries.flatten().map(|e| e.path().join("bin")).collect();
-                dirs.sort();
-                dirs.reverse();
-                candidates.extend(dirs.into_iter().map(Some));
+        let candidates = match bin_dir {
+            Some(dir) => vec![Some(dir.to_path_buf())],
+            None => {
+                let versioned = std::fs::read_dir("/usr/lib/postgresql")
+                    .map(|entries| entries.flatten().map(|e| e.path().join("bin")).collect())
+                    .unwrap_or_default();
+                let wrapper = std::env::var_os("PGCLUSTER").is_none()
+                    && on_path("pg_dump").is_some_and(|tool| is_pg_wrapper(&tool));
+                tool_dirs(versioned, wrapper)
             }
-        }
+        };
         let mut found = Vec::new();
         for dir in candidates {
             let tools = Tools::in_dir(dir.as_deref());
@@ -396,6 +394,39 @@ impl Tools {
         self.version = text;
         Ok(self)
     }
+}
+
+/// Where to look for the client tools, in order: `None` is `PATH`. Debian's and PGDG's
+/// `/usr/bin/pg_dump` (and psql, pg_restore) is `pg_wrapper`, a Perl script that picks a
+/// version and execs `/usr/lib/postgresql/<version>/bin/pg_dump`: about 50 ms of CPU and a
+/// Perl start on every run, paid per database, per part of a split one and per restore
+/// tool (a fifth of the client CPU of a restore of 13 databases, measured). When `PATH` has
+/// the wrapper, the versioned directories come first, newest first, which is the version
+/// the wrapper itself runs for a remote server; `PATH` stays the fallback. A `PATH` tool
+/// of another kind (a source build in /usr/local) is the user's choice and comes first.
+fn tool_dirs(mut versioned: Vec<PathBuf>, path_has_wrapper: bool) -> Vec<Option<PathBuf>> {
+    versioned.sort_by(|a, b| version_of_dir(b).cmp(&version_of_dir(a)).then(b.cmp(a)));
+    let versioned = versioned.into_iter().map(Some);
+    match path_has_wrapper {
+        true => versioned.chain([None]).collect(),
+        false => [None].into_iter().chain(versioned).collect(),
+    }
+}
+
+/// `/usr/lib/postgresql/15/bin` → 15, so that 9.6 sorts below 15.
+fn version_of_dir(dir: &Path) -> Option<u32> {
+    let version = dir.parent()?.file_name()?.to_str()?;
+    version.split('.').next()?.parse().ok()
+}
+
+fn on_path(tool: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(tool))
+        .find(|path| path.is_file())
+}
+
+fn is_pg_wrapper(tool: &Path) -> bool {
+    std::fs::canonicalize(tool).is_ok_and(|real| real.file_name() == Some("pg_wrapper".as_ref()))
 }
 
 /// `pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)` → 15.
@@ -529,6 +560,33 @@ pub fn quote_literal(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_versioned_tools_come_before_debians_perl_wrapper() {
+        let dirs = [
+            "/usr/lib/postgresql/9.6/bin",
+            "/usr/lib/postgresql/17/bin",
+            "/usr/lib/postgresql/15/bin",
+        ]
+        .map(PathBuf::from)
+        .to_vec();
+        let newest_first = [
+            "/usr/lib/postgresql/17/bin",
+            "/usr/lib/postgresql/15/bin",
+            "/usr/lib/postgresql/9.6/bin",
+        ]
+        .map(|d| Some(PathBuf::from(d)));
+        let wrapped = tool_dirs(dirs.clone(), true);
+        assert_eq!(wrapped[..3], newest_first);
+        assert_eq!(wrapped[3], None, "PATH is the fallback");
+        let own = tool_dirs(dirs, false);
+        assert_eq!(
+            own[0], None,
+            "a PATH tool that is not the wrapper is the user's choice"
+        );
+        assert_eq!(own[1..], newest_first);
+        assert_eq!(tool_dirs(Vec::new(), true), vec![None]);
+    }
 
     #[test]
     fn tool_versions() {
