@@ -225,16 +225,21 @@ async fn deep(job: &VerifyJob<'_>, manifest: &Manifest, engine: &dyn Engine) -> 
         identities: job.identities.clone(),
         jobs: jobs_per_database(job.jobs, databases.len()),
     };
+    // The scratch restores' own bars join this one (see ProgressLine::start).
+    let line = ProgressLine::start("verifying by restoring", job.show_progress, None);
+    line.expect(databases.len(), "databases");
     // Scratch restores side by side; each removes its own scratch database, also when a
     // sibling's failure stops it.
     let outcomes = crate::jobs::run_all(databases, job.jobs, &job.cancel, |(index, part), stop| {
         let ctx = ctx.with_cancel(stop);
         let scratch = format!("kura_verify_{tag}_{}", index + 1);
+        let line = &line;
         async move {
             tracing::info!(database = %part.name, scratch = %scratch, "restoring {:?} into scratch database {scratch}", part.name);
             let counted = engine
                 .count_in_scratch(&ctx, manifest, part, &scratch)
                 .await?;
+            line.one_done();
             let Some(recorded) = &part.counts else {
                 tracing::warn!(database = %part.name, "this backup recorded no counts (made by an older kura): the restore succeeded, nothing to compare");
                 return Ok(None);

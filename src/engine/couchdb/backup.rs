@@ -132,6 +132,7 @@ impl CouchBackup {
         // CouchDB reports no size that predicts the export's length (attachments are inlined as
         // base64, revisions repeated), so the bar counts without a total.
         let line = ProgressLine::start("backing up", ctx.show_progress, None);
+        line.expect(plan.databases.len(), "databases");
         // Databases side by side: a tenant with many small (per-user) databases pays the
         // per-database round trips once per job, not once per database in a row.
         let parts = crate::jobs::run_all(
@@ -164,7 +165,7 @@ impl CouchBackup {
         line: &ProgressLine,
     ) -> Result<Part> {
         let started = Instant::now();
-        line.progress().set_label(database);
+        let job = line.job(database, None);
         let key_name = BackupContext::database_part_name(index, "ndjson");
         let key = ctx.path.object_key(id, &key_name);
         let (tx, mut rx) = mpsc::channel::<Result<Chunk>>(pipeline::CHANNEL_DEPTH);
@@ -178,7 +179,7 @@ impl CouchBackup {
             &key,
             &ctx.pipeline,
             &ctx.cancel,
-            Some(line.progress()),
+            Some(job),
             move |out: &mut dyn Write| {
                 while let Some(chunk) = rx.blocking_recv() {
                     match chunk? {
@@ -210,6 +211,7 @@ impl CouchBackup {
                 )))
             }
         };
+        line.one_done();
         tracing::info!(
             database = %database,
             revisions = stats.revisions,

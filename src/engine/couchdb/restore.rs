@@ -54,7 +54,7 @@ impl CouchRestore {
         line: &ProgressLine,
     ) -> Result<(String, u64, u64)> {
         let started = Instant::now();
-        line.progress().set_label(&target);
+        let job = line.job(&target, Some(part.stored_bytes));
         let key = ctx.path.object_key(&ctx.backup_id, &part.key);
         // Before the database is created: a part that cannot be opened leaves nothing.
         let unseal = ctx.unseal(part)?;
@@ -88,7 +88,7 @@ impl CouchRestore {
             &key,
             &part.digest(),
             unseal,
-            Some(line.progress()),
+            Some(job),
             &ctx.cancel,
             move |input: &mut dyn Read| {
                 let mut writer = writer;
@@ -120,6 +120,7 @@ impl CouchRestore {
                 )));
             }
         };
+        line.one_done();
         tracing::info!(
             database = %target,
             source_database = %part.name,
@@ -190,6 +191,7 @@ impl CouchRestore {
 
         let total = steps.iter().map(|(part, _, _)| part.stored_bytes).sum();
         let line = ProgressLine::start("restoring", ctx.show_progress, Some(total));
+        line.expect(steps.len(), "databases");
         let mut summary = RestoreSummary::default();
         // Databases side by side; within each, `_bulk_docs` writers in parallel as before.
         let restored = crate::jobs::run_all(steps, ctx.jobs, &ctx.cancel, |step, stop| {

@@ -17,7 +17,7 @@ use crate::engine::{BackupContext, BackupOutcome, Selection};
 use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline::{self, Stored};
 use crate::process::ChildProcess;
-use crate::progress::{human_bytes, ProgressLine};
+use crate::progress::{human_bytes, Progress, ProgressLine};
 
 pub struct PostgresBackup {
     pub connection: Connection,
@@ -100,7 +100,7 @@ impl PostgresBackup {
         line.progress().set_label("globals");
         let name = "globals.sql.zst";
         let stored = self
-            .dump(ctx, id, name, globals, "pg_dumpall", &line)
+            .dump(ctx, id, name, globals, "pg_dumpall", line.progress())
             .await
             .map_err(|e| {
                 e.context("backing up roles and tablespaces (pg_dumpall --globals-only)")
@@ -115,6 +115,7 @@ impl PostgresBackup {
             serde_json::Value::Null,
         ));
 
+        line.expect(databases.len(), "databases");
         // Databases side by side, each from its own snapshot, as pg_dump would dump them one
         // by one; the parts keep the databases' order whatever order they finish in.
         let streams = Semaphore::new(ctx.jobs);
@@ -161,7 +162,6 @@ impl PostgresBackup {
         streams: &Semaphore,
     ) -> Result<Vec<Part>> {
         let started = Instant::now();
-        line.progress().set_label(&database.name);
         let snapshot =
             Snapshot::export(&self.connection, &database.name, self.lock_wait_timeout).await?;
         let exclusions = self.exclusions()?;
@@ -199,8 +199,8 @@ impl PostgresBackup {
                     permit = streams.acquire() => permit.map_err(|_| Error::interrupted())?,
                     _ = ctx.cancel.cancelled() => return Err(Error::interrupted()),
                 };
-                line.progress().set_label(piece.label(&database.name));
-                self.stream(&ctx, id, &piece.key, child, "pg_dump", line)
+                let job = line.job(piece.label(&database.name), None);
+                self.stream(&ctx, id, &piece.key, child, "pg_dump", job)
                     .await
             }
         });
@@ -241,6 +241,7 @@ impl PostgresBackup {
                     .await);
             }
         };
+        line.one_done();
         let raw_bytes: u64 = stored.iter().map(|s| s.raw_bytes).sum();
         let stored_bytes: u64 = stored.iter().map(|s| s.stored.bytes).sum();
         tracing::info!(
@@ -357,10 +358,10 @@ impl PostgresBackup {
         name: &str,
         command: std::process::Command,
         tool: &'static str,
-        line: &ProgressLine,
+        progress: Progress,
     ) -> Result<Stored> {
         let child = ChildProcess::spawn(command, tool, false, true)?;
-        self.stream(ctx, id, name, child, tool, line).await
+        self.stream(ctx, id, name, child, tool, progress).await
     }
 
     /// A dump tool's output through the pipeline into part `name`.
@@ -371,7 +372,7 @@ impl PostgresBackup {
         name: &str,
         mut child: ChildProcess,
         tool: &'static str,
-        line: &ProgressLine,
+        progress: Progress,
     ) -> Result<Stored> {
         let key = ctx.path.object_key(id, name);
         let mut stdout = child.take_stdout().expect("stdout is piped");
@@ -384,7 +385,7 @@ impl PostgresBackup {
             &key,
             &ctx.pipeline,
             &ctx.cancel,
-            Some(line.progress()),
+            Some(progress),
             move |out: &mut dyn Write| {
                 let copied = pipeline::copy_large(&mut stdout, out);
                 // A dump tool that dies closes its stdout (the copy ends) and its exit status

@@ -222,6 +222,7 @@ impl PostgresRestore {
             summary.globals = true;
             tracing::info!("roles and tablespaces restored");
         }
+        line.expect(steps.len(), "databases");
 
         // Databases side by side; each is still one transaction, committed on its own. The
         // index builds of all of them share one budget of --jobs statements.
@@ -271,14 +272,23 @@ impl PostgresRestore {
         let mut warnings = 0;
         check_cancel(ctx)?;
         let started = Instant::now();
-        line.progress().set_label(&step.target);
+        let job = line.job(&step.target, Some(step.stored_bytes()));
         let through_scratch = match step.exists {
             false => ctx.jobs > 1,
             true => self.swap,
         };
         if through_scratch && tables.is_empty() {
             warnings += self
-                .restore_through_scratch(ctx, client, &step, tools, server_major, line, budget)
+                .restore_through_scratch(
+                    ctx,
+                    client,
+                    &step,
+                    tools,
+                    server_major,
+                    line,
+                    &job,
+                    budget,
+                )
                 .await?;
         } else {
             let created = if step.exists {
@@ -299,11 +309,11 @@ impl PostgresRestore {
             };
             let result = match step.data.is_empty() {
                 true => {
-                    self.restore_database(ctx, &step, tools, tables, server_major, line.progress())
+                    self.restore_database(ctx, &step, tools, tables, server_major, job.clone())
                         .await
                 }
                 false => {
-                    self.restore_split_database(ctx, &step, tools, tables, server_major, line)
+                    self.restore_split_database(ctx, &step, tools, tables, server_major, &job)
                         .await
                 }
             };
@@ -327,6 +337,8 @@ impl PostgresRestore {
                 }
             }
         }
+        drop(job);
+        line.one_done();
         let raw_bytes = step.raw_bytes();
         tracing::info!(
             database = %step.target,
@@ -356,6 +368,7 @@ impl PostgresRestore {
         tools: &Tools,
         server_major: u32,
         line: &ProgressLine,
+        job: &Progress,
         budget: &Semaphore,
     ) -> Result<usize> {
         let scratch = format!("kura_restore_{:08x}", rand::random::<u32>());
@@ -379,15 +392,23 @@ impl PostgresRestore {
         tracing::info!(database = %step.target, scratch = %scratch, "restoring {:?} into scratch database {scratch}, renamed to {:?} once complete", step.part.name, step.target);
         let restored = async {
             let post_data = self
-                .restore_schema_and_data(ctx, step, tools, server_major, &scratch, line.progress())
+                .restore_schema_and_data(ctx, step, tools, server_major, &scratch, job.clone())
                 .await?;
             check_cancel(ctx)?;
             if !step.data.is_empty() {
-                self.load_data_side_by_side(ctx, step, tools, server_major, &scratch, line, budget)
-                    .await?;
+                self.load_data_side_by_side(
+                    ctx,
+                    step,
+                    tools,
+                    server_major,
+                    &scratch,
+                    line,
+                    job,
+                    budget,
+                )
+                .await?;
             }
-            line.progress()
-                .set_label(format!("{} (indexes, constraints)", step.target));
+            job.set_label(format!("{} (indexes, constraints)", step.target));
             if !post_data.is_empty() {
                 post_data
                     .run(&self.target, &scratch, ctx.jobs, budget, &ctx.cancel)
@@ -727,9 +748,11 @@ impl PostgresRestore {
         server_major: u32,
         scratch: &str,
         line: &ProgressLine,
+        job: &Progress,
         budget: &Semaphore,
     ) -> Result<()> {
         let preamble = self.connection_check(server_major).await;
+        job.set_label(format!("{} (data, {} parts)", step.target, step.data.len()));
         crate::jobs::run_all(step.data.iter().collect(), ctx.jobs, &ctx.cancel, |(part, piece), stop| {
             let ctx = ctx.with_cancel(stop);
             let preamble = preamble.clone();
@@ -738,8 +761,11 @@ impl PostgresRestore {
                     turn = budget.acquire() => turn.map_err(|_| Error::interrupted())?,
                     _ = ctx.cancel.cancelled() => return Err(Error::interrupted()),
                 };
-                line.progress()
-                    .set_label(format!("{} ({})", step.target, describe_piece(piece)));
+                let part_job = line.job_within(
+                    job,
+                    format!("{} ({})", step.target, describe_piece(piece)),
+                    Some(part.stored_bytes),
+                );
                 let mut psql = self.target.command(&tools.psql, scratch);
                 psql.args(PSQL_SCRIPT_ARGS);
                 psql.args(["--tuples-only", "--no-align"]);
@@ -752,7 +778,7 @@ impl PostgresRestore {
                     pg_restore,
                     psql,
                     preamble,
-                    line.progress(),
+                    part_job,
                     None,
                 )
                 .await
@@ -784,7 +810,7 @@ impl PostgresRestore {
         tools: &Tools,
         tables: &[(String, String)],
         server_major: u32,
-        line: &ProgressLine,
+        job: &Progress,
     ) -> Result<()> {
         let mut psql = self.target.command(&tools.psql, &step.target);
         psql.args(PSQL_SCRIPT_ARGS);
@@ -817,7 +843,7 @@ impl PostgresRestore {
             &key,
             &step.part.digest(),
             ctx.unseal(step.part)?,
-            Some(line.progress()),
+            Some(job.clone()),
             &ctx.cancel,
             move |input: &mut dyn Read| {
                 let (pre_data, post_data) = two_scripts(input, pre_data, post_data)?;
@@ -836,8 +862,7 @@ impl PostgresRestore {
         .await?;
         for (part, piece) in step.data_for(tables) {
             check_cancel(ctx)?;
-            line.progress()
-                .set_label(format!("{} ({})", step.target, describe_piece(piece)));
+            job.set_label(format!("{} ({})", step.target, describe_piece(piece)));
             let mut pg_restore = Command::new(&tools.pg_restore);
             // --clean belongs to the schema: a data-only archive has nothing to drop.
             pg_restore.args(["--file=-", "--data-only", "--single-transaction"]);
@@ -854,7 +879,7 @@ impl PostgresRestore {
                 &key,
                 &part.digest(),
                 ctx.unseal(part)?,
-                Some(line.progress()),
+                Some(job.clone()),
                 &ctx.cancel,
                 move |input: &mut dyn Read| {
                     session.feed(input, pg_restore, force, &cancel)?;
@@ -871,8 +896,7 @@ impl PostgresRestore {
             })?;
         }
         check_cancel(ctx)?;
-        line.progress()
-            .set_label(format!("{} (indexes, constraints)", step.target));
+        job.set_label(format!("{} (indexes, constraints)", step.target));
         let cancel = ctx.cancel.clone();
         tokio::task::spawn_blocking(move || {
             session.write(post_data.as_bytes())?;
