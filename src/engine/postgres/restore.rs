@@ -1230,6 +1230,7 @@ impl PendingCommit {
         let mut psql = ChildProcess::spawn(psql, "psql", true, true)?;
         let stopper = psql.terminator(cancel.clone());
         let stdin = psql.take_stdin().expect("stdin is piped");
+        crate::process::enlarge_pipe(&stdin);
         let marker = format!("kura: script applied {:016x}", rand::random::<u64>());
         let applied = watch_output(psql.take_stdout().expect("stdout is piped"), marker.clone());
         let mut session = PendingCommit {
@@ -1268,6 +1269,10 @@ impl PendingCommit {
         let restore_stopper = restore.terminator(cancel.clone());
         let mut restore_stdin = restore.take_stdin().expect("stdin is piped");
         let mut restore_stdout = restore.take_stdout().expect("stdout is piped");
+        // Every byte of the data passes these pipes and psql's: a 64 KiB pipe wakes the
+        // other side (and switches tasks) every 64 KiB, measurable at hundreds of MB/s.
+        crate::process::enlarge_pipe(&restore_stdin);
+        crate::process::enlarge_pipe(&restore_stdout);
         let mut psql_stdin = self.stdin.take().expect("open until the end");
         let forwarder = std::thread::spawn(move || {
             let forwarded =
