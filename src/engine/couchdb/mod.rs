@@ -441,6 +441,33 @@ impl Client {
         what: &str,
         cap: Option<usize>,
     ) -> Result<Option<(Value, usize)>> {
+        let Some(bytes) = self.answer(method, path, body, what, cap).await? else {
+            return Ok(None);
+        };
+        let value = self.parse(&bytes, what)?;
+        Ok(Some((value, bytes.len())))
+    }
+
+    /// `bytes` as JSON of type `T`; an error naming `what` if they are not.
+    pub fn parse<'a, T: serde::Deserialize<'a>>(&self, bytes: &'a [u8], what: &str) -> Result<T> {
+        serde_json::from_slice(bytes).map_err(|e| {
+            Error::failed(format!(
+                "{what} at CouchDB {}: the answer is not JSON: {e}",
+                self.shown
+            ))
+        })
+    }
+
+    /// The body of a successful (2xx) answer, unparsed, for a caller that parses it in
+    /// place; [`Client::json_sized`] otherwise.
+    pub async fn answer(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        what: &str,
+        cap: Option<usize>,
+    ) -> Result<Option<Bytes>> {
         let body = body.map(|b| Bytes::from(serde_json::to_vec(&b).expect("JSON serializes")));
         // A connection lost while the answer streams in is retried like one lost before it;
         // every endpoint kura calls this way is safe to repeat.
@@ -484,13 +511,7 @@ impl Client {
                 ),
             ));
         }
-        let value = serde_json::from_slice(&bytes).map_err(|e| {
-            Error::failed(format!(
-                "{what} at CouchDB {}: the answer is not JSON: {e}",
-                self.shown
-            ))
-        })?;
-        Ok(Some((value, bytes.len())))
+        Ok(Some(bytes))
     }
 
     /// Every database name, paged through `_all_dbs`.
