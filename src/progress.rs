@@ -102,7 +102,7 @@ impl ProgressLine {
 
     fn drawn_on(verb: &'static str, total: Option<u64>, target: ProgressDrawTarget) -> Self {
         let multi = MultiProgress::with_draw_target(target);
-        let bar = multi.add(ProgressBar::new_spinner());
+        let bar = multi.add(ProgressBar::hidden());
         if let Some(total) = total {
             bar.set_length(total);
         }
@@ -185,7 +185,12 @@ impl ProgressLine {
         let Some(multi) = &self.multi else {
             return parent.clone();
         };
-        let bar = ProgressBar::new_spinner();
+        // Into the group before anything is set: each setter draws, and a bar still on its
+        // own would draw at the cursor, through the group's lines.
+        let bar = match parent.jobs.last() {
+            Some(above) => multi.insert_after(&above.bar, ProgressBar::hidden()),
+            None => multi.add(ProgressBar::hidden()),
+        };
         let template = match expected {
             Some(bytes) => {
                 bar.set_length(bytes);
@@ -197,10 +202,6 @@ impl ProgressLine {
         };
         bar.set_style(style(&template));
         bar.set_message(label.into());
-        let bar = match parent.jobs.last() {
-            Some(above) => multi.insert_after(&above.bar, bar),
-            None => multi.add(bar),
-        };
         bar.enable_steady_tick(Duration::from_millis(250));
         let mut jobs = parent.jobs.clone();
         jobs.push(Arc::new(JobLine {

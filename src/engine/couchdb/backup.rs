@@ -32,7 +32,8 @@ use crate::progress::{human_bytes, ProgressLine};
 /// Changes asked for per `_changes` page at most. Each page costs the server a request's
 /// overhead, and pouchdb-server much more than that: pages of 1,000 instead of 5,000 cost it
 /// about 1.2 s more CPU over 100,000 documents (measured). Memory holds two pages' text at a
-/// time (this one and the next, already asked for), bounded by [`PAGE_BYTES`].
+/// time (this one and the next, already asked for): [`PAGE_BYTES`] each as a rule, never
+/// more than [`PAGE_BYTES_CAP`].
 const BATCH: usize = 10_000;
 /// What one `_changes` page (with the winners' bodies) should weigh. Documents of up to 8 MB
 /// are CouchDB's default limit: a thousand of them in one answer would be gigabytes, so the
@@ -40,8 +41,9 @@ const BATCH: usize = 10_000;
 /// kilobyte documents, past which larger pages gained nothing measurable.
 const PAGE_BYTES: usize = 2 << 20;
 /// A `_changes` answer past this is dropped unread and asked again with a smaller `limit`:
-/// the last page's weight is a guess about the next one, and documents vary.
-const PAGE_BYTES_CAP: usize = 32 << 20;
+/// the last page's weight is a guess about the next one, and documents vary (a page of
+/// small deletions followed by kilobyte documents).
+const PAGE_BYTES_CAP: usize = 8 << 20;
 /// The first page, whose weight is not known yet, asks for this many changes.
 const FIRST_PAGE: usize = 16;
 /// What one `_bulk_get` answer should weigh, by the sizes of the winners' bodies.
@@ -358,7 +360,7 @@ async fn export_into(
             .map_err(|e| Error::failed(format!("reading the changes of {db:?} stopped: {e}")))??;
         let page: Changes = client.parse(&bytes, &format!("reading the changes of {db:?}"))?;
         let count = page.results.len();
-        if count >= limit && !page.last_seq.is_null() {
+        if more_pages(page.pending, count, limit) && !page.last_seq.is_null() {
             next = Some(tokio::spawn(changes_page(
                 Arc::clone(client),
                 db.to_string(),
@@ -405,6 +407,8 @@ async fn export_into(
                 None => wanted.extend(leaves.wanted()),
             }
         }
+        // The page's text is not needed while its revisions are fetched.
+        drop(bytes);
         export_revisions(client, db, wanted, tx, &mut stats).await?;
     }
     let mut wanted = Vec::new();
@@ -433,6 +437,8 @@ struct Changes<'a> {
     /// Opaque: a string on CouchDB, a number on pouchdb-server; passed back as it came.
     #[serde(default)]
     last_seq: Value,
+    /// Changes after this page (CouchDB 2 and later).
+    pending: Option<u64>,
 }
 
 #[derive(serde::Deserialize)]
@@ -481,6 +487,17 @@ impl DatabaseStats {
             true => self.deleted_documents += 1,
             false => self.live_documents += 1,
         }
+    }
+}
+
+/// Whether the feed goes on after a page of `count` changes asked with `limit`. CouchDB says
+/// how many are left (`pending`); a server that does not (pouchdb-server) is read until a
+/// page comes back empty, since a short page may only mean that it (or a proxy) caps
+/// `limit`, and stopping there would lose documents unnoticed.
+fn more_pages(pending: Option<u64>, count: usize, limit: usize) -> bool {
+    match pending {
+        Some(pending) => pending > 0 || count >= limit,
+        None => count > 0,
     }
 }
 
@@ -580,6 +597,11 @@ fn first_generation_line(revs: &[String], doc: &RawValue) -> Option<Vec<u8>> {
     }
     let [rev] = revs else { return None };
     let hash = rev.strip_prefix("1-")?;
+    // The part is one document per line: text that a server sent pretty-printed is
+    // written again, compact, by the revision fetch.
+    if doc.get().contains('\n') {
+        return None;
+    }
     let head: Head = serde_json::from_str(doc.get()).ok()?;
     let has_attachments = head.attachments.is_some_and(|a| !a.is_empty());
     if head.rev.as_deref() != Some(rev.as_str())
@@ -870,6 +892,25 @@ mod tests {
         assert!(first_generation_line(&revs(&["1-abc"]), &attached).is_none());
         let no_attachments = raw(json!({"_id": "a", "_rev": "1-abc", "_attachments": {}}));
         assert!(first_generation_line(&revs(&["1-abc"]), &no_attachments).is_some());
+        let pretty =
+            RawValue::from_string("{\n  \"_id\": \"a\",\n  \"_rev\": \"1-abc\"\n}".into()).unwrap();
+        assert!(
+            first_generation_line(&revs(&["1-abc"]), &pretty).is_none(),
+            "one line per document"
+        );
+    }
+
+    #[test]
+    fn the_feed_ends_where_the_server_says_or_at_an_empty_page() {
+        assert!(more_pages(Some(5), 100, 100));
+        assert!(!more_pages(Some(0), 40, 100));
+        assert!(
+            more_pages(Some(0), 100, 100),
+            "a full page is followed anyway"
+        );
+        // No `pending`: a short page may be a capped limit, not the end.
+        assert!(more_pages(None, 40, 100));
+        assert!(!more_pages(None, 0, 100));
     }
 
     #[test]
@@ -880,6 +921,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(page.last_seq, json!("2-g1AAA"));
+        assert_eq!(page.pending, Some(0));
         let first = &page.results[0];
         assert_eq!(first.id.as_deref(), Some("a"));
         assert!(first.deleted);
@@ -889,5 +931,6 @@ mod tests {
         assert!(page.results[1].doc.is_none() && !page.results[1].deleted);
         let numbered: Changes = serde_json::from_str(r#"{"results":[],"last_seq":7}"#).unwrap();
         assert_eq!(numbered.last_seq, json!(7));
+        assert_eq!(numbered.pending, None);
     }
 }

@@ -315,7 +315,8 @@ pub struct Tools {
 
 impl Tools {
     /// Find client tools for a server of major version `server_major`: in `bin_dir` if given,
-    /// else on PATH, else in Debian's versioned directories (`/usr/lib/postgresql/N/bin`).
+    /// else on PATH and in Debian's versioned directories (`/usr/lib/postgresql/N/bin`), in
+    /// the order [`tool_dirs`] gives.
     /// `why` explains the required version in the error ("the server is PostgreSQL 15").
     ///
     /// Runs each candidate's `--version` on a blocking thread, off the async path.
@@ -336,8 +337,13 @@ impl Tools {
                 let versioned = std::fs::read_dir("/usr/lib/postgresql")
                     .map(|entries| entries.flatten().map(|e| e.path().join("bin")).collect())
                     .unwrap_or_default();
-                let wrapper = std::env::var_os("PGCLUSTER").is_none()
-                    && on_path("pg_dump").is_some_and(|tool| is_pg_wrapper(&tool));
+                // A cluster or version chosen for the wrapper (PGCLUSTER, ~/.postgresqlrc)
+                // is the operator's choice: the wrapper stays first then.
+                let chosen = std::env::var_os("PGCLUSTER").is_some()
+                    || std::env::var_os("HOME")
+                        .is_some_and(|home| Path::new(&home).join(".postgresqlrc").exists());
+                let wrapper =
+                    !chosen && on_path("pg_dump").is_some_and(|tool| is_pg_wrapper(&tool));
                 tool_dirs(versioned, wrapper)
             }
         };
@@ -401,8 +407,9 @@ impl Tools {
 /// version and execs `/usr/lib/postgresql/<version>/bin/pg_dump`: about 50 ms of CPU and a
 /// Perl start on every run, paid per database, per part of a split one and per restore
 /// tool (a fifth of the client CPU of a restore of 13 databases, measured). When `PATH` has
-/// the wrapper, the versioned directories come first, newest first, which is the version
-/// the wrapper itself runs for a remote server; `PATH` stays the fallback. A `PATH` tool
+/// the wrapper (and no cluster was chosen for it), the versioned directories come first,
+/// newest first, which is the version the wrapper itself runs for a remote server; `PATH`
+/// stays the fallback. A `PATH` tool
 /// of another kind (a source build in /usr/local) is the user's choice and comes first.
 fn tool_dirs(mut versioned: Vec<PathBuf>, path_has_wrapper: bool) -> Vec<Option<PathBuf>> {
     versioned.sort_by(|a, b| version_of_dir(b).cmp(&version_of_dir(a)).then(b.cmp(a)));
