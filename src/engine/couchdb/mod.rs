@@ -426,26 +426,8 @@ impl Client {
         body: Option<Value>,
         what: &str,
     ) -> Result<Value> {
-        let answer = self.json_sized(method, path, body, what, None).await?;
-        Ok(answer.expect("no cap, never too large").0)
-    }
-
-    /// [`Client::json`], also returning the size of the answer in bytes (to size the next
-    /// page by bytes, not only by count). An answer longer than `cap` is not read further:
-    /// `Ok(None)`, and the caller asks for less.
-    pub async fn json_sized(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Value>,
-        what: &str,
-        cap: Option<usize>,
-    ) -> Result<Option<(Value, usize)>> {
-        let Some(bytes) = self.answer(method, path, body, what, cap).await? else {
-            return Ok(None);
-        };
-        let value = self.parse(&bytes, what)?;
-        Ok(Some((value, bytes.len())))
+        let bytes = self.answer(method, path, body, what, None).await?;
+        self.parse(&bytes.expect("no cap, never too large"), what)
     }
 
     /// `bytes` as JSON of type `T`; an error naming `what` if they are not.
@@ -458,8 +440,9 @@ impl Client {
         })
     }
 
-    /// The body of a successful (2xx) answer, unparsed, for a caller that parses it in
-    /// place; [`Client::json_sized`] otherwise.
+    /// The body of a successful (2xx) answer, unparsed, for a caller that parses it in place
+    /// or sizes its next request by it. An answer longer than `cap` is not read further:
+    /// `Ok(None)`, and the caller asks for less.
     pub async fn answer(
         &self,
         method: Method,
