@@ -5,7 +5,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -68,10 +68,10 @@ pub struct ProgressLine {
     /// while another was drawn, whose jobs join that one.
     owns_terminal: bool,
     total: ProgressBar,
-    /// Units of work the command runs (databases), when the caller said, and those done.
-    expected: AtomicUsize,
+    /// Units of work the command runs and what they are ("databases"), when the caller
+    /// said, and those done.
+    units: OnceLock<(usize, &'static str)>,
     done: AtomicUsize,
-    noun: Mutex<&'static str>,
 }
 
 /// Width of a job's label column, so the bars of several jobs line up.
@@ -125,20 +125,18 @@ impl ProgressLine {
             multi,
             owns_terminal: false,
             total,
-            expected: AtomicUsize::new(0),
+            units: OnceLock::new(),
             done: AtomicUsize::new(0),
-            noun: Mutex::new(""),
         }
     }
 
     /// The total line counts `count` units of work (`noun`: "databases") as [`Self::one_done`]
-    /// reports them; a unit may run as several jobs (a database split into parts).
+    /// reports them; a unit may run as several jobs (a database split into parts). Said once.
     pub fn expect(&self, count: usize, noun: &'static str) {
         if !self.owns_terminal {
             return;
         }
-        *self.noun.lock().unwrap_or_else(|e| e.into_inner()) = noun;
-        self.expected.store(count, Ordering::Relaxed);
+        let _ = self.units.set((count, noun));
         self.show_counts();
     }
 
@@ -151,10 +149,8 @@ impl ProgressLine {
     }
 
     fn show_counts(&self) {
-        let expected = self.expected.load(Ordering::Relaxed);
-        if expected > 0 {
+        if let Some(&(expected, noun)) = self.units.get() {
             let done = self.done.load(Ordering::Relaxed).min(expected);
-            let noun = *self.noun.lock().unwrap_or_else(|e| e.into_inner());
             self.total
                 .set_message(format!("{done}/{expected} {noun} done"));
         }

@@ -409,8 +409,8 @@ impl Tools {
 /// tool (a fifth of the client CPU of a restore of 13 databases, measured). When `PATH` has
 /// the wrapper (and no cluster was chosen for it), the versioned directories come first,
 /// newest first, which is the version the wrapper itself runs for a remote server; `PATH`
-/// stays the fallback. A `PATH` tool
-/// of another kind (a source build in /usr/local) is the user's choice and comes first.
+/// stays the fallback. A `PATH` tool of another kind (a source build in /usr/local) is the
+/// user's choice and comes first.
 fn tool_dirs(mut versioned: Vec<PathBuf>, path_has_wrapper: bool) -> Vec<Option<PathBuf>> {
     versioned.sort_by(|a, b| version_of_dir(b).cmp(&version_of_dir(a)).then(b.cmp(a)));
     let versioned = versioned.into_iter().map(Some);
