@@ -30,8 +30,10 @@ pub const MANIFEST_FORMAT: &str = "kura-backup-manifest";
 /// version-2 kura would try to decompress their ciphertext.
 /// 4: a PostgreSQL database may be split into a schema part and table-data parts
 /// (`postgres.table-data`); a version-3 kura would restore the schema alone.
-/// Manifests of versions 1 to 3 are still read, and their parts restored.
-pub const MANIFEST_VERSION: u32 = 4;
+/// 5: a large table's data part may be COPY text (`pg-copy-text`), which a version-4 kura
+/// would hand to pg_restore.
+/// Manifests of versions 1 to 4 are still read, and their parts restored.
+pub const MANIFEST_VERSION: u32 = 5;
 /// What a backup that needs nothing newer is written as, so that kura releases that read
 /// only version 3 still restore it.
 pub const BASE_MANIFEST_VERSION: u32 = 3;

@@ -3,14 +3,18 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
 
 use super::preflight::{self, DatabaseProps, ServerInfo};
 use tokio::sync::Semaphore;
 
 use super::{
-    Connection, DataPiece, TableName, Tools, DATABASE_KIND, DATA_FORMAT, GLOBALS_KIND,
-    SCHEMA_FORMAT, TABLE_DATA_KIND, WHOLE_FORMAT,
+    quote_literal, Connection, CopyText, DataPiece, TableName, Tools, COPY_FORMAT, DATABASE_KIND,
+    DATA_FORMAT, GLOBALS_KIND, SCHEMA_FORMAT, TABLE_DATA_KIND, WHOLE_FORMAT,
 };
 use crate::catalog::{BackupId, Part};
 use crate::engine::{BackupContext, BackupOutcome, Selection};
@@ -126,9 +130,19 @@ impl PostgresBackup {
             |(index, database), stop| {
                 let ctx = ctx.with_cancel(stop);
                 let (tools, line, streams) = (&tools, &line, &streams);
+                let server_major = info.major;
                 async move {
-                    self.backup_database(&ctx, id, tools, index, database, line, streams)
-                        .await
+                    self.backup_database(
+                        &ctx,
+                        id,
+                        tools,
+                        server_major,
+                        index,
+                        database,
+                        line,
+                        streams,
+                    )
+                    .await
                 }
             },
         )
@@ -148,14 +162,15 @@ impl PostgresBackup {
     }
 
     /// One database from one exported snapshot: a single archive, or (with `--jobs` and
-    /// large tables) its schema, each large table's data and the rest of its data as parts
-    /// dumped side by side, with the rows counted in the same snapshot.
+    /// large tables) its schema, each large table's rows and the rest of its data as parts
+    /// read side by side, with the rows counted in the same snapshot.
     #[allow(clippy::too_many_arguments)]
     async fn backup_database(
         &self,
         ctx: &BackupContext<'_>,
         id: &BackupId,
         tools: &Tools,
+        server_major: u32,
         index: usize,
         database: &DatabaseProps,
         line: &ProgressLine,
@@ -178,35 +193,84 @@ impl PostgresBackup {
                 })?,
         };
         let pieces = Piece::plan(index, large);
-        // Every pg_dump of the database starts now and takes its table locks at once, as one
+        // Every reader of the database starts now and takes its table locks at once, as one
         // pg_dump would; only then do they wait for their turn to stream (one budget of
         // --jobs streams for the whole backup, which is what bounds memory), blocked on a
         // full pipe. One started later would queue its locks behind any DDL that arrived
         // meanwhile, which itself waits for the snapshot's transaction: stuck until
         // --lock-wait-timeout.
-        let mut dumps = Vec::with_capacity(pieces.len());
-        for piece in &pieces {
-            let dump = self.piece_command(tools, database, &snapshot.id, piece);
-            dumps.push((piece, ChildProcess::spawn(dump, "pg_dump", false, true)?));
-        }
-        // Rows are counted in pg_dump's own snapshot while it runs, so `verify --deep` can
-        // compare a restore with exactly what was dumped. The exporting transaction stays
-        // open until every pg_dump is done: its snapshot must outlive their imports of it.
-        let dumping = crate::jobs::run_all(dumps, ctx.jobs, &ctx.cancel, |(piece, child), stop| {
-            let ctx = ctx.with_cancel(stop);
-            async move {
-                let _stream = tokio::select! {
-                    permit = streams.acquire() => permit.map_err(|_| Error::interrupted())?,
-                    _ = ctx.cancel.cancelled() => return Err(Error::interrupted()),
+        let opened = async {
+            let mut readers = Vec::with_capacity(pieces.len());
+            for piece in &pieces {
+                let reader = match &piece.kind {
+                    PieceKind::Table(table) => {
+                        let opening = TableCopy::open(
+                            &self.connection,
+                            &database.name,
+                            &snapshot.id,
+                            table,
+                            self.lock_wait_timeout,
+                            server_major,
+                        );
+                        Reader::Copy(tokio::select! {
+                            copy = opening => copy?,
+                            _ = ctx.cancel.cancelled() => return Err(Error::interrupted()),
+                        })
+                    }
+                    _ => {
+                        let dump = self.piece_command(tools, database, &snapshot.id, piece);
+                        Reader::Dump(ChildProcess::spawn(dump, "pg_dump", false, true)?)
+                    }
                 };
-                let job = line.job(piece.label(&database.name), None);
-                self.stream(&ctx, id, &piece.key, child, "pg_dump", job)
-                    .await
+                readers.push((piece, reader));
             }
-        });
+            Ok(readers)
+        };
+        let readers = match opened.await {
+            Ok(readers) => readers,
+            Err(e) => {
+                let e = e.context(format!("backing up database {:?}", database.name));
+                return Err(self
+                    .explain_lock_wait(&database.name, e, started.elapsed(), ctx)
+                    .await);
+            }
+        };
+        // Rows are counted in the backup's snapshot while it runs, so `verify --deep` can
+        // compare a restore with exactly what was dumped; a table read by COPY is counted
+        // as its rows go by. The exporting transaction stays open until every reader is
+        // done: its snapshot must outlive their imports of it.
+        let copied: Vec<TableName> = pieces
+            .iter()
+            .filter_map(|piece| match &piece.kind {
+                PieceKind::Table(table) => Some(table.clone()),
+                _ => None,
+            })
+            .collect();
+        let dumping =
+            crate::jobs::run_all(readers, ctx.jobs, &ctx.cancel, |(piece, reader), stop| {
+                let ctx = ctx.with_cancel(stop);
+                async move {
+                    let _stream = tokio::select! {
+                        permit = streams.acquire() => permit.map_err(|_| Error::interrupted())?,
+                        _ = ctx.cancel.cancelled() => return Err(Error::interrupted()),
+                    };
+                    let job = line.job(piece.label(&database.name), None);
+                    match reader {
+                        Reader::Dump(child) => Ok(Streamed {
+                            stored: self
+                                .stream(&ctx, id, &piece.key, child, "pg_dump", job)
+                                .await?,
+                            copy: None,
+                        }),
+                        Reader::Copy(copy) => {
+                            self.stream_copy(&ctx, id, &piece.key, copy, job).await
+                        }
+                    }
+                }
+            });
         let counting = async {
             tokio::select! {
-                counts = snapshot.count_rows(&exclusions) => counts,
+                counts = snapshot.count_rows(&exclusions, &copied) => counts,
                 _ = ctx.cancel.cancelled() => Err(Error::interrupted()),
             }
         };
@@ -219,14 +283,23 @@ impl PostgresBackup {
             },
             counts = &mut counting => (dumping.await, counts),
         };
-        let (stored, counts) = match (stored, counts) {
-            (Ok(stored), Ok(counts)) => (stored, Some(counts)),
+        let (streamed, counts) = match (stored, counts) {
+            (Ok(streamed), Ok(mut counts)) => {
+                for (piece, streamed) in pieces.iter().zip(&streamed) {
+                    if let (PieceKind::Table(table), Some((_, rows))) =
+                        (&piece.kind, &streamed.copy)
+                    {
+                        counts.insert(table.to_string(), *rows);
+                    }
+                }
+                (streamed, Some(counts))
+            }
             // The dump is whole; only the counting queued behind another session's lock
             // request (a migration waiting for pg_dump). The counts are a check for
             // `verify --deep`, not part of the backup: keep the dump without them.
-            (Ok(stored), Err(e)) if gave_up_on_a_lock(&e) => {
+            (Ok(streamed), Err(e)) if gave_up_on_a_lock(&e) => {
                 tracing::warn!(database = %database.name, "counting the rows waited {} for a lock and gave up; the database is backed up without row counts, so verify --deep will only restore it", crate::config::format_duration(self.lock_wait_timeout));
-                (stored, None)
+                (streamed, None)
             }
             (stored, counts) => {
                 let err = match stored {
@@ -242,19 +315,19 @@ impl PostgresBackup {
             }
         };
         line.one_done();
-        let raw_bytes: u64 = stored.iter().map(|s| s.raw_bytes).sum();
-        let stored_bytes: u64 = stored.iter().map(|s| s.stored.bytes).sum();
+        let raw_bytes: u64 = streamed.iter().map(|s| s.stored.raw_bytes).sum();
+        let stored_bytes: u64 = streamed.iter().map(|s| s.stored.stored.bytes).sum();
         tracing::info!(
             database = %database.name,
             raw_bytes,
             stored_bytes,
-            parts = stored.len(),
+            parts = streamed.len(),
             seconds = started.elapsed().as_secs_f64(),
             "database {:?} backed up: {} → {}{}",
             database.name,
             human_bytes(raw_bytes),
             human_bytes(stored_bytes),
-            match stored.len() {
+            match streamed.len() {
                 1 => String::new(),
                 n => format!(" in {n} parts from one snapshot"),
             }
@@ -263,7 +336,8 @@ impl PostgresBackup {
             .map_err(|e| Error::failed(format!("encoding database properties: {e}")))?;
         let schema_key = pieces[0].key.clone();
         let mut parts = Vec::with_capacity(pieces.len());
-        for (piece, stored) in pieces.iter().zip(&stored) {
+        for (piece, streamed) in pieces.iter().zip(&streamed) {
+            let stored = &streamed.stored;
             let part = match &piece.kind {
                 PieceKind::Whole | PieceKind::Schema => {
                     let format = match piece.kind {
@@ -285,14 +359,25 @@ impl PostgresBackup {
                 PieceKind::Table(table) => data_part(
                     &piece.key,
                     database,
-                    &schema_key,
-                    Some(table.clone()),
+                    DataPiece {
+                        of: schema_key.clone(),
+                        table: Some(table.clone()),
+                        copy: streamed.copy.as_ref().map(|(text, _)| text.clone()),
+                    },
                     stored,
                     ctx,
                 )?,
-                PieceKind::Rest(_) => {
-                    data_part(&piece.key, database, &schema_key, None, stored, ctx)?
-                }
+                PieceKind::Rest(_) => data_part(
+                    &piece.key,
+                    database,
+                    DataPiece {
+                        of: schema_key.clone(),
+                        table: None,
+                        copy: None,
+                    },
+                    stored,
+                    ctx,
+                )?,
             };
             if pieces.len() > 1 {
                 // A Job's log shows which part of a split database took the bytes.
@@ -333,9 +418,7 @@ impl PostgresBackup {
             PieceKind::Schema => {
                 dump.args(["--section=pre-data", "--section=post-data", "--no-blobs"]);
             }
-            PieceKind::Table(table) => {
-                dump.args(["--data-only", &format!("--table={}", table.pattern())]);
-            }
+            PieceKind::Table(_) => unreachable!("a large table's rows are read by COPY"),
             PieceKind::Rest(tables) => {
                 dump.arg("--data-only");
                 for table in tables {
@@ -407,6 +490,185 @@ impl PostgresBackup {
         .await;
         stopper.abort();
         stored
+    }
+
+    /// A large table's rows through the pipeline into part `name`, counted on the way.
+    async fn stream_copy(
+        &self,
+        ctx: &BackupContext<'_>,
+        id: &BackupId,
+        name: &str,
+        copy: TableCopy,
+        progress: Progress,
+    ) -> Result<Streamed> {
+        let key = ctx.path.object_key(id, name);
+        let text = copy.text.clone();
+        let rows = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&rows);
+        let cancel = ctx.cancel.clone();
+        let stored = pipeline::store_stream(
+            ctx.store,
+            &key,
+            &ctx.pipeline,
+            &ctx.cancel,
+            Some(progress),
+            move |out: &mut dyn Write| {
+                // The pipeline's producer is a blocking thread, where tokio's block_on is
+                // refused; the session's connection keeps running on the runtime.
+                futures::executor::block_on(async {
+                    tokio::select! {
+                        copied = copy.copy_to(out) => {
+                            counted.store(copied?, Ordering::Relaxed);
+                            Ok(())
+                        }
+                        _ = cancel.cancelled() => Err(Error::interrupted()),
+                    }
+                })
+            },
+        )
+        .await?;
+        Ok(Streamed {
+            stored,
+            copy: Some((text, rows.load(Ordering::Relaxed))),
+        })
+    }
+}
+
+/// What reads a piece of a database: pg_dump, or kura's own COPY of one table.
+enum Reader {
+    Dump(ChildProcess),
+    Copy(TableCopy),
+}
+
+/// A piece in storage; for a table read by COPY, how its text reads back and its rows.
+struct Streamed {
+    stored: Stored,
+    copy: Option<(CopyText, u64)>,
+}
+
+/// How much of a table's COPY text is gathered before it goes to the compressor: the server
+/// sends a message per row, and zstd pays for every call.
+const COPY_CHUNK: usize = 256 << 10;
+
+/// One large table's rows, read with `COPY … TO STDOUT` on a session of its own that
+/// imported the database's snapshot and locked the table when it opened, as a `pg_dump -j`
+/// worker reads them, without a pg_dump run (which reads the whole catalog) per table.
+struct TableCopy {
+    client: tokio_postgres::Client,
+    table: TableName,
+    text: CopyText,
+    database: String,
+}
+
+impl TableCopy {
+    async fn open(
+        connection: &Connection,
+        database: &str,
+        snapshot: &str,
+        table: &TableName,
+        lock_wait_timeout: Duration,
+        server_major: u32,
+    ) -> Result<TableCopy> {
+        let client = connection.connect(database).await?;
+        let failed = |e: tokio_postgres::Error| {
+            Error::with_source(
+                ErrorKind::Database,
+                format!("reading table {table} of database {database:?} in the backup's snapshot"),
+                e,
+            )
+        };
+        // pg_dump's own session settings: dates, intervals and floats written so that any
+        // server reads them back exactly, names in values (regclass) schema-qualified, and
+        // row-level security off, so that a policy that would hide rows is an error rather
+        // than a silently smaller table. The lock waits as long as pg_dump's would.
+        let setup = format!(
+            "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; \
+             SET lock_timeout = {}; SET DateStyle = ISO; SET IntervalStyle = postgres; \
+             SET extra_float_digits = 3; SET synchronize_seqscans = off; \
+             SET row_security = off; SET search_path = ''; \
+             BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; \
+             LOCK TABLE {} IN ACCESS SHARE MODE",
+            lock_wait_timeout.as_millis(),
+            quote_literal(snapshot),
+            table.pattern()
+        );
+        client.batch_execute(&setup).await.map_err(failed)?;
+        // Generated columns (PostgreSQL 12+) are computed again by the server on restore.
+        let generated = match server_major >= 12 {
+            true => " AND a.attgenerated = ''",
+            false => "",
+        };
+        let columns = client
+            .query(
+                &format!(
+                    "SELECT a.attname::text FROM pg_catalog.pg_attribute a \
+                      WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 \
+                        AND NOT a.attisdropped{generated} ORDER BY a.attnum"
+                ),
+                &[&table.pattern()],
+            )
+            .await
+            .map_err(failed)?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let encoding = client
+            .query_one("SELECT current_setting('server_encoding')", &[])
+            .await
+            .map_err(failed)?
+            .get(0);
+        Ok(TableCopy {
+            client,
+            table: table.clone(),
+            text: CopyText { columns, encoding },
+            database: database.to_string(),
+        })
+    }
+
+    /// The rows into `out` as COPY text in the database's encoding; how many there were.
+    async fn copy_to(self, out: &mut dyn Write) -> Result<u64> {
+        let failed = |e: tokio_postgres::Error| {
+            Error::with_source(
+                ErrorKind::Database,
+                format!(
+                    "reading the rows of table {} of database {:?}",
+                    self.table, self.database
+                ),
+                e,
+            )
+        };
+        // The text's own encoding from here on: set after the catalog queries, whose text
+        // tokio-postgres reads as UTF-8.
+        self.client
+            .batch_execute(&self.text.set_encoding())
+            .await
+            .map_err(failed)?;
+        let rows = self
+            .client
+            .copy_out(&self.text.copy_to(&self.table))
+            .await
+            .map_err(failed)?;
+        futures::pin_mut!(rows);
+        let mut chunk = Vec::with_capacity(COPY_CHUNK + (64 << 10));
+        let mut count = 0u64;
+        let written = |out: &mut dyn Write, chunk: &mut Vec<u8>| {
+            let result = out.write_all(chunk);
+            chunk.clear();
+            result.map_err(|e| match pipeline::is_upload_stopped_io(&e) {
+                true => Error::upload_stopped(),
+                false => Error::with_source(ErrorKind::Failed, "compressing COPY output", e),
+            })
+        };
+        while let Some(data) = rows.try_next().await.map_err(failed)? {
+            // One line per row: a newline inside a value is written as `\n`.
+            count += data.iter().filter(|&&b| b == b'\n').count() as u64;
+            chunk.extend_from_slice(&data);
+            if chunk.len() >= COPY_CHUNK {
+                written(out, &mut chunk)?;
+            }
+        }
+        written(out, &mut chunk)?;
+        Ok(count)
     }
 }
 
@@ -539,7 +801,7 @@ enum PieceKind {
     /// The schema of a split database: pre-data and post-data, with the materialized views'
     /// REFRESH and without large objects.
     Schema,
-    /// One large table's rows.
+    /// One large table's rows, read by [`TableCopy`].
     Table(TableName),
     /// Every other row: small tables, sequence values, large objects.
     Rest(Vec<TableName>),
@@ -547,7 +809,7 @@ enum PieceKind {
 
 impl Piece {
     /// The database as one archive, or (with at least two large tables, which is when
-    /// dumping them side by side pays for the extra pg_dump runs) its schema, then its
+    /// reading them side by side pays for the extra sessions) its schema, then its
     /// largest tables first, so the longest dumps start first, then the rest.
     fn plan(index: usize, large: Vec<TableName>) -> Vec<Piece> {
         let key = BackupContext::database_part_name(index, "pgdump");
@@ -564,7 +826,7 @@ impl Piece {
         for (n, table) in large.iter().enumerate() {
             pieces.push(Piece {
                 kind: PieceKind::Table(table.clone()),
-                key: BackupContext::database_piece_name(index, n + 1, "pgdump"),
+                key: BackupContext::database_piece_name(index, n + 1, "copy"),
             });
         }
         pieces.push(Piece {
@@ -587,14 +849,13 @@ impl Piece {
 fn data_part(
     key: &str,
     database: &DatabaseProps,
-    schema_key: &str,
-    table: Option<TableName>,
+    piece: DataPiece,
     stored: &Stored,
     ctx: &BackupContext<'_>,
 ) -> Result<Part> {
-    let piece = DataPiece {
-        of: schema_key.to_string(),
-        table,
+    let format = match piece.copy {
+        Some(_) => COPY_FORMAT,
+        None => DATA_FORMAT,
     };
     let properties = serde_json::to_value(&piece)
         .map_err(|e| Error::failed(format!("encoding a part's properties: {e}")))?;
@@ -602,7 +863,7 @@ fn data_part(
         key,
         &database.name,
         TABLE_DATA_KIND,
-        DATA_FORMAT,
+        format,
         stored,
         ctx,
         properties,
@@ -729,7 +990,8 @@ impl Snapshot {
     async fn count_rows(
         &self,
         exclusions: &super::TableExclusions,
+        counted_elsewhere: &[TableName],
     ) -> Result<std::collections::BTreeMap<String, u64>> {
-        super::count_rows(&self.client, exclusions).await
+        super::count_rows(&self.client, exclusions, counted_elsewhere).await
     }
 }

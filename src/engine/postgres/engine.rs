@@ -132,7 +132,7 @@ impl Engine for PostgresEngine {
         let counted = async {
             restore.run(ctx, manifest).await?;
             let client = self.connection.connect(scratch).await?;
-            count_rows(&client, &super::TableExclusions::default()).await
+            count_rows(&client, &super::TableExclusions::default(), &[]).await
         }
         .await;
         drop_database(&self.connection, scratch).await;

@@ -5,9 +5,10 @@
 //! each database is one `pg_dump --format=custom` archive, which pg_dump takes from a single
 //! repeatable-read snapshot and which lets pg_restore pick a single table later.
 //! With `--jobs` > 1, a database with large tables is split, as `pg_dump -j` splits it but
-//! streamed: a `--schema-only` archive (the database part, [`SCHEMA_FORMAT`]), one
-//! `--data-only` archive per large table and one for the rest of the data
-//! ([`TABLE_DATA_KIND`] parts), every one of them dumped from the same exported snapshot.
+//! streamed: a `--schema-only` archive (the database part, [`SCHEMA_FORMAT`]), each large
+//! table's rows as `COPY … TO STDOUT` text ([`COPY_FORMAT`]) and one `--data-only` archive for
+//! the rest of the data ([`TABLE_DATA_KIND`] parts), every one of them read in the same
+//! exported snapshot.
 //! Database-level properties (encoding, locale, owner, settings, grants, comment) are read
 //! from the catalog and kept in the manifest, because pg_dump only emits them with `--create`,
 //! which would tie the dump to the original database name.
@@ -40,6 +41,11 @@ pub const TABLE_DATA_KIND: &str = "postgres.table-data";
 pub const WHOLE_FORMAT: &str = "pg_dump-custom";
 pub const SCHEMA_FORMAT: &str = "pg_dump-custom-schema";
 pub const DATA_FORMAT: &str = "pg_dump-custom-data";
+/// One table's rows as `COPY … TO STDOUT` text (manifest format 5), read by kura itself on
+/// a session that imported the database's snapshot: no pg_dump run (and its reading of the
+/// whole catalog) per table, and restored by `COPY … FROM STDIN` with no pg_restore or psql
+/// between the object and the server. Its [`DataPiece::copy`] says how to read it back.
+pub const COPY_FORMAT: &str = "pg-copy-text";
 
 /// The properties of a [`TABLE_DATA_KIND`] part: whose data it holds.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -49,6 +55,53 @@ pub struct DataPiece {
     /// The one table whose rows it holds, or `None` for the rest of the database's data
     /// (small tables, sequence values, large objects).
     pub table: Option<TableName>,
+    /// For a [`COPY_FORMAT`] part: the columns and encoding of its text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy: Option<CopyText>,
+}
+
+/// What a [`COPY_FORMAT`] part's text holds: rows of `columns`, one per line, in the text
+/// format of `COPY`, encoded in `encoding`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CopyText {
+    /// The table's stored columns in their order, as pg_dump lists them: generated columns
+    /// are left out (the server computes them again) and so are dropped ones.
+    pub columns: Vec<String>,
+    /// The source database's encoding, which pg_dump also writes its data in: no
+    /// conversion on either side, and a SQL_ASCII database's bytes kept as they are.
+    pub encoding: String,
+}
+
+impl CopyText {
+    /// `COPY table (columns) FROM STDIN`, which loads this text into `table`.
+    pub fn copy_from(&self, table: &TableName) -> String {
+        format!("COPY {}{} FROM STDIN", table.pattern(), self.column_list())
+    }
+
+    /// `COPY table (columns) TO STDOUT`, which writes this text.
+    pub fn copy_to(&self, table: &TableName) -> String {
+        format!("COPY {}{} TO STDOUT", table.pattern(), self.column_list())
+    }
+
+    /// ` (a, b)`, or nothing for a table with no columns (allowed; `()` is a syntax error).
+    fn column_list(&self) -> String {
+        match self.columns.is_empty() {
+            true => String::new(),
+            false => format!(
+                " ({})",
+                self.columns
+                    .iter()
+                    .map(|c| quote_ident(c))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+
+    /// The `SET client_encoding` that makes the server read the text as it was written.
+    pub fn set_encoding(&self) -> String {
+        format!("SET client_encoding = {}", quote_literal(&self.encoding))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -496,10 +549,12 @@ impl TableExclusions {
 /// Rows of every table whose data pg_dump writes, by `schema.table`: ordinary and partition
 /// tables outside the system schemas, not owned by an extension (pg_dump skips those), not
 /// temporary. Backup records these in the manifest; `verify --deep` counts a restore the same
-/// way. Tables the backup leaves out are not listed; those whose rows it leaves out count 0.
+/// way. Tables the backup leaves out are not listed; those whose rows it leaves out count 0;
+/// those `counted_elsewhere` (as their rows were read) are skipped.
 pub async fn count_rows(
     client: &Client,
     exclusions: &TableExclusions,
+    counted_elsewhere: &[TableName],
 ) -> Result<std::collections::BTreeMap<String, u64>> {
     let left_out = TableExclusions::matching(client, &exclusions.tables).await?;
     let emptied = TableExclusions::matching(client, &exclusions.data).await?;
@@ -521,7 +576,11 @@ pub async fn count_rows(
     for row in tables {
         let (schema, table): (String, String) = (row.get(0), row.get(1));
         let key = format!("{schema}.{table}");
-        if left_out.contains(&key) {
+        if left_out.contains(&key)
+            || counted_elsewhere
+                .iter()
+                .any(|t| t.schema == schema && t.name == table)
+        {
             continue;
         }
         if emptied.contains(&key) {
@@ -567,6 +626,35 @@ pub fn quote_literal(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copy_statements_quote_every_name_and_drop_an_empty_column_list() {
+        let table = TableName {
+            schema: "Odd \"Schema\"".into(),
+            name: "Mixed Case".into(),
+        };
+        let text = CopyText {
+            columns: vec!["id".into(), "Total \"Amount\"".into()],
+            encoding: "LATIN1".into(),
+        };
+        assert_eq!(
+            text.copy_to(&table),
+            r#"COPY "Odd ""Schema"""."Mixed Case" ("id", "Total ""Amount""") TO STDOUT"#
+        );
+        assert_eq!(
+            text.copy_from(&table),
+            r#"COPY "Odd ""Schema"""."Mixed Case" ("id", "Total ""Amount""") FROM STDIN"#
+        );
+        assert_eq!(text.set_encoding(), "SET client_encoding = 'LATIN1'");
+        let none = CopyText {
+            columns: Vec::new(),
+            encoding: "UTF8".into(),
+        };
+        assert_eq!(
+            none.copy_from(&table),
+            r#"COPY "Odd ""Schema"""."Mixed Case" FROM STDIN"#
+        );
+    }
 
     #[test]
     fn the_versioned_tools_come_before_debians_perl_wrapper() {

@@ -10,8 +10,14 @@
 //! psql but withholds the final `COMMIT;` until the object is verified; if anything fails, psql
 //! is stopped and the server rolls the transaction back, so the target is left as it was. A
 //! database kura created for the restore is dropped again on failure.
+//!
+//! A large table's rows kept as COPY text ([`super::COPY_FORMAT`]) go to the server by kura's
+//! own `COPY … FROM STDIN` when loaded side by side, and into psql's session, after a
+//! `COPY … FROM stdin;` line, on the one-transaction path; the COMMIT waits the same way.
 
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+
+use futures::SinkExt;
 use std::path::PathBuf;
 use std::process::{ChildStdin, ChildStdout, Command};
 use std::time::{Duration, Instant};
@@ -22,8 +28,8 @@ use tokio_util::sync::CancellationToken;
 use super::postdata::PostData;
 use super::preflight::{query_error, DatabaseProps};
 use super::{
-    quote_ident, Connection, DataPiece, Tools, DATABASE_KIND, GLOBALS_KIND, SCHEMA_FORMAT,
-    TABLE_DATA_KIND,
+    quote_ident, Connection, CopyText, DataPiece, TableName, Tools, COPY_FORMAT, DATABASE_KIND,
+    DATA_FORMAT, GLOBALS_KIND, SCHEMA_FORMAT, TABLE_DATA_KIND,
 };
 use crate::catalog::{Manifest, Part};
 use crate::engine::{select_parts, DatabaseMapping, RestoreContext};
@@ -675,9 +681,21 @@ impl PostgresRestore {
                             candidate.key
                         ))
                     })?;
-                if piece.of == part.key {
-                    data.push((candidate, piece));
+                if piece.of != part.key {
+                    continue;
                 }
+                let readable = match candidate.format.as_str() {
+                    DATA_FORMAT => piece.copy.is_none(),
+                    COPY_FORMAT => piece.copy.is_some() && piece.table.is_some(),
+                    _ => false,
+                };
+                if !readable {
+                    return Err(Error::integrity(format!(
+                        "part {} of database {:?} has format {:?}, which this kura does not read with these properties; the manifest is damaged, or was written by a newer kura: upgrade kura",
+                        candidate.key, part.name, candidate.format
+                    )));
+                }
+                data.push((candidate, piece));
             }
             // A schema without its data would restore as an empty database reported as ok.
             let complete = match part.format == SCHEMA_FORMAT {
@@ -766,23 +784,31 @@ impl PostgresRestore {
                     format!("{} ({})", step.target, describe_piece(piece)),
                     Some(part.stored_bytes),
                 );
-                let mut psql = self.target.command(&tools.psql, scratch);
-                psql.args(PSQL_SCRIPT_ARGS);
-                psql.args(["--tuples-only", "--no-align"]);
-                let mut pg_restore = Command::new(&tools.pg_restore);
-                pg_restore.args(["--file=-", "--data-only", "--single-transaction"]);
                 let started = Instant::now();
-                restore_in_one_transaction(
-                    &ctx,
-                    part,
-                    pg_restore,
-                    psql,
-                    preamble,
-                    part_job,
-                    None,
-                )
-                .await
-                .map_err(|e| {
+                let loaded = match (&piece.table, &piece.copy) {
+                    (Some(table), Some(text)) => {
+                        let counted = step
+                            .part
+                            .counts
+                            .as_ref()
+                            .and_then(|counts| counts.get(&table.to_string()).copied());
+                        self.copy_into(&ctx, part, table, text, counted, scratch, part_job)
+                            .await
+                    }
+                    _ => {
+                        let mut psql = self.target.command(&tools.psql, scratch);
+                        psql.args(PSQL_SCRIPT_ARGS);
+                        psql.args(["--tuples-only", "--no-align"]);
+                        let mut pg_restore = Command::new(&tools.pg_restore);
+                        pg_restore.args(["--file=-", "--data-only", "--single-transaction"]);
+                        restore_in_one_transaction(
+                            &ctx, part, pg_restore, psql, preamble, part_job, None,
+                        )
+                        .await
+                        .map(|_| ())
+                    }
+                };
+                loaded.map_err(|e| {
                     e.context(format!(
                         "loading part {} ({})",
                         part.key,
@@ -795,6 +821,92 @@ impl PostgresRestore {
         })
         .await?;
         Ok(())
+    }
+
+    /// A [`COPY_FORMAT`] part into `table` of `database` over a session of kura's own, in
+    /// one transaction committed once the part's SHA-256 matched and, when the backup counted
+    /// the table, the server took as many rows.
+    #[allow(clippy::too_many_arguments)]
+    async fn copy_into(
+        &self,
+        ctx: &RestoreContext<'_>,
+        part: &Part,
+        table: &TableName,
+        text: &CopyText,
+        counted: Option<u64>,
+        database: &str,
+        progress: Progress,
+    ) -> Result<()> {
+        let client = self.target.connect(database).await?;
+        let failed = |e: tokio_postgres::Error| {
+            query_error(
+                &self.target,
+                &format!("loading the rows of table {table}"),
+                e,
+            )
+        };
+        // What pg_restore's script sets for its data; the encoding is the text's own, set
+        // last since tokio-postgres reads the server's text as UTF-8.
+        client
+            .batch_execute(&format!(
+                "SET statement_timeout = 0; SET lock_timeout = 0; \
+                 SET idle_in_transaction_session_timeout = 0; SET row_security = off; \
+                 SET search_path = ''; BEGIN; {}",
+                text.set_encoding()
+            ))
+            .await
+            .map_err(failed)?;
+        let sink = client
+            .copy_in::<_, bytes::Bytes>(&text.copy_from(table))
+            .await
+            .map_err(failed)?;
+        let key = ctx.path.object_key(&ctx.backup_id, &part.key);
+        let cancel = ctx.cancel.clone();
+        let what = format!("loading the rows of table {table}");
+        let rows = pipeline::read_verified(
+            ctx.store,
+            &key,
+            &part.digest(),
+            ctx.unseal(part)?,
+            Some(progress),
+            &ctx.cancel,
+            move |input: &mut dyn Read| {
+                // The reader blocks on the download; this blocking thread drives the sink
+                // (tokio's block_on is refused here) while the session's connection runs
+                // on the runtime.
+                futures::executor::block_on(async move {
+                    let mut sink = Box::pin(sink);
+                    let mut chunk = vec![0u8; COPY_CHUNK];
+                    loop {
+                        let filled = fill(input, &mut chunk).map_err(|e| {
+                            Error::with_source(ErrorKind::Failed, "reading the backup", e)
+                        })?;
+                        if filled == 0 {
+                            break;
+                        }
+                        let sent = sink
+                            .send(bytes::Bytes::copy_from_slice(&chunk[..filled]));
+                        tokio::select! {
+                            sent = sent => sent.map_err(|e| Error::with_source(ErrorKind::Database, what.clone(), e))?,
+                            _ = cancel.cancelled() => return Err(Error::interrupted()),
+                        }
+                    }
+                    sink.as_mut()
+                        .finish()
+                        .await
+                        .map_err(|e| Error::with_source(ErrorKind::Database, what.clone(), e))
+                })
+            },
+        )
+        .await?;
+        check_cancel(ctx)?;
+        if let Some(counted) = counted.filter(|&counted| counted != rows) {
+            return Err(Error::integrity(format!(
+                "part {} held {rows} rows of table {table}, but the backup counted {counted}: the part is damaged",
+                part.key
+            )));
+        }
+        client.batch_execute("COMMIT").await.map_err(failed)
     }
 
     /// A split database in one transaction (onto an existing database with `--force`, with
@@ -871,6 +983,10 @@ impl PostgresRestore {
                     .iter()
                     .filter(|a| a.starts_with("--schema=") || a.starts_with("--table=")),
             );
+            let copy = match (&piece.table, &piece.copy) {
+                (Some(table), Some(text)) => Some((table.clone(), text.clone())),
+                _ => None,
+            };
             let key = ctx.path.object_key(&ctx.backup_id, &part.key);
             let cancel = ctx.cancel.clone();
             let force = self.force;
@@ -882,7 +998,10 @@ impl PostgresRestore {
                 Some(job.clone()),
                 &ctx.cancel,
                 move |input: &mut dyn Read| {
-                    session.feed(input, pg_restore, force, &cancel)?;
+                    match copy {
+                        Some((table, text)) => session.feed_copy(input, &table, &text)?,
+                        None => session.feed(input, pg_restore, force, &cancel)?,
+                    }
                     Ok(session)
                 },
             )
@@ -1309,6 +1428,32 @@ impl PendingCommit {
         self.write(after_commit)
     }
 
+    /// Blocking: a [`COPY_FORMAT`] part's rows into `table` in the transaction, through
+    /// psql's `COPY … FROM stdin`. psql reads the rows up to a `\.` line and runs what
+    /// follows as SQL, so a line that starts with `\.` (which COPY never writes) or a last
+    /// line cut short is refused before psql could see it.
+    fn feed_copy(
+        &mut self,
+        input: &mut dyn Read,
+        table: &TableName,
+        text: &CopyText,
+    ) -> Result<()> {
+        self.write(format!("{};\n{};\n", text.set_encoding(), text.copy_from(table)).as_bytes())?;
+        let mut lines = CopyLines::default();
+        let mut chunk = vec![0u8; COPY_CHUNK];
+        loop {
+            let filled = fill(input, &mut chunk)
+                .map_err(|e| Error::with_source(ErrorKind::Failed, "reading the backup", e))?;
+            if filled == 0 {
+                break;
+            }
+            lines.check(&chunk[..filled], table)?;
+            self.write(&chunk[..filled])?;
+        }
+        lines.finish(table)?;
+        self.write(b"\\.\n")
+    }
+
     /// A write to psql failed: psql stopping at a failed statement closes its input, and
     /// its error is the cause.
     fn failure(&mut self, e: std::io::Error) -> Error {
@@ -1363,6 +1508,68 @@ async fn restore_in_one_transaction(
         .await
         .map_err(|e| Error::failed(format!("committing the restore: {e}")))??;
     Ok(script)
+}
+
+/// How much COPY text goes to the server (or psql) at a time.
+const COPY_CHUNK: usize = 256 << 10;
+
+/// Blocking: read until `buffer` is full or the input ends; how much was read.
+fn fill(input: &mut dyn Read, buffer: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match input.read(&mut buffer[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Checks COPY text on its way into psql: every line whole, and none that would end the
+/// rows early (`\.`), after which psql would run the rest as SQL.
+#[derive(Debug)]
+struct CopyLines {
+    line_start: bool,
+    after_leading_backslash: bool,
+}
+
+impl Default for CopyLines {
+    fn default() -> Self {
+        CopyLines {
+            line_start: true,
+            after_leading_backslash: false,
+        }
+    }
+}
+
+impl CopyLines {
+    fn check(&mut self, text: &[u8], table: &TableName) -> Result<()> {
+        for &byte in text {
+            if self.after_leading_backslash {
+                if byte == b'.' {
+                    return Err(Error::integrity(format!(
+                        "the rows of table {table} hold a line starting with \\., which COPY never writes: the part is damaged"
+                    )));
+                }
+                self.after_leading_backslash = false;
+            } else if self.line_start && byte == b'\\' {
+                self.after_leading_backslash = true;
+            }
+            self.line_start = byte == b'\n';
+        }
+        Ok(())
+    }
+
+    fn finish(&self, table: &TableName) -> Result<()> {
+        match self.line_start {
+            true => Ok(()),
+            false => Err(Error::integrity(format!(
+                "the rows of table {table} end in the middle of a line: the part is truncated"
+            ))),
+        }
+    }
 }
 
 /// What a data part holds, for people.
@@ -1878,6 +2085,33 @@ async fn existing_tables(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn copy_lines(chunks: &[&[u8]]) -> Result<()> {
+        let table = TableName {
+            schema: "public".into(),
+            name: "t".into(),
+        };
+        let mut lines = CopyLines::default();
+        for chunk in chunks {
+            lines.check(chunk, &table)?;
+        }
+        lines.finish(&table)
+    }
+
+    #[test]
+    fn copy_text_that_would_end_psqls_rows_early_or_is_cut_short_is_refused() {
+        // Whole lines, with escapes COPY does write: a leading NULL or backslash.
+        assert!(copy_lines(&[b"1\tx\n\\N\t\\\\.\n"]).is_ok());
+        assert!(copy_lines(&[]).is_ok());
+        assert!(copy_lines(&[b"a.\n", b".\\.\n"]).is_ok());
+        // An end-of-data line, also when split between reads.
+        assert!(copy_lines(&[b"1\n\\.\nDROP TABLE t;\n"]).is_err());
+        assert!(copy_lines(&[b"\\.\n"]).is_err());
+        assert!(copy_lines(&[b"1\n", b"\\", b".\n"]).is_err());
+        assert!(copy_lines(&[b"1\n\\", b".x\n"]).is_err());
+        // A last line without its newline.
+        assert!(copy_lines(&[b"1\n2"]).is_err());
+    }
 
     fn forward(script: &str) -> (String, String) {
         let (out, held) = forward_script(script.as_bytes(), Vec::new(), false).unwrap();
