@@ -416,3 +416,98 @@ break" text);
         .args(["verify", "postgres", &id, "--deep"]);
     run(&mut verify).assert_ok();
 }
+
+/// A table truncated between the backup's snapshot and its lock (here: while the backup
+/// waited behind the session that truncates it) would look empty to the snapshot and be
+/// backed up as an empty table; the backup fails instead, naming it.
+#[test]
+fn a_table_truncated_under_the_snapshot_fails_the_backup_instead_of_backing_up_nothing() {
+    let url = require!("KURA_TEST_PG_URL");
+    let db = unique("truncated");
+    psql(&url, "postgres", &format!("CREATE DATABASE {db}"));
+    psql(
+        &url,
+        &db,
+        "CREATE TABLE a (v int); INSERT INTO a SELECT generate_series(1, 1000); \
+         CREATE TABLE b (v int); INSERT INTO b SELECT generate_series(1, 1000); ANALYZE;",
+    );
+    let mut holder = std::process::Command::new(common::pg_tool("psql"))
+        .args(["--no-psqlrc", "--quiet", "--set=ON_ERROR_STOP=1"])
+        .envs(common::pg_env(&url, &db))
+        .env("PGAPPNAME", "kura-test-truncate")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut holder_input = holder.stdin.take().unwrap();
+    {
+        use std::io::Write;
+        writeln!(
+            holder_input,
+            "BEGIN; LOCK TABLE a IN ACCESS EXCLUSIVE MODE;"
+        )
+        .unwrap();
+        holder_input.flush().unwrap();
+    }
+    let granted = "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+         WHERE a.application_name = 'kura-test-truncate' AND l.mode = 'AccessExclusiveLock' AND l.granted";
+    let started = std::time::Instant::now();
+    while psql(&url, &db, granted) == "0" {
+        assert!(started.elapsed().as_secs() < 10, "the lock was never taken");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut backup = kura();
+    file_storage(&mut backup, dir.path());
+    backup
+        .env("KURA_POSTGRES_URL", &url)
+        .env("KURA_LOCK_WAIT_TIMEOUT", "60s")
+        .args([
+            "backup",
+            "postgres",
+            "--database",
+            &db,
+            "--jobs",
+            "2",
+            "--split-table-size",
+            "0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = backup.spawn().unwrap();
+    // The snapshot is taken, and the backup's sessions queue for table a's lock.
+    let waiting = "SELECT count(*) FROM pg_stat_activity \
+         WHERE application_name = 'kura' AND wait_event_type = 'Lock'";
+    let started = std::time::Instant::now();
+    while psql(&url, &db, waiting) == "0" {
+        assert!(
+            started.elapsed().as_secs() < 30,
+            "the backup never waited for the lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    {
+        use std::io::Write;
+        writeln!(
+            holder_input,
+            "TRUNCATE a; INSERT INTO a VALUES (-1); COMMIT;"
+        )
+        .unwrap();
+        holder_input.flush().unwrap();
+    }
+    drop(holder_input);
+    let _ = holder.wait();
+    let result = common::Run::from_output(child.wait_with_output().unwrap());
+    assert_eq!(result.code, 1, "{}", result.all());
+    let message = result.error_line()["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("table public.a") && message.contains("run the backup again"),
+        "{message}"
+    );
+    let manifests: Vec<_> = common::walk(dir.path())
+        .into_iter()
+        .filter(|p| p.ends_with("manifest.json"))
+        .collect();
+    assert!(manifests.is_empty(), "{manifests:?}");
+}

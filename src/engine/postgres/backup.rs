@@ -593,6 +593,25 @@ impl TableCopy {
             table.pattern()
         );
         client.batch_execute(&setup).await.map_err(failed)?;
+        // The lock came after the snapshot: a TRUNCATE or a rewrite (ALTER TABLE, VACUUM FULL,
+        // CLUSTER) committed in between, perhaps while this session queued behind it, leaves
+        // the table empty to the snapshot (those are not MVCC-safe), which would be backed up
+        // as an empty table. The snapshot's pg_class row and the one the lock protects differ
+        // then (and a table dropped and created again has no row in the snapshot).
+        let unchanged: Option<bool> = client
+            .query_opt(
+                "SELECT c.relfilenode = pg_catalog.pg_relation_filenode(c.oid) \
+                   FROM pg_catalog.pg_class c WHERE c.oid = $1::text::regclass",
+                &[&table.pattern()],
+            )
+            .await
+            .map_err(failed)?
+            .map(|row| row.get(0));
+        if unchanged != Some(true) {
+            return Err(Error::failed(format!(
+                "table {table} of database {database:?} was emptied or rewritten (TRUNCATE, ALTER TABLE, VACUUM FULL or CLUSTER) just as the backup took its snapshot, so the snapshot no longer sees its rows; run the backup again"
+            )));
+        }
         // Generated columns (PostgreSQL 12+) are computed again by the server on restore.
         let generated = match server_major >= 12 {
             true => " AND a.attgenerated = ''",
