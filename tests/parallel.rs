@@ -302,7 +302,9 @@ async fn fifty_couchdb_databases_back_up_and_restore_with_four_jobs() {
 /// Large tables are read as COPY text in the backup's snapshot and loaded by COPY: every
 /// awkward value survives both ways in (kura's own COPY into a scratch database with
 /// `--jobs`, and psql's session with `--jobs 1`), in a LATIN1 database, with generated and
-/// dropped columns, quoted names, a table with no columns, and row-level security enabled.
+/// dropped columns, quoted names, a table with no columns, and row-level security enabled;
+/// and column names not in ASCII in a LATIN1 database, through the scratch database (the
+/// one-transaction path reads the schema's scripts as UTF-8: see the README's limits).
 #[test]
 fn tables_read_by_copy_keep_every_value_on_every_restore_path() {
     let url = require!("KURA_TEST_PG_URL");
@@ -315,7 +317,8 @@ fn tables_read_by_copy_keep_every_value_on_every_restore_path() {
     psql(
         &url,
         &source,
-        r#"CREATE SCHEMA "Odd ""Schema""";
+        r#"SET client_encoding = 'UTF8';
+           CREATE SCHEMA "Odd ""Schema""";
            CREATE TABLE "Odd ""Schema"""."Mixed Case" ("Total Amount" numeric(30,10), "line
 break" text);
            CREATE TABLE awkward (id int PRIMARY KEY, gone text, t text, b bytea, f float8,
@@ -336,6 +339,20 @@ break" text);
            CREATE TABLE small (id int);
            INSERT INTO small VALUES (1);
            ANALYZE;"#,
+    );
+    let names = format!("{source}_names");
+    psql(
+        &url,
+        "postgres",
+        &format!("CREATE DATABASE {names} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"),
+    );
+    psql(
+        &url,
+        &names,
+        "SET client_encoding = 'UTF8'; \
+         CREATE TABLE accented (id int, \"naïve café\" text); \
+         INSERT INTO accented SELECT g, 'Ærø ' || g FROM generate_series(1, 500) g; \
+         CREATE TABLE plain (id int); INSERT INTO plain VALUES (1); ANALYZE;",
     );
     let dir = tempfile::tempdir().unwrap();
     let mut backup = kura();
@@ -415,6 +432,51 @@ break" text);
         .env("KURA_POSTGRES_URL", &url)
         .args(["verify", "postgres", &id, "--deep"]);
     run(&mut verify).assert_ok();
+
+    // Column names not in ASCII: the COPY statements stay UTF-8, the rows LATIN1.
+    let dir = tempfile::tempdir().unwrap();
+    let mut backup = kura();
+    file_storage(&mut backup, dir.path());
+    backup.env("KURA_POSTGRES_URL", &url).args([
+        "backup",
+        "postgres",
+        "--database",
+        &names,
+        "--jobs",
+        "3",
+        "--split-table-size",
+        "0",
+    ]);
+    let backed_up = run(&mut backup);
+    backed_up.assert_ok();
+    let accented = self::manifest(dir.path())["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["properties"]["table"]["name"] == "accented")
+        .cloned()
+        .expect("a COPY part for accented");
+    assert_eq!(
+        accented["properties"]["copy"]["columns"],
+        serde_json::json!(["id", "naïve café"])
+    );
+    let mut restore = kura();
+    file_storage(&mut restore, dir.path());
+    restore.env("KURA_POSTGRES_URL", &url).args([
+        "restore",
+        "postgres",
+        &backed_up.backup_id(),
+        "--database",
+        &format!("{names}:{names}_r"),
+        "--jobs",
+        "3",
+    ]);
+    run(&mut restore).assert_ok();
+    assert_eq!(
+        common::pg_dump_text(&url, &names),
+        common::pg_dump_text(&url, &format!("{names}_r")),
+        "{names}_r differs from {names}"
+    );
 }
 
 /// A table truncated between the backup's snapshot and its lock (here: while the backup

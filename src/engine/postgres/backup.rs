@@ -198,24 +198,30 @@ impl PostgresBackup {
         // --jobs streams for the whole backup, which is what bounds memory), blocked on a
         // full pipe. One started later would queue its locks behind any DDL that arrived
         // meanwhile, which itself waits for the snapshot's transaction: stuck until
-        // --lock-wait-timeout.
+        // --lock-wait-timeout. The COPY sessions lock their tables before any pg_dump
+        // starts: a pg_dump holds its locks while nobody reads it yet, and a COPY session
+        // queued behind DDL that waits for that pg_dump would wait for the timeout.
         let opened = async {
+            let opening = pieces.iter().filter_map(|piece| match &piece.kind {
+                PieceKind::Table(table) => Some(TableCopy::open(
+                    &self.connection,
+                    &database.name,
+                    &snapshot.id,
+                    table,
+                    self.lock_wait_timeout,
+                    server_major,
+                )),
+                _ => None,
+            });
+            let mut copies = tokio::select! {
+                copies = futures::future::try_join_all(opening) => copies?.into_iter(),
+                _ = ctx.cancel.cancelled() => return Err(Error::interrupted()),
+            };
             let mut readers = Vec::with_capacity(pieces.len());
             for piece in &pieces {
                 let reader = match &piece.kind {
-                    PieceKind::Table(table) => {
-                        let opening = TableCopy::open(
-                            &self.connection,
-                            &database.name,
-                            &snapshot.id,
-                            table,
-                            self.lock_wait_timeout,
-                            server_major,
-                        );
-                        Reader::Copy(tokio::select! {
-                            copy = opening => copy?,
-                            _ = ctx.cancel.cancelled() => return Err(Error::interrupted()),
-                        })
+                    PieceKind::Table(_) => {
+                        Reader::Copy(Box::new(copies.next().expect("opened in order")))
                     }
                     _ => {
                         let dump = self.piece_command(tools, database, &snapshot.id, piece);
@@ -263,7 +269,7 @@ impl PostgresBackup {
                             copy: None,
                         }),
                         Reader::Copy(copy) => {
-                            self.stream_copy(&ctx, id, &piece.key, copy, job).await
+                            self.stream_copy(&ctx, id, &piece.key, *copy, job).await
                         }
                     }
                 }
@@ -537,7 +543,7 @@ impl PostgresBackup {
 /// What reads a piece of a database: pg_dump, or kura's own COPY of one table.
 enum Reader {
     Dump(ChildProcess),
-    Copy(TableCopy),
+    Copy(Box<TableCopy>),
 }
 
 /// A piece in storage; for a table read by COPY, how its text reads back and its rows.
@@ -558,6 +564,16 @@ struct TableCopy {
     table: TableName,
     text: CopyText,
     database: String,
+    connection: Connection,
+}
+
+/// `SET transaction_timeout = 0;` where the server has it (PostgreSQL 17+), as pg_dump and
+/// pg_restore's scripts set it: a role's or database's limit must not end a long COPY.
+pub(super) fn no_transaction_timeout(server_major: u32) -> &'static str {
+    match server_major >= 17 {
+        true => "SET transaction_timeout = 0; ",
+        false => "",
+    }
 }
 
 impl TableCopy {
@@ -570,34 +586,33 @@ impl TableCopy {
         server_major: u32,
     ) -> Result<TableCopy> {
         let client = connection.connect(database).await?;
-        let failed = |e: tokio_postgres::Error| {
-            Error::with_source(
-                ErrorKind::Database,
-                format!("reading table {table} of database {database:?} in the backup's snapshot"),
-                e,
-            )
-        };
+        let what =
+            format!("reading table {table} of database {database:?} in the backup's snapshot");
+        let failed = |e| preflight::query_error(connection, &what, e);
         // pg_dump's own session settings: dates, intervals and floats written so that any
         // server reads them back exactly, names in values (regclass) schema-qualified, and
         // row-level security off, so that a policy that would hide rows is an error rather
         // than a silently smaller table. The lock waits as long as pg_dump's would.
         let setup = format!(
-            "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; \
+            "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; {}\
              SET lock_timeout = {}; SET DateStyle = ISO; SET IntervalStyle = postgres; \
              SET extra_float_digits = 3; SET synchronize_seqscans = off; \
              SET row_security = off; SET search_path = ''; \
              BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; \
              LOCK TABLE {} IN ACCESS SHARE MODE",
+            no_transaction_timeout(server_major),
             lock_wait_timeout.as_millis(),
             quote_literal(snapshot),
             table.pattern()
         );
         client.batch_execute(&setup).await.map_err(failed)?;
-        // The lock came after the snapshot: a TRUNCATE or a rewrite (ALTER TABLE, VACUUM FULL,
-        // CLUSTER) committed in between, perhaps while this session queued behind it, leaves
-        // the table empty to the snapshot (those are not MVCC-safe), which would be backed up
-        // as an empty table. The snapshot's pg_class row and the one the lock protects differ
-        // then (and a table dropped and created again has no row in the snapshot).
+        // The lock came after the snapshot: a TRUNCATE or a rewrite (ALTER TABLE) committed
+        // in between, perhaps while this session queued behind it, leaves the table empty to
+        // the snapshot (neither is MVCC-safe), which would be backed up as an empty table.
+        // The snapshot's pg_class row and the one the lock protects differ then (and a table
+        // dropped and created again has no row in the snapshot). VACUUM FULL and CLUSTER
+        // change it too; they are MVCC-safe, but rare enough that failing is cheaper than
+        // telling them apart.
         let unchanged: Option<bool> = client
             .query_opt(
                 "SELECT c.relfilenode = pg_catalog.pg_relation_filenode(c.oid) \
@@ -609,7 +624,7 @@ impl TableCopy {
             .map(|row| row.get(0));
         if unchanged != Some(true) {
             return Err(Error::failed(format!(
-                "table {table} of database {database:?} was emptied or rewritten (TRUNCATE, ALTER TABLE, VACUUM FULL or CLUSTER) just as the backup took its snapshot, so the snapshot no longer sees its rows; run the backup again"
+                "table {table} of database {database:?} was truncated, rewritten or dropped (TRUNCATE, ALTER TABLE, VACUUM FULL, CLUSTER, DROP) after the backup took its snapshot and before it could lock the table, so its rows cannot be read as of the snapshot; run the backup again"
             )));
         }
         // Generated columns (PostgreSQL 12+) are computed again by the server on restore.
@@ -641,27 +656,17 @@ impl TableCopy {
             table: table.clone(),
             text: CopyText { columns, encoding },
             database: database.to_string(),
+            connection: connection.clone(),
         })
     }
 
     /// The rows into `out` as COPY text in the database's encoding; how many there were.
     async fn copy_to(self, out: &mut dyn Write) -> Result<u64> {
-        let failed = |e: tokio_postgres::Error| {
-            Error::with_source(
-                ErrorKind::Database,
-                format!(
-                    "reading the rows of table {} of database {:?}",
-                    self.table, self.database
-                ),
-                e,
-            )
-        };
-        // The text's own encoding from here on: set after the catalog queries, whose text
-        // tokio-postgres reads as UTF-8.
-        self.client
-            .batch_execute(&self.text.set_encoding())
-            .await
-            .map_err(failed)?;
+        let what = format!(
+            "reading the rows of table {} of database {:?}",
+            self.table, self.database
+        );
+        let failed = |e| preflight::query_error(&self.connection, &what, e);
         let rows = self
             .client
             .copy_out(&self.text.copy_to(&self.table))

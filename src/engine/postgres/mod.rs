@@ -75,12 +75,28 @@ pub struct CopyText {
 impl CopyText {
     /// `COPY table (columns) FROM STDIN`, which loads this text into `table`.
     pub fn copy_from(&self, table: &TableName) -> String {
-        format!("COPY {}{} FROM STDIN", table.pattern(), self.column_list())
+        format!(
+            "COPY {}{} FROM STDIN{}",
+            table.pattern(),
+            self.column_list(),
+            self.encoding_option()
+        )
     }
 
     /// `COPY table (columns) TO STDOUT`, which writes this text.
     pub fn copy_to(&self, table: &TableName) -> String {
-        format!("COPY {}{} TO STDOUT", table.pattern(), self.column_list())
+        format!(
+            "COPY {}{} TO STDOUT{}",
+            table.pattern(),
+            self.column_list(),
+            self.encoding_option()
+        )
+    }
+
+    /// The text's encoding as COPY's own option: the session, and so the statement with its
+    /// column names and the server's messages, stays in UTF-8.
+    fn encoding_option(&self) -> String {
+        format!(" WITH (ENCODING {})", quote_literal(&self.encoding))
     }
 
     /// ` (a, b)`, or nothing for a table with no columns (allowed; `()` is a syntax error).
@@ -96,11 +112,6 @@ impl CopyText {
                     .join(", ")
             ),
         }
-    }
-
-    /// The `SET client_encoding` that makes the server read the text as it was written.
-    pub fn set_encoding(&self) -> String {
-        format!("SET client_encoding = {}", quote_literal(&self.encoding))
     }
 }
 
@@ -639,20 +650,19 @@ mod tests {
         };
         assert_eq!(
             text.copy_to(&table),
-            r#"COPY "Odd ""Schema"""."Mixed Case" ("id", "Total ""Amount""") TO STDOUT"#
+            r#"COPY "Odd ""Schema"""."Mixed Case" ("id", "Total ""Amount""") TO STDOUT WITH (ENCODING 'LATIN1')"#
         );
         assert_eq!(
             text.copy_from(&table),
-            r#"COPY "Odd ""Schema"""."Mixed Case" ("id", "Total ""Amount""") FROM STDIN"#
+            r#"COPY "Odd ""Schema"""."Mixed Case" ("id", "Total ""Amount""") FROM STDIN WITH (ENCODING 'LATIN1')"#
         );
-        assert_eq!(text.set_encoding(), "SET client_encoding = 'LATIN1'");
         let none = CopyText {
             columns: Vec::new(),
             encoding: "UTF8".into(),
         };
         assert_eq!(
             none.copy_from(&table),
-            r#"COPY "Odd ""Schema"""."Mixed Case" FROM STDIN"#
+            r#"COPY "Odd ""Schema"""."Mixed Case" FROM STDIN WITH (ENCODING 'UTF8')"#
         );
     }
 

@@ -792,8 +792,17 @@ impl PostgresRestore {
                             .counts
                             .as_ref()
                             .and_then(|counts| counts.get(&table.to_string()).copied());
-                        self.copy_into(&ctx, part, table, text, counted, scratch, part_job)
-                            .await
+                        self.copy_into(
+                            &ctx,
+                            part,
+                            table,
+                            text,
+                            counted,
+                            scratch,
+                            server_major,
+                            part_job,
+                        )
+                        .await
                     }
                     _ => {
                         let mut psql = self.target.command(&tools.psql, scratch);
@@ -835,24 +844,19 @@ impl PostgresRestore {
         text: &CopyText,
         counted: Option<u64>,
         database: &str,
+        server_major: u32,
         progress: Progress,
     ) -> Result<()> {
         let client = self.target.connect(database).await?;
-        let failed = |e: tokio_postgres::Error| {
-            query_error(
-                &self.target,
-                &format!("loading the rows of table {table}"),
-                e,
-            )
-        };
-        // What pg_restore's script sets for its data; the encoding is the text's own, set
-        // last since tokio-postgres reads the server's text as UTF-8.
+        let what = format!("loading the rows of table {table} into {database:?}");
+        let failed = |e| query_error(&self.target, &what, e);
+        // What pg_restore's script sets for its data (the text's encoding is COPY's option).
         client
             .batch_execute(&format!(
-                "SET statement_timeout = 0; SET lock_timeout = 0; \
+                "SET statement_timeout = 0; SET lock_timeout = 0; {}\
                  SET idle_in_transaction_session_timeout = 0; SET row_security = off; \
-                 SET search_path = ''; BEGIN; {}",
-                text.set_encoding()
+                 SET xmloption = content; SET search_path = ''; BEGIN",
+                super::backup::no_transaction_timeout(server_major)
             ))
             .await
             .map_err(failed)?;
@@ -862,7 +866,8 @@ impl PostgresRestore {
             .map_err(failed)?;
         let key = ctx.path.object_key(&ctx.backup_id, &part.key);
         let cancel = ctx.cancel.clone();
-        let what = format!("loading the rows of table {table}");
+        let target = self.target.clone();
+        let loading = what.clone();
         let rows = pipeline::read_verified(
             ctx.store,
             &key,
@@ -884,17 +889,16 @@ impl PostgresRestore {
                         if filled == 0 {
                             break;
                         }
-                        let sent = sink
-                            .send(bytes::Bytes::copy_from_slice(&chunk[..filled]));
+                        let sent = sink.send(bytes::Bytes::copy_from_slice(&chunk[..filled]));
                         tokio::select! {
-                            sent = sent => sent.map_err(|e| Error::with_source(ErrorKind::Database, what.clone(), e))?,
+                            sent = sent => sent.map_err(|e| query_error(&target, &loading, e))?,
                             _ = cancel.cancelled() => return Err(Error::interrupted()),
                         }
                     }
                     sink.as_mut()
                         .finish()
                         .await
-                        .map_err(|e| Error::with_source(ErrorKind::Database, what.clone(), e))
+                        .map_err(|e| query_error(&target, &loading, e))
                 })
             },
         )
@@ -1438,7 +1442,15 @@ impl PendingCommit {
         table: &TableName,
         text: &CopyText,
     ) -> Result<()> {
-        self.write(format!("{};\n{};\n", text.set_encoding(), text.copy_from(table)).as_bytes())?;
+        // The statement is UTF-8 whatever the scripts before it set; the rows are in the
+        // encoding COPY's option names.
+        self.write(
+            format!(
+                "SET client_encoding = 'UTF8';\n{};\n",
+                text.copy_from(table)
+            )
+            .as_bytes(),
+        )?;
         let mut lines = CopyLines::default();
         let mut chunk = vec![0u8; COPY_CHUNK];
         loop {
