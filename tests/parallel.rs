@@ -299,6 +299,25 @@ async fn fifty_couchdb_databases_back_up_and_restore_with_four_jobs() {
     }
 }
 
+/// `database` backed up with every table in a part of its own, as 3 jobs allow.
+fn backup_split(url: &str, dir: &Path, database: &str) -> common::Run {
+    let mut backup = kura();
+    file_storage(&mut backup, dir);
+    backup.env("KURA_POSTGRES_URL", url).args([
+        "backup",
+        "postgres",
+        "--database",
+        database,
+        "--jobs",
+        "3",
+        "--split-table-size",
+        "0",
+    ]);
+    let backed_up = run(&mut backup);
+    backed_up.assert_ok();
+    backed_up
+}
+
 /// Large tables are read as COPY text in the backup's snapshot and loaded by COPY: every
 /// awkward value survives both ways in (kura's own COPY into a scratch database with
 /// `--jobs`, and psql's session with `--jobs 1`), in a LATIN1 database, with generated and
@@ -355,20 +374,7 @@ break" text);
          CREATE TABLE plain (id int); INSERT INTO plain VALUES (1); ANALYZE;",
     );
     let dir = tempfile::tempdir().unwrap();
-    let mut backup = kura();
-    file_storage(&mut backup, dir.path());
-    backup.env("KURA_POSTGRES_URL", &url).args([
-        "backup",
-        "postgres",
-        "--database",
-        &source,
-        "--jobs",
-        "3",
-        "--split-table-size",
-        "0",
-    ]);
-    let backed_up = run(&mut backup);
-    backed_up.assert_ok();
+    let backed_up = backup_split(&url, dir.path(), &source);
     let id = backed_up.backup_id();
     let manifest = manifest(dir.path());
     let copied: Vec<&serde_json::Value> = manifest["parts"]
@@ -435,20 +441,7 @@ break" text);
 
     // Column names not in ASCII: the COPY statements stay UTF-8, the rows LATIN1.
     let dir = tempfile::tempdir().unwrap();
-    let mut backup = kura();
-    file_storage(&mut backup, dir.path());
-    backup.env("KURA_POSTGRES_URL", &url).args([
-        "backup",
-        "postgres",
-        "--database",
-        &names,
-        "--jobs",
-        "3",
-        "--split-table-size",
-        "0",
-    ]);
-    let backed_up = run(&mut backup);
-    backed_up.assert_ok();
+    let backed_up = backup_split(&url, dir.path(), &names);
     let accented = self::manifest(dir.path())["parts"]
         .as_array()
         .unwrap()
