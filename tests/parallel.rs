@@ -322,8 +322,9 @@ fn backup_split(url: &str, dir: &Path, database: &str) -> common::Run {
 /// awkward value survives both ways in (kura's own COPY into a scratch database with
 /// `--jobs`, and psql's session with `--jobs 1`), in a LATIN1 database, with generated and
 /// dropped columns, quoted names, a table with no columns, and row-level security enabled;
-/// and column names not in ASCII in a LATIN1 database, through the scratch database (the
-/// one-transaction path reads the schema's scripts as UTF-8: see the README's limits).
+/// and names not in ASCII in a LATIN1 database (columns, a table, an index, a constraint, a
+/// comment), on every restore path: the schema's scripts are LATIN1 bytes, the COPY
+/// statements UTF-8.
 #[test]
 fn tables_read_by_copy_keep_every_value_on_every_restore_path() {
     let url = require!("KURA_TEST_PG_URL");
@@ -371,6 +372,11 @@ break" text);
         "SET client_encoding = 'UTF8'; \
          CREATE TABLE accented (id int, \"naïve café\" text); \
          INSERT INTO accented SELECT g, 'Ærø ' || g FROM generate_series(1, 500) g; \
+         CREATE TABLE \"Grüße\" (\"schlüssel\" int CONSTRAINT \"schlüssel_pk\" PRIMARY KEY, \
+           \"straße\" text CHECK (\"straße\" <> 'Ø')); \
+         INSERT INTO \"Grüße\" SELECT g, 'Å' || g FROM generate_series(1, 300) g; \
+         CREATE INDEX \"café_idx\" ON accented (\"naïve café\"); \
+         COMMENT ON TABLE accented IS 'Ærø, naïve'; \
          CREATE TABLE plain (id int); INSERT INTO plain VALUES (1); ANALYZE;",
     );
     let dir = tempfile::tempdir().unwrap();
@@ -453,23 +459,79 @@ break" text);
         accented["properties"]["copy"]["columns"],
         serde_json::json!(["id", "naïve café"])
     );
-    let mut restore = kura();
-    file_storage(&mut restore, dir.path());
-    restore.env("KURA_POSTGRES_URL", &url).args([
-        "restore",
+    let id = backed_up.backup_id();
+    // Through a scratch database (post-data on kura's sessions), through psql's one
+    // transaction, and again onto it with --force.
+    for (jobs, force) in [("3", false), ("1", false), ("1", true)] {
+        let target = format!("{names}_j{jobs}");
+        let mut restore = kura();
+        file_storage(&mut restore, dir.path());
+        restore.env("KURA_POSTGRES_URL", &url).args([
+            "restore",
+            "postgres",
+            &id,
+            "--database",
+            &format!("{names}:{target}"),
+            "--jobs",
+            jobs,
+        ]);
+        if force {
+            restore.arg("--force");
+        }
+        run(&mut restore).assert_ok();
+        assert_eq!(
+            common::pg_dump_text(&url, &names),
+            common::pg_dump_text(&url, &target),
+            "{target} differs from {names}"
+        );
+    }
+    // pg_restore matches --table against the archive's names, which are LATIN1 here (in
+    // a database backed up whole, a mismatch would restore nothing and report success).
+    let whole = tempfile::tempdir().unwrap();
+    let mut backup = kura();
+    file_storage(&mut backup, whole.path());
+    backup.env("KURA_POSTGRES_URL", &url).args([
+        "backup",
         "postgres",
-        &backed_up.backup_id(),
         "--database",
-        &format!("{names}:{names}_r"),
+        &names,
         "--jobs",
-        "3",
+        "1",
     ]);
-    run(&mut restore).assert_ok();
-    assert_eq!(
-        common::pg_dump_text(&url, &names),
-        common::pg_dump_text(&url, &format!("{names}_r")),
-        "{names}_r differs from {names}"
-    );
+    let whole_id = run(&mut backup).backup_id();
+    for (backup_dir, backup_id, suffix) in
+        [(dir.path(), &id, "ts"), (whole.path(), &whole_id, "tw")]
+    {
+        let selected = format!("{names}_{suffix}");
+        let mut restore = kura();
+        file_storage(&mut restore, backup_dir);
+        restore.env("KURA_POSTGRES_URL", &url).args([
+            "restore",
+            "postgres",
+            backup_id,
+            "--database",
+            &format!("{names}:{selected}"),
+            "--table",
+            "Grüße",
+        ]);
+        run(&mut restore).assert_ok();
+        assert_eq!(
+            psql(
+                &url,
+                &selected,
+                "SET client_encoding = 'UTF8'; SELECT count(*), min(\"straße\") FROM \"Grüße\";"
+            )
+            .trim(),
+            "300|Å1",
+            "{selected}"
+        );
+    }
+    let mut verify = kura();
+    file_storage(&mut verify, dir.path());
+    verify
+        .env("KURA_POSTGRES_URL", &url)
+        .args(["verify", "postgres", &id, "--deep"]);
+    run(&mut verify).assert_ok();
 }
 
 /// A table truncated between the backup's snapshot and its lock (here: while the backup

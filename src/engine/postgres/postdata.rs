@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 
 use tokio::sync::Semaphore;
+use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
 use super::preflight::query_error;
@@ -65,6 +66,23 @@ fn setting(line: &str) -> Option<String> {
 }
 
 impl PostData {
+    /// The script as pg_restore printed it, in the dump's encoding, for kura's sessions,
+    /// which speak UTF-8: a script that is not UTF-8 already is converted by the server
+    /// (PostgreSQL knows every encoding a database can have), in `database`.
+    pub async fn from_script(
+        script: Vec<u8>,
+        target: &Connection,
+        database: &str,
+    ) -> Result<PostData> {
+        let encoding = script_encoding(&script).unwrap_or("UTF8").to_string();
+        let text = match String::from_utf8(script) {
+            Ok(text) if text.is_ascii() || encoding.eq_ignore_ascii_case("UTF8") => text,
+            Ok(text) => convert(text.into_bytes(), &encoding, target, database).await?,
+            Err(e) => convert(e.into_bytes(), &encoding, target, database).await?,
+        };
+        Ok(PostData::parse(&in_utf8(&text)))
+    }
+
     pub fn parse(script: &str) -> PostData {
         let mut settings: BTreeMap<String, String> = BTreeMap::new();
         // The preamble, then one chunk per entry.
@@ -222,6 +240,59 @@ impl PostData {
     }
 }
 
+/// The encoding pg_restore names in the script's header, `SET client_encoding = 'LATIN1';`.
+fn script_encoding(script: &[u8]) -> Option<&str> {
+    script
+        .split(|b| *b == b'\n')
+        .find_map(|line| {
+            line.strip_prefix(b"SET client_encoding = '")?
+                .strip_suffix(b"';")
+        })
+        .and_then(|name| std::str::from_utf8(name).ok())
+}
+
+/// The script with its encoding line saying what it now is.
+fn in_utf8(script: &str) -> String {
+    script
+        .split_inclusive('\n')
+        .map(|line| match line.starts_with("SET client_encoding = '") {
+            true => "SET client_encoding = 'UTF8';\n",
+            false => line,
+        })
+        .collect()
+}
+
+async fn convert(
+    script: Vec<u8>,
+    encoding: &str,
+    target: &Connection,
+    database: &str,
+) -> Result<String> {
+    let unconvertible = |detail: &dyn std::fmt::Display| {
+        Error::failed(format!(
+            "the indexes and constraints of this {encoding} database have names that are not \
+             valid {encoding} or have no UTF-8 form ({detail}); kura's sessions speak UTF-8: \
+             restore it with --jobs 1, which runs the script through psql as it is"
+        ))
+    };
+    let client = target.connect(database).await?;
+    let row = client
+        .query_one("SELECT convert_from($1, $2)", &[&script, &encoding])
+        .await
+        .map_err(|e| match e.code() {
+            Some(&SqlState::CHARACTER_NOT_IN_REPERTOIRE | &SqlState::UNTRANSLATABLE_CHARACTER) => {
+                unconvertible(
+                    &e.as_db_error()
+                        .map_or(e.to_string(), |db| db.message().to_string()),
+                )
+            }
+            _ => query_error(target, "converting the post-data section to UTF-8", e),
+        })?;
+    // SQL_ASCII is converted to nothing: its bytes may reach kura as they are.
+    row.try_get::<_, String>(0)
+        .map_err(|_| unconvertible(&"not UTF-8"))
+}
+
 async fn run_entry(
     client: &tokio_postgres::Client,
     target: &Connection,
@@ -368,6 +439,17 @@ CREATE INDEX t_w ON public.t USING btree (w);
             !post.builds[0].sql.contains("fast"),
             "{}",
             post.builds[0].sql
+        );
+    }
+
+    #[test]
+    fn the_scripts_encoding_is_read_and_then_said_to_be_utf8() {
+        let script = b"SET statement_timeout = 0;\nSET client_encoding = 'LATIN1';\nCREATE INDEX \"caf\xe9\" ON t (x);\n";
+        assert_eq!(script_encoding(script), Some("LATIN1"));
+        assert_eq!(script_encoding(b"SET x = 1;\n"), None);
+        assert_eq!(
+            in_utf8("SET client_encoding = 'LATIN1';\nCREATE INDEX \"café\" ON t (x);\n"),
+            "SET client_encoding = 'UTF8';\nCREATE INDEX \"café\" ON t (x);\n"
         );
     }
 

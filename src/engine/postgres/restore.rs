@@ -15,7 +15,9 @@
 //! own `COPY … FROM STDIN` when loaded side by side, and into psql's session, after a
 //! `COPY … FROM stdin;` line, on the one-transaction path; the COMMIT waits the same way.
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::os::unix::ffi::OsStringExt;
 
 use futures::SinkExt;
 use std::path::PathBuf;
@@ -491,7 +493,7 @@ impl PostgresRestore {
             Some(post_data),
         )
         .await?;
-        Ok(PostData::parse(&script.unwrap_or_default()))
+        PostData::from_script(script.unwrap_or_default(), &self.target, scratch).await
     }
 
     /// `ALTER DATABASE scratch RENAME TO target`. A rename needs the database to itself: new
@@ -739,18 +741,64 @@ impl PostgresRestore {
             pg_restore.args(["--clean", "--if-exists"]);
         }
         let mut preamble = self.connection_check(server_major).await;
-        // pg_restore --table restores the table but not its schema.
+        let (selection, schemas) = self.table_selection(tables, &step.props.encoding).await?;
+        pg_restore.args(selection);
+        preamble.push_str(&schemas);
+        restore_in_one_transaction(ctx, step.part, pg_restore, psql, preamble, progress, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// pg_restore's `--schema`/`--table` arguments selecting `tables`, and the statements
+    /// that create their schemas (pg_restore --table restores a table, not its schema).
+    ///
+    /// pg_restore matches the names byte for byte against its archive's, which are in the
+    /// database's `encoding`: a LATIN1 database's `Grüße` would match nothing typed in UTF-8,
+    /// and the restore would "succeed" with nothing in it.
+    async fn table_selection(
+        &self,
+        tables: &[(String, String)],
+        encoding: &str,
+    ) -> Result<(Vec<OsString>, String)> {
+        let mut selection = Vec::new();
+        // psql's session starts in the database's encoding; these statements are UTF-8.
+        let mut schemas = String::from("SET client_encoding = 'UTF8';\n");
         for (schema, table) in tables {
-            pg_restore.arg(format!("--schema={schema}"));
-            pg_restore.arg(format!("--table={table}"));
-            preamble.push_str(&format!(
+            selection.push(self.in_encoding("--schema=", schema, encoding).await?);
+            selection.push(self.in_encoding("--table=", table, encoding).await?);
+            schemas.push_str(&format!(
                 "CREATE SCHEMA IF NOT EXISTS {};\n",
                 quote_ident(schema)
             ));
         }
-        restore_in_one_transaction(ctx, step.part, pg_restore, psql, preamble, progress, None)
-            .await
-            .map(|_| ())
+        Ok((selection, schemas))
+    }
+
+    /// `option` followed by `name` in `encoding`, converted by the server (which knows
+    /// every encoding a database can have).
+    async fn in_encoding(&self, option: &str, name: &str, encoding: &str) -> Result<OsString> {
+        let mut argument = option.as_bytes().to_vec();
+        if name.is_ascii() || encoding.is_empty() || encoding == "UTF8" {
+            argument.extend_from_slice(name.as_bytes());
+        } else {
+            let client = self
+                .target
+                .connect(&self.target.maintenance_database())
+                .await?;
+            let converted: Vec<u8> = client
+                .query_one("SELECT convert_to($1, $2)", &[&name, &encoding])
+                .await
+                .map_err(|e| {
+                    query_error(
+                        &self.target,
+                        &format!("writing the name {name:?} in the backup's encoding, {encoding}"),
+                        e,
+                    )
+                })?
+                .get(0);
+            argument.extend(converted);
+        }
+        Ok(OsString::from_vec(argument))
     }
 
     /// The data parts of a split database into the scratch database that holds its schema,
@@ -931,24 +979,16 @@ impl PostgresRestore {
         let mut psql = self.target.command(&tools.psql, &step.target);
         psql.args(PSQL_SCRIPT_ARGS);
         psql.args(["--tuples-only", "--no-align"]);
-        let mut selection: Vec<String> = Vec::new();
-        if self.force {
-            selection.extend(["--clean".into(), "--if-exists".into()]);
-        }
         let mut preamble = self.connection_check(server_major).await;
-        for (schema, table) in tables {
-            selection.push(format!("--schema={schema}"));
-            selection.push(format!("--table={table}"));
-            preamble.push_str(&format!(
-                "CREATE SCHEMA IF NOT EXISTS {};\n",
-                quote_ident(schema)
-            ));
-        }
+        let (selection, schemas) = self.table_selection(tables, &step.props.encoding).await?;
+        preamble.push_str(&schemas);
         let script = |section: &str| {
             let mut pg_restore = Command::new(&tools.pg_restore);
-            pg_restore
-                .args(["--file=-", "--single-transaction", section])
-                .args(&selection);
+            pg_restore.args(["--file=-", "--single-transaction", section]);
+            if self.force {
+                pg_restore.args(["--clean", "--if-exists"]);
+            }
+            pg_restore.args(&selection);
             pg_restore
         };
         let (pre_data, post_data) = (script("--section=pre-data"), script("--section=post-data"));
@@ -970,8 +1010,8 @@ impl PostgresRestore {
                 let (drops, post_data) = split_off_drops(&post_data);
                 let mut session = PendingCommit::open(psql, &cancel)?;
                 session.write(preamble.as_bytes())?;
-                session.write(drops.as_bytes())?;
-                session.write(pre_data.as_bytes())?;
+                session.write(&drops)?;
+                session.write(&pre_data)?;
                 Ok((session, post_data))
             },
         )
@@ -982,11 +1022,7 @@ impl PostgresRestore {
             let mut pg_restore = Command::new(&tools.pg_restore);
             // --clean belongs to the schema: a data-only archive has nothing to drop.
             pg_restore.args(["--file=-", "--data-only", "--single-transaction"]);
-            pg_restore.args(
-                selection
-                    .iter()
-                    .filter(|a| a.starts_with("--schema=") || a.starts_with("--table=")),
-            );
+            pg_restore.args(&selection);
             let copy = match (&piece.table, &piece.copy) {
                 (Some(table), Some(text)) => Some((table.clone(), text.clone())),
                 _ => None,
@@ -1022,7 +1058,7 @@ impl PostgresRestore {
         job.set_label(format!("{} (indexes, constraints)", step.target));
         let cancel = ctx.cancel.clone();
         tokio::task::spawn_blocking(move || {
-            session.write(post_data.as_bytes())?;
+            session.write(&post_data)?;
             session.commit(&cancel)
         })
         .await
@@ -1225,11 +1261,14 @@ async fn drop_scratch(client: &tokio_postgres::Client, scratch: &str, server_maj
 /// The archive on its way to pg_restore, copied to a second pg_restore that prints only the
 /// post-data section. That one may stop reading once it has what it needs (its section has
 /// no data), so a closed pipe to it only ends the copy; its exit status is what counts.
+///
+/// The script is bytes in the dump's encoding (its `SET client_encoding` line), not
+/// necessarily UTF-8: a LATIN1 database's names are LATIN1 there.
 struct Tee<'a> {
     input: &'a mut dyn Read,
     copy: Option<ChildStdin>,
     tool: ChildProcess,
-    script: std::thread::JoinHandle<std::io::Result<String>>,
+    script: std::thread::JoinHandle<std::io::Result<Vec<u8>>>,
 }
 
 impl<'a> Tee<'a> {
@@ -1238,11 +1277,11 @@ impl<'a> Tee<'a> {
         let copy = tool.take_stdin();
         let stdout = tool.take_stdout().expect("stdout is piped");
         let script = std::thread::spawn(move || {
-            let mut text = String::new();
+            let mut script = Vec::new();
             // The post-data section of a sane schema is megabytes; the cap only stops a
             // damaged archive from eating memory.
-            stdout.take(POST_DATA_LIMIT).read_to_string(&mut text)?;
-            Ok(text)
+            stdout.take(POST_DATA_LIMIT).read_to_end(&mut script)?;
+            Ok(script)
         });
         Ok(Tee {
             input,
@@ -1252,7 +1291,7 @@ impl<'a> Tee<'a> {
         })
     }
 
-    fn finish(mut self) -> Result<String> {
+    fn finish(mut self) -> Result<Vec<u8>> {
         drop(self.copy.take());
         self.tool.wait_success()?;
         self.script
@@ -1487,7 +1526,7 @@ async fn restore_in_one_transaction(
     preamble: String,
     progress: Progress,
     post_data: Option<Command>,
-) -> Result<Option<String>> {
+) -> Result<Option<Vec<u8>>> {
     let key = ctx.path.object_key(&ctx.backup_id, &part.key);
     let cancel = ctx.cancel.clone();
     let (pending, script) = pipeline::read_verified(
@@ -1594,7 +1633,11 @@ fn describe_piece(piece: &DataPiece) -> String {
 
 /// Blocking: the scripts two pg_restores print from one archive (a schema, small enough to
 /// hold), read once.
-fn two_scripts(input: &mut dyn Read, first: Command, second: Command) -> Result<(String, String)> {
+fn two_scripts(
+    input: &mut dyn Read,
+    first: Command,
+    second: Command,
+) -> Result<(Vec<u8>, Vec<u8>)> {
     let mut second = Tee::start(input, second)?;
     let mut first = Tee::start(&mut second, first)?;
     let drained = std::io::copy(&mut first, &mut std::io::sink());
@@ -1608,29 +1651,30 @@ fn two_scripts(input: &mut dyn Read, first: Command, second: Command) -> Result<
 /// own: split them from the script that creates. (A statement is one line there, unless an
 /// identifier holds a newline; its lines stay together and in order either way.) The
 /// script's settings before them (`lock_timeout = 0`, the empty search_path) go with them.
-fn split_off_drops(script: &str) -> (String, String) {
-    let mut drops = String::new();
-    let mut rest = String::with_capacity(script.len());
+fn split_off_drops(script: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let mut drops = Vec::new();
+    let mut rest = Vec::with_capacity(script.len());
     let mut in_preamble = true;
-    for line in script.split_inclusive('\n') {
-        if is_entry_header(line.as_bytes()) {
+    for line in script.split_inclusive(|b| *b == b'\n') {
+        if is_entry_header(line) {
             in_preamble = false;
         }
-        let setting = line.starts_with("SET ") || line.starts_with("SELECT pg_catalog.set_config(");
-        let statement = !(line.trim().is_empty()
-            || line.starts_with("--")
-            || line.starts_with('\\')
+        let setting =
+            line.starts_with(b"SET ") || line.starts_with(b"SELECT pg_catalog.set_config(");
+        let statement = !(line.trim_ascii().is_empty()
+            || line.starts_with(b"--")
+            || line.starts_with(b"\\")
             || setting);
         if in_preamble && setting {
-            drops.push_str(line);
+            drops.extend_from_slice(line);
         }
         if in_preamble && statement {
-            match guard_drop(line.as_bytes()) {
-                Some(guarded) => drops.push_str(&guarded),
-                None => drops.push_str(line),
+            match guard_drop(line) {
+                Some(guarded) => drops.extend_from_slice(&guarded),
+                None => drops.extend_from_slice(line),
             }
         } else {
-            rest.push_str(line);
+            rest.extend_from_slice(line);
         }
     }
     (drops, rest)
@@ -1640,15 +1684,14 @@ fn split_off_drops(script: &str) -> (String, String) {
 /// transaction already open; an integrity error if the script never ends (a truncated
 /// archive). Without `--single-transaction` pg_restore would wrap large objects in a
 /// BEGIN/COMMIT of their own, committing the open transaction halfway.
-fn inside_transaction(script: &str) -> Result<String> {
-    let (body, held) = forward_script(script.as_bytes(), Vec::new(), false)
+fn inside_transaction(script: &[u8]) -> Result<Vec<u8>> {
+    let (mut body, held) = forward_script(script, Vec::new(), false)
         .map_err(|e| Error::with_source(ErrorKind::Failed, "reading a restore script", e))?;
     let rest = held.strip_prefix(b"COMMIT;\n").ok_or_else(|| {
         Error::integrity("the restore script has no final COMMIT: the archive is incomplete")
     })?;
-    let mut body = String::from_utf8_lossy(&body).into_owned();
     // The `\unrestrict` after the COMMIT ends the script's restricted mode.
-    body.push_str(&String::from_utf8_lossy(rest));
+    body.extend_from_slice(rest);
     Ok(body)
 }
 
@@ -1661,17 +1704,25 @@ fn is_entry_header(line: &[u8]) -> bool {
 /// parent's, which PostgreSQL refuses ("cannot drop inherited constraint", 42P16: pg_restore
 /// itself fails on such a database). Dropping the parent's constraint, next, drops the
 /// partition's with it, so that one refusal is passed over, in a subtransaction.
-fn guard_drop(line: &[u8]) -> Option<String> {
-    let statement = std::str::from_utf8(line).ok()?.trim_end();
-    if !(statement.starts_with("ALTER TABLE IF EXISTS ONLY ")
-        && statement.contains(" DROP CONSTRAINT IF EXISTS ")
-        && statement.ends_with(';'))
+fn guard_drop(line: &[u8]) -> Option<Vec<u8>> {
+    let statement = line.trim_ascii_end();
+    if !(statement.starts_with(b"ALTER TABLE IF EXISTS ONLY ")
+        && statement
+            .windows(b" DROP CONSTRAINT IF EXISTS ".len())
+            .any(|w| w == b" DROP CONSTRAINT IF EXISTS ")
+        && statement.ends_with(b";"))
     {
         return None;
     }
-    Some(format!(
-        "DO $kura_drop$ BEGIN {statement} EXCEPTION WHEN invalid_table_definition THEN NULL; END $kura_drop$;\n"
-    ))
+    // Bytes, not text: the names are in the dump's encoding.
+    Some(
+        [
+            b"DO $kura_drop$ BEGIN ".as_slice(),
+            statement,
+            b" EXCEPTION WHEN invalid_table_definition THEN NULL; END $kura_drop$;\n",
+        ]
+        .concat(),
+    )
 }
 
 /// Blocking: feed the archive to pg_restore and its script to psql, holding back the COMMIT.
@@ -1750,8 +1801,12 @@ async fn check_tables_in_backup(
             let mut stdin = child.take_stdin().expect("stdin is piped");
             let mut stdout = child.take_stdout().expect("stdout is piped");
             let reader = std::thread::spawn(move || {
-                let mut text = String::new();
-                stdout.read_to_string(&mut text).map(|_| text)
+                // In the dump's encoding: a name that is not UTF-8 matches no `--table`
+                // (refused below as not in the backup), the others still do.
+                let mut listing = Vec::new();
+                stdout
+                    .read_to_end(&mut listing)
+                    .map(|_| String::from_utf8_lossy(&listing).into_owned())
             });
             // pg_restore stops reading once it has the table of contents: a broken pipe is the
             // expected end of feeding it.
@@ -1926,7 +1981,7 @@ fn forward_script<R: Read, W: Write>(
             if is_entry_header(&line) {
                 in_drops = false;
             } else if let Some(guarded) = guard_drop(&line) {
-                writer.write_all(guarded.as_bytes())?;
+                writer.write_all(&guarded)?;
                 continue;
             }
         }
@@ -2180,7 +2235,14 @@ mod tests {
             DROP INDEX IF EXISTS app.p_v;\nSET default_tablespace = '';\n\n\
             --\n-- Name: p p_pkey; Type: CONSTRAINT; Schema: app; Owner: o\n--\n\n\
             ALTER TABLE ONLY app.p\n    ADD CONSTRAINT p_pkey PRIMARY KEY (id);\n\n\\unrestrict k\n";
-        let (drops, rest) = split_off_drops(script);
+        let split = |script: &str| {
+            let (drops, rest) = split_off_drops(script.as_bytes());
+            (
+                String::from_utf8(drops).unwrap(),
+                String::from_utf8(rest).unwrap(),
+            )
+        };
+        let (drops, rest) = split(script);
         assert_eq!(
             drops,
             "SET lock_timeout = 0;\nSELECT pg_catalog.set_config('search_path', '', false);\n\
@@ -2192,7 +2254,7 @@ mod tests {
         assert!(rest.contains("\\restrict k\n") && rest.contains("SET default_tablespace = '';"));
         assert!(rest.contains("ADD CONSTRAINT p_pkey") && !rest.contains("DROP"));
         // Without --clean there is nothing to split off.
-        let (drops, rest) = split_off_drops(
+        let (drops, rest) = split(
             &script
                 .replace(
                     "ALTER TABLE IF EXISTS ONLY app.p DROP CONSTRAINT IF EXISTS p_fkey;\n",
@@ -2202,6 +2264,15 @@ mod tests {
         );
         assert!(!drops.contains("DROP"), "{drops}");
         assert!(rest.contains("ADD CONSTRAINT p_pkey"));
+        // Names in the dump's encoding (LATIN1 here) pass through as the bytes they are.
+        let (drops, _) = split_off_drops(
+            b"SET client_encoding = 'LATIN1';\nALTER TABLE IF EXISTS ONLY app.\"gr\xfc\" DROP CONSTRAINT IF EXISTS \"k\xe9\";\n",
+        );
+        assert_eq!(
+            drops,
+            b"SET client_encoding = 'LATIN1';\nDO $kura_drop$ BEGIN ALTER TABLE IF EXISTS ONLY app.\"gr\xfc\" \
+              DROP CONSTRAINT IF EXISTS \"k\xe9\"; EXCEPTION WHEN invalid_table_definition THEN NULL; END $kura_drop$;\n"
+        );
         // The same guard in a whole archive's script, before its first entry only.
         let (sent, _) = forward("BEGIN;\nALTER TABLE IF EXISTS ONLY a.b DROP CONSTRAINT IF EXISTS c;\n-- Name: t; Type: TABLE\nALTER TABLE IF EXISTS ONLY a.b DROP CONSTRAINT IF EXISTS c;\nCOMMIT;\n");
         assert_eq!(sent.matches("DO $kura_drop$").count(), 1, "{sent}");
