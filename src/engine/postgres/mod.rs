@@ -16,6 +16,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
 use crate::config::SourceUrl;
@@ -30,6 +31,47 @@ pub mod restore;
 pub mod tls;
 
 pub use engine::{describe_part, PostgresEngine};
+
+/// `text`, in encoding `from`, in encoding `to` (PostgreSQL's names: LATIN1, EUC_JP, …);
+/// `Ok(Err(reason))` when it is not valid `from` or has no form in `to`.
+///
+/// The server converts: it knows every encoding a database can have. `session` is opened in
+/// `database` only when something needs converting (every server encoding is ASCII below
+/// 0x80), and kept for the next call. SQL_ASCII converts to nothing: its bytes stay as they
+/// are, checked against `to`.
+async fn convert_encoding(
+    target: &Connection,
+    session: &mut Option<Client>,
+    database: &str,
+    text: &[u8],
+    from: &str,
+    to: &str,
+) -> Result<std::result::Result<Vec<u8>, String>> {
+    if text.is_ascii() || from.eq_ignore_ascii_case(to) {
+        return Ok(Ok(text.to_vec()));
+    }
+    if session.is_none() {
+        *session = Some(target.connect(database).await?);
+    }
+    let client = session.as_ref().expect("just connected");
+    match client
+        .query_one("SELECT convert($1, $2, $3)", &[&text, &from, &to])
+        .await
+    {
+        Ok(row) => Ok(Ok(row.get(0))),
+        Err(e) => match (e.code(), e.as_db_error()) {
+            (
+                Some(&SqlState::CHARACTER_NOT_IN_REPERTOIRE | &SqlState::UNTRANSLATABLE_CHARACTER),
+                Some(db),
+            ) => Ok(Err(db.message().to_string())),
+            _ => Err(preflight::query_error(
+                target,
+                &format!("converting text from {from} to {to}"),
+                e,
+            )),
+        },
+    }
+}
 
 /// Part object kinds in the manifest.
 pub const GLOBALS_KIND: &str = "postgres.globals";
@@ -216,12 +258,15 @@ impl Connection {
     /// A command for a PostgreSQL client tool, connected through the environment only.
     pub fn command(&self, program: &Path, database: &str) -> Command {
         let mut command = Command::new(program);
-        // Inherited settings must not redirect the child to another server or service.
+        // Inherited settings must not redirect the child to another server or service, nor
+        // write a dump in another encoding than the database's, which a restore assumes
+        // (pg_restore matches --table names byte for byte).
         for var in [
             "PGSERVICE",
             "PGSERVICEFILE",
             "PGHOSTADDR",
             "PGTARGETSESSIONATTRS",
+            "PGCLIENTENCODING",
         ] {
             command.env_remove(var);
         }

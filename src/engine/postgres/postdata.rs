@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 
 use tokio::sync::Semaphore;
-use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
 use super::preflight::query_error;
@@ -75,11 +74,18 @@ impl PostData {
         database: &str,
     ) -> Result<PostData> {
         let encoding = script_encoding(&script).unwrap_or("UTF8").to_string();
-        let text = match String::from_utf8(script) {
-            Ok(text) if text.is_ascii() || encoding.eq_ignore_ascii_case("UTF8") => text,
-            Ok(text) => convert(text.into_bytes(), &encoding, target, database).await?,
-            Err(e) => convert(e.into_bytes(), &encoding, target, database).await?,
+        let unconvertible = |reason: &str| {
+            Error::failed(format!(
+                "the indexes, constraints or comments of this {encoding} database hold text that \
+                 is not valid {encoding} or has no UTF-8 form ({reason}); kura's sessions speak \
+                 UTF-8: restore it with --jobs 1, which runs the script through psql as it is"
+            ))
         };
+        let converted =
+            super::convert_encoding(target, &mut None, database, &script, &encoding, "UTF8")
+                .await?
+                .map_err(|reason| unconvertible(&reason))?;
+        let text = String::from_utf8(converted).map_err(|_| unconvertible("not UTF-8"))?;
         Ok(PostData::parse(&in_utf8(&text)))
     }
 
@@ -260,37 +266,6 @@ fn in_utf8(script: &str) -> String {
             false => line,
         })
         .collect()
-}
-
-async fn convert(
-    script: Vec<u8>,
-    encoding: &str,
-    target: &Connection,
-    database: &str,
-) -> Result<String> {
-    let unconvertible = |detail: &dyn std::fmt::Display| {
-        Error::failed(format!(
-            "the indexes and constraints of this {encoding} database have names that are not \
-             valid {encoding} or have no UTF-8 form ({detail}); kura's sessions speak UTF-8: \
-             restore it with --jobs 1, which runs the script through psql as it is"
-        ))
-    };
-    let client = target.connect(database).await?;
-    let row = client
-        .query_one("SELECT convert_from($1, $2)", &[&script, &encoding])
-        .await
-        .map_err(|e| match e.code() {
-            Some(&SqlState::CHARACTER_NOT_IN_REPERTOIRE | &SqlState::UNTRANSLATABLE_CHARACTER) => {
-                unconvertible(
-                    &e.as_db_error()
-                        .map_or(e.to_string(), |db| db.message().to_string()),
-                )
-            }
-            _ => query_error(target, "converting the post-data section to UTF-8", e),
-        })?;
-    // SQL_ASCII is converted to nothing: its bytes may reach kura as they are.
-    row.try_get::<_, String>(0)
-        .map_err(|_| unconvertible(&"not UTF-8"))
 }
 
 async fn run_entry(

@@ -155,7 +155,7 @@ impl PostgresRestore {
                     "--swap replaces whole databases; --table restores tables into the existing one: use one or the other",
                 ));
             }
-            check_tables_in_backup(ctx, manifest, steps[0].part, &tools, &tables).await?;
+            check_tables_in_backup(ctx, &self.target, &steps[0], &tools, &tables).await?;
         }
         if self.swap && !self.terminate_sessions {
             for step in steps.iter().filter(|s| s.exists) {
@@ -761,44 +761,42 @@ impl PostgresRestore {
         encoding: &str,
     ) -> Result<(Vec<OsString>, String)> {
         let mut selection = Vec::new();
-        // psql's session starts in the database's encoding; these statements are UTF-8.
-        let mut schemas = String::from("SET client_encoding = 'UTF8';\n");
+        let mut schemas = String::new();
+        if !tables.is_empty() {
+            // psql's session starts in the database's encoding; these statements are UTF-8.
+            schemas.push_str("SET client_encoding = 'UTF8';\n");
+        }
+        let mut session = None;
+        let database = self.target.maintenance_database();
         for (schema, table) in tables {
-            selection.push(self.in_encoding("--schema=", schema, encoding).await?);
-            selection.push(self.in_encoding("--table=", table, encoding).await?);
+            for (option, name) in [("--schema=", schema), ("--table=", table)] {
+                let encoded = super::convert_encoding(
+                    &self.target,
+                    &mut session,
+                    &database,
+                    name.as_bytes(),
+                    "UTF8",
+                    if encoding.is_empty() {
+                        "UTF8"
+                    } else {
+                        encoding
+                    },
+                )
+                .await?
+                .map_err(|reason| {
+                    Error::usage(format!(
+                        "{name:?} has no form in the backup's encoding, {encoding} ({reason}): \
+                         no table of the backup can have that name"
+                    ))
+                })?;
+                selection.push(OsString::from_vec([option.as_bytes(), &encoded].concat()));
+            }
             schemas.push_str(&format!(
                 "CREATE SCHEMA IF NOT EXISTS {};\n",
                 quote_ident(schema)
             ));
         }
         Ok((selection, schemas))
-    }
-
-    /// `option` followed by `name` in `encoding`, converted by the server (which knows
-    /// every encoding a database can have).
-    async fn in_encoding(&self, option: &str, name: &str, encoding: &str) -> Result<OsString> {
-        let mut argument = option.as_bytes().to_vec();
-        if name.is_ascii() || encoding.is_empty() || encoding == "UTF8" {
-            argument.extend_from_slice(name.as_bytes());
-        } else {
-            let client = self
-                .target
-                .connect(&self.target.maintenance_database())
-                .await?;
-            let converted: Vec<u8> = client
-                .query_one("SELECT convert_to($1, $2)", &[&name, &encoding])
-                .await
-                .map_err(|e| {
-                    query_error(
-                        &self.target,
-                        &format!("writing the name {name:?} in the backup's encoding, {encoding}"),
-                        e,
-                    )
-                })?
-                .get(0);
-            argument.extend(converted);
-        }
-        Ok(OsString::from_vec(argument))
     }
 
     /// The data parts of a split database into the scratch database that holds its schema,
@@ -1773,11 +1771,12 @@ const TABLE_LIKE: [&str; 5] = [
 /// is looked up in the archive's table of contents, the first bytes of the part.
 async fn check_tables_in_backup(
     ctx: &RestoreContext<'_>,
-    manifest: &Manifest,
-    part: &Part,
+    target: &Connection,
+    step: &Step<'_>,
     tools: &Tools,
     tables: &[(String, String)],
 ) -> Result<()> {
+    let part = step.part;
     let counted = |schema: &str, table: &str| {
         part.counts
             .as_ref()
@@ -1801,12 +1800,8 @@ async fn check_tables_in_backup(
             let mut stdin = child.take_stdin().expect("stdin is piped");
             let mut stdout = child.take_stdout().expect("stdout is piped");
             let reader = std::thread::spawn(move || {
-                // In the dump's encoding: a name that is not UTF-8 matches no `--table`
-                // (refused below as not in the backup), the others still do.
                 let mut listing = Vec::new();
-                stdout
-                    .read_to_end(&mut listing)
-                    .map(|_| String::from_utf8_lossy(&listing).into_owned())
+                stdout.read_to_end(&mut listing).map(|_| listing)
             });
             // pg_restore stops reading once it has the table of contents: a broken pipe is the
             // expected end of feeding it.
@@ -1830,6 +1825,25 @@ async fn check_tables_in_backup(
     )
     .await
     .map_err(|e| e.context(format!("reading the table of contents of {key}")))?;
+    // The listing is in the dump's encoding; the names asked for are UTF-8.
+    let encoding = match step.props.encoding.as_str() {
+        "" => "UTF8",
+        encoding => encoding,
+    };
+    let toc = match super::convert_encoding(
+        target,
+        &mut None,
+        &target.maintenance_database(),
+        &toc,
+        encoding,
+        "UTF8",
+    )
+    .await?
+    {
+        Ok(utf8) => String::from_utf8_lossy(&utf8).into_owned(),
+        // Not valid in its own encoding: the names that are still match.
+        Err(_) => String::from_utf8_lossy(&toc).into_owned(),
+    };
     let entries: Vec<&str> = toc
         .lines()
         .filter(|l| !l.starts_with(';'))
@@ -1877,7 +1891,7 @@ async fn check_tables_in_backup(
         "table(s) {} not in database {:?} of backup {}{}; nothing was restored",
         missing.join(", "),
         part.name,
-        manifest.backup_id,
+        ctx.backup_id,
         match near.is_empty() {
             true => String::new(),
             false => format!("; did you mean {}?", near.join(", ")),
