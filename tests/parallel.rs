@@ -318,6 +318,32 @@ fn backup_split(url: &str, dir: &Path, database: &str) -> common::Run {
     backed_up
 }
 
+/// Restore `source` of backup `id` as `target` with `args`, and compare the two by pg_dump.
+fn restore_identical(url: &str, dir: &Path, id: &str, source: &str, target: &str, args: &[&str]) {
+    let mut restore = kura();
+    file_storage(&mut restore, dir);
+    restore
+        .env("KURA_POSTGRES_URL", url)
+        .args(["restore", "postgres", id, "--database"])
+        .arg(format!("{source}:{target}"))
+        .args(args);
+    run(&mut restore).assert_ok();
+    assert_eq!(
+        common::pg_dump_text(url, source),
+        common::pg_dump_text(url, target),
+        "{target} differs from {source}"
+    );
+}
+
+fn verify_deep(url: &str, dir: &Path, id: &str) {
+    let mut verify = kura();
+    file_storage(&mut verify, dir);
+    verify
+        .env("KURA_POSTGRES_URL", url)
+        .args(["verify", "postgres", id, "--deep"]);
+    run(&mut verify).assert_ok();
+}
+
 /// Large tables are read as COPY text in the backup's snapshot and loaded by COPY: every
 /// awkward value survives both ways in (kura's own COPY into a scratch database with
 /// `--jobs`, and psql's session with `--jobs 1`), in a LATIN1 database, with generated and
@@ -421,30 +447,9 @@ break" text);
 
     for jobs in ["3", "1"] {
         let target = format!("{source}_j{jobs}");
-        let mut restore = kura();
-        file_storage(&mut restore, dir.path());
-        restore.env("KURA_POSTGRES_URL", &url).args([
-            "restore",
-            "postgres",
-            &id,
-            "--database",
-            &format!("{source}:{target}"),
-            "--jobs",
-            jobs,
-        ]);
-        run(&mut restore).assert_ok();
-        assert_eq!(
-            common::pg_dump_text(&url, &source),
-            common::pg_dump_text(&url, &target),
-            "{target} differs from {source}"
-        );
+        restore_identical(&url, dir.path(), &id, &source, &target, &["--jobs", jobs]);
     }
-    let mut verify = kura();
-    file_storage(&mut verify, dir.path());
-    verify
-        .env("KURA_POSTGRES_URL", &url)
-        .args(["verify", "postgres", &id, "--deep"]);
-    run(&mut verify).assert_ok();
+    verify_deep(&url, dir.path(), &id);
 
     // Column names not in ASCII: the COPY statements stay UTF-8, the rows LATIN1.
     let dir = tempfile::tempdir().unwrap();
@@ -463,28 +468,13 @@ break" text);
     let id = backed_up.backup_id();
     // Through a scratch database (post-data on kura's sessions), through psql's one
     // transaction, and again onto it with --force.
-    for (jobs, force) in [("3", false), ("1", false), ("1", true)] {
-        let target = format!("{names}_j{jobs}");
-        let mut restore = kura();
-        file_storage(&mut restore, dir.path());
-        restore.env("KURA_POSTGRES_URL", &url).args([
-            "restore",
-            "postgres",
-            &id,
-            "--database",
-            &format!("{names}:{target}"),
-            "--jobs",
-            jobs,
-        ]);
-        if force {
-            restore.arg("--force");
-        }
-        run(&mut restore).assert_ok();
-        assert_eq!(
-            common::pg_dump_text(&url, &names),
-            common::pg_dump_text(&url, &target),
-            "{target} differs from {names}"
-        );
+    for args in [
+        &["--jobs", "3"][..],
+        &["--jobs", "1"],
+        &["--jobs", "1", "--force"],
+    ] {
+        let target = format!("{names}_j{}", args[1]);
+        restore_identical(&url, dir.path(), &id, &names, &target, args);
     }
     // pg_restore matches --table against the archive's names, which are LATIN1 here (in
     // a database backed up whole, a mismatch would restore nothing and report success).
@@ -536,12 +526,7 @@ break" text);
             );
         }
     }
-    let mut verify = kura();
-    file_storage(&mut verify, dir.path());
-    verify
-        .env("KURA_POSTGRES_URL", &url)
-        .args(["verify", "postgres", &id, "--deep"]);
-    run(&mut verify).assert_ok();
+    verify_deep(&url, dir.path(), &id);
 }
 
 /// A table truncated between the backup's snapshot and its lock (here: while the backup
