@@ -257,14 +257,21 @@ fn script_encoding(script: &[u8]) -> Option<&str> {
         .and_then(|name| std::str::from_utf8(name).ok())
 }
 
-/// The script with its encoding line saying what it now is.
+/// The script with its encoding line, the header's first setting of it, saying what it now
+/// is (a line like it further on may be inside a string, and is left alone).
 fn in_utf8(script: &str) -> String {
+    let mut said = false;
     script
         .split_inclusive('\n')
-        .map(|line| match line.starts_with("SET client_encoding = '") {
-            true => "SET client_encoding = 'UTF8';\n",
-            false => line,
-        })
+        .map(
+            |line| match !said && line.starts_with("SET client_encoding = '") {
+                true => {
+                    said = true;
+                    "SET client_encoding = 'UTF8';\n"
+                }
+                false => line,
+            },
+        )
         .collect()
 }
 
@@ -423,8 +430,10 @@ CREATE INDEX t_w ON public.t USING btree (w);
         assert_eq!(script_encoding(script), Some("LATIN1"));
         assert_eq!(script_encoding(b"SET x = 1;\n"), None);
         assert_eq!(
-            in_utf8("SET client_encoding = 'LATIN1';\nCREATE INDEX \"café\" ON t (x);\n"),
-            "SET client_encoding = 'UTF8';\nCREATE INDEX \"café\" ON t (x);\n"
+            in_utf8(
+                "SET client_encoding = 'LATIN1';\nCOMMENT ON INDEX \"café\" IS 'x\nSET client_encoding = ''LATIN1'';';\n"
+            ),
+            "SET client_encoding = 'UTF8';\nCOMMENT ON INDEX \"café\" IS 'x\nSET client_encoding = ''LATIN1'';';\n"
         );
     }
 

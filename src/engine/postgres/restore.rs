@@ -776,11 +776,7 @@ impl PostgresRestore {
                     &database,
                     name.as_bytes(),
                     "UTF8",
-                    if encoding.is_empty() {
-                        "UTF8"
-                    } else {
-                        encoding
-                    },
+                    encoding,
                 )
                 .await?
                 .map_err(|reason| {
@@ -1826,16 +1822,12 @@ async fn check_tables_in_backup(
     .await
     .map_err(|e| e.context(format!("reading the table of contents of {key}")))?;
     // The listing is in the dump's encoding; the names asked for are UTF-8.
-    let encoding = match step.props.encoding.as_str() {
-        "" => "UTF8",
-        encoding => encoding,
-    };
     let toc = match super::convert_encoding(
         target,
         &mut None,
         &target.maintenance_database(),
         &toc,
-        encoding,
+        &step.props.encoding,
         "UTF8",
     )
     .await?
